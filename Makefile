@@ -1,0 +1,26 @@
+# Ferry: `make demo` sets everything up and runs the scenario; `make test` runs every test.
+# A persistent target directory (CARGO_TARGET_DIR) saves the ~20 minute RocksDB build.
+CARGO ?= cargo
+export CARGO_TARGET_DIR ?= $(CURDIR)/target
+BIN := $(CARGO_TARGET_DIR)/debug
+
+.PHONY: setup build test demo clean lint
+
+setup:
+	@bash scripts/setup
+
+build: setup
+	$(CARGO) build --workspace --bins
+
+test: setup
+	$(CARGO) build --workspace --bins
+	$(CARGO) nextest run --workspace --no-fail-fast
+
+lint: setup
+	$(CARGO) clippy --workspace --all-targets
+
+demo: build
+	$(BIN)/ferryctl demo --bin-dir $(BIN)
+
+clean:
+	$(CARGO) clean

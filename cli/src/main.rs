@@ -1,0 +1,321 @@
+//! `ferryctl`: store and read blobs, change epochs, watch cluster progress, run a local
+//! cluster and the demo. Run `ferryctl <command> --help` for each command's options.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use ferry_proto::v1::{self as pb, recovery_service_client::RecoveryServiceClient};
+use ferry_shared::{Member, client::BlobClient, control_plane::ControlPlane, crypto::NodeKeypair, grpc, types::{BlobId, NodeId}};
+use ferryctl::{demo, epoch, local::{LocalCluster, UpOptions}, status};
+
+#[derive(Parser, Debug)]
+#[command(name = "ferryctl", version, about = "Operate a Ferry cluster: blobs, epochs, status, local clusters.")]
+struct Cli {
+    /// Local cluster directory (made by `cluster up`); used unless --etcd is given.
+    #[arg(long, global = true, default_value = ".ferry-cluster", env = "FERRY_DIR")]
+    dir: PathBuf,
+    /// etcd endpoint of an existing cluster (e.g. http://10.0.0.5:2379).
+    #[arg(long, global = true, env = "FERRY_ETCD")]
+    etcd: Option<String>,
+    /// Cluster name under /ferry/ in etcd (with --etcd).
+    #[arg(long, global = true, default_value = "ferry", env = "FERRY_CLUSTER")]
+    cluster: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Writes a new node key (ed25519 seed, hex) to a file.
+    #[command(after_help = "Example:\n  ferryctl keygen --out node-4.key")]
+    Keygen {
+        /// Output file (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Stores a file as a blob and prints its id once certified.
+    #[command(after_help = "Example:\n  ferryctl store ./photo.jpg")]
+    Store {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Reads a blob into a file.
+    #[command(after_help = "Example:\n  ferryctl read 3fa1...e9 -o photo.jpg")]
+    Read {
+        /// Blob id (64 hex characters).
+        blob_id: String,
+        /// Output file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Shows epoch and phase, nodes, shards with sync and recovery progress, attestations.
+    #[command(after_help = "Examples:\n  ferryctl status\n  ferryctl status --json | jq .nodes\n  ferryctl status --watch")]
+    Status {
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Epoch changes.
+    #[command(subcommand)]
+    Epoch(EpochCommand),
+    /// Lists the epoch-sync-done attestations of an epoch.
+    #[command(after_help = "Example:\n  ferryctl attestations 1")]
+    Attestations {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// Pauses or resumes a node's recovery.
+    #[command(subcommand)]
+    Recovery(RecoveryCommand),
+    /// A local cluster on 127.0.0.1.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Controls one node of the local cluster.
+    #[command(after_help = "Examples:\n  ferryctl node kill node-2   # SIGKILL both services\n  ferryctl node wipe node-2   # stop and delete its stores\n  ferryctl node start node-2")]
+    Node {
+        /// stop | kill | start | wipe
+        action: NodeAction,
+        /// Node id, e.g. node-2.
+        node: String,
+    },
+    /// Runs the whole scenario on a fresh local cluster and prints a report.
+    #[command(after_help = "Example:\n  ferryctl demo --bin-dir target/debug")]
+    Demo {
+        /// Directory for the demo cluster (deleted first).
+        #[arg(long, default_value = ".ferry-demo")]
+        demo_dir: PathBuf,
+        /// Where sync-service and recovery-service are (default: next to ferryctl).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Blobs to store.
+        #[arg(long, default_value_t = 300)]
+        blobs: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum EpochCommand {
+    /// Plans the next epoch from member changes and, with --yes, applies it.
+    #[command(after_help = "Examples:\n  ferryctl epoch next --weight node-3=3\n  ferryctl epoch next --remove-node node-1 --yes\n  ferryctl epoch next --add-node node-4=<pubkey-hex>@127.0.0.1:7500,127.0.0.1:7510 --yes")]
+    Next {
+        /// Add a member: ID=PUBKEY_HEX@SYNC_ADDR,RECOVERY_ADDR (weight 1).
+        #[arg(long)]
+        add_node: Vec<String>,
+        /// Remove a member.
+        #[arg(long)]
+        remove_node: Vec<String>,
+        /// Set a member's weight: ID=W.
+        #[arg(long)]
+        weight: Vec<String>,
+        /// Apply the plan (otherwise only print it).
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RecoveryCommand {
+    /// Pause: in-flight blobs finish, no new ones start.
+    Pause {
+        /// Node id.
+        node: String,
+    },
+    /// Resume a paused recovery.
+    Resume {
+        /// Node id.
+        node: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Starts etcd and N nodes on free loopback ports under --dir.
+    #[command(after_help = "Example:\n  ferryctl cluster up --nodes 4 --dir /tmp/ferry")]
+    Up {
+        /// Nodes.
+        #[arg(long, default_value_t = 4)]
+        nodes: usize,
+        /// Shards.
+        #[arg(long, default_value_t = 8)]
+        shards: u32,
+        /// Where sync-service and recovery-service are (default: next to ferryctl).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+    },
+    /// Stops every process of the cluster.
+    Down,
+}
+
+#[derive(clap::ValueEnum, Clone, Debug)]
+enum NodeAction {
+    Stop,
+    Kill,
+    Start,
+    Wipe,
+}
+
+fn default_bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    Ok(exe.parent().context("ferryctl has no parent directory")?.to_path_buf())
+}
+
+async fn control_plane(cli: &Cli) -> anyhow::Result<ControlPlane> {
+    match &cli.etcd {
+        Some(e) => Ok(ControlPlane::connect_etcd(std::slice::from_ref(e), &cli.cluster).await?),
+        None => LocalCluster::load(&cli.dir)?.control_plane().await,
+    }
+}
+
+fn parse_kv<'a>(s: &'a str, what: &str) -> anyhow::Result<(&'a str, &'a str)> {
+    s.split_once('=').with_context(|| format!("{what} must look like ID=VALUE, got {s:?}"))
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("ferryctl: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Keygen { out } => {
+            if out.exists() {
+                bail!("{} exists; refusing to overwrite a key", out.display());
+            }
+            let key = NodeKeypair::generate();
+            key.save(out)?;
+            println!("{}", key.public_hex());
+        }
+        Command::Store { file } => {
+            let data = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+            let client = BlobClient::new(control_plane(&cli).await?, Duration::from_secs(30));
+            let id = client.store(&data).await?;
+            println!("{id}");
+        }
+        Command::Read { blob_id, output } => {
+            let id: BlobId = blob_id.parse()?;
+            let client = BlobClient::new(control_plane(&cli).await?, Duration::from_secs(30));
+            let data = client.read(&id).await?;
+            std::fs::write(output, &data).with_context(|| format!("cannot write {}", output.display()))?;
+            eprintln!("wrote {} bytes to {}", data.len(), output.display());
+        }
+        Command::Status { json, watch } => {
+            let cp = control_plane(&cli).await?;
+            loop {
+                let report = status::collect(&cp).await?;
+                if *json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    if *watch {
+                        print!("\x1b[2J\x1b[H");
+                    }
+                    print!("{}", status::render(&report));
+                }
+                if !*watch {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        Command::Epoch(EpochCommand::Next { add_node, remove_node, weight, yes }) => {
+            let cp = control_plane(&cli).await?;
+            let mut changes = epoch::MemberChanges::default();
+            for a in add_node {
+                let (id, rest) = parse_kv(a, "--add-node")?;
+                let (key, addrs) = rest.split_once('@').context("--add-node must look like ID=PUBKEY@SYNC_ADDR,RECOVERY_ADDR")?;
+                let (sync, recovery) = addrs.split_once(',').context("--add-node needs both addresses: SYNC_ADDR,RECOVERY_ADDR")?;
+                changes.add.push(Member { node_id: NodeId::new(id)?, public_key: key.into(), sync_address: sync.into(), recovery_address: recovery.into(), weight: 1 });
+            }
+            for r in remove_node {
+                changes.remove.push(NodeId::new(r.as_str())?);
+            }
+            for w in weight {
+                let (id, w) = parse_kv(w, "--weight")?;
+                changes.weights.push((NodeId::new(id)?, w.parse().with_context(|| format!("weight {w:?} is not a whole number"))?));
+            }
+            let plan = epoch::plan(&cp, &changes).await?;
+            print!("{}", epoch::render(&plan));
+            if *yes {
+                cp.propose_epoch(&plan.next).await?;
+                println!("epoch {} started", plan.next.epoch);
+            } else {
+                println!("(dry run: add --yes to apply)");
+            }
+        }
+        Command::Attestations { epoch } => {
+            let cp = control_plane(&cli).await?;
+            let all = cp.attestations(*epoch).await?;
+            if all.is_empty() {
+                println!("no attestations for epoch {epoch}");
+            }
+            for a in all {
+                println!("{} epoch {} by {} at {} ms: {} shards", a.node_id, a.epoch, a.attested_by, a.created_at_ms, a.evidence.len());
+            }
+        }
+        Command::Recovery(cmd) => {
+            let (node, pause) = match cmd {
+                RecoveryCommand::Pause { node } => (node, true),
+                RecoveryCommand::Resume { node } => (node, false),
+            };
+            let cp = control_plane(&cli).await?;
+            let committee = cp.current_committee().await?.context("the cluster has no committee; is it up?")?;
+            let member = committee.member(&NodeId::new(node.as_str())?).with_context(|| format!("{node} is not a member of the current committee"))?;
+            let mut client = RecoveryServiceClient::new(grpc::channel(&member.recovery_address, Some(Duration::from_secs(10))).map_err(|s| anyhow::anyhow!(s.message().to_string()))?);
+            if pause {
+                client.pause_recovery(pb::PauseRecoveryRequest {}).await?;
+            } else {
+                client.resume_recovery(pb::ResumeRecoveryRequest {}).await?;
+            }
+            println!("recovery of {node} {}", if pause { "paused" } else { "resumed" });
+        }
+        Command::Cluster(ClusterCommand::Up { nodes, shards, bin_dir }) => {
+            if *nodes == 0 || *shards == 0 {
+                bail!("--nodes and --shards must be at least 1");
+            }
+            let bin_dir = match bin_dir {
+                Some(b) => b.clone(),
+                None => default_bin_dir()?,
+            };
+            let options = UpOptions { nodes: *nodes, shards: *shards, dir: cli.dir.clone(), bin_dir, sync_extra: String::new(), recovery_extra: String::new() };
+            let cluster = LocalCluster::up(&options).await?;
+            println!("cluster up in {}: etcd {}", cluster.dir.display(), cluster.etcd_endpoint());
+            for n in &cluster.nodes {
+                println!("  {} sync 127.0.0.1:{} (health {}) recovery 127.0.0.1:{}", n.id, n.sync_port, n.sync_health_port, n.recovery_port);
+            }
+        }
+        Command::Cluster(ClusterCommand::Down) => {
+            let mut cluster = LocalCluster::load(&cli.dir)?;
+            cluster.down()?;
+            println!("cluster in {} stopped", cli.dir.display());
+        }
+        Command::Node { action, node } => {
+            let mut cluster = LocalCluster::load(&cli.dir)?;
+            let i = cluster.index(node)?;
+            match action {
+                NodeAction::Stop => cluster.stop_node(i)?,
+                NodeAction::Kill => cluster.kill_node(i)?,
+                NodeAction::Wipe => cluster.wipe_node(i)?,
+                NodeAction::Start => {
+                    cluster.start_node(i)?;
+                    cluster.wait_healthy(i).await?;
+                }
+            }
+            println!("{node}: {action:?} done");
+        }
+        Command::Demo { demo_dir, bin_dir, blobs } => {
+            let bin_dir = match bin_dir {
+                Some(b) => b.clone(),
+                None => default_bin_dir()?,
+            };
+            demo::run(&demo::DemoOptions { dir: demo_dir.clone(), bin_dir, blobs: *blobs }).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,326 @@
+//! Test harness for Ferry's multi-node tests: a real etcd ([`EtcdProcess`]), and per node a
+//! real sync-service (RocksDB store, gRPC on a loopback port) and optionally a
+//! recovery-service, started in this process. Waits are bounded and driven by the services'
+//! own watch channels, and every timeout says what it waited for.
+
+use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context, anyhow, bail};
+use ferry_proto::v1::{self as pb, sync_service_client::SyncServiceClient};
+use ferry_recovery_service::{RecoveryServiceHandle, config::RecoveryConfig};
+use ferry_shared::{
+    Committee, Member,
+    client::BlobClient,
+    committee::rebalance,
+    config::ControlPlaneConfig,
+    control_plane::{ControlPlane, EpochPhase},
+    crypto::NodeKeypair,
+    testing::{EtcdProcess, free_port},
+    types::{BlobId, NodeId, NodeStatus, ShardIndex, ShardStatus},
+};
+use ferry_sync_service::{SyncServiceHandle, config::SyncConfig, node::NodeView};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use tempfile::TempDir;
+
+/// Default bound of every wait in the tests.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// One node's slots: its identity, ports, directories and running services.
+pub struct TestNode {
+    /// Node id.
+    pub id: NodeId,
+    /// Key file.
+    pub key_file: PathBuf,
+    /// Public key hex.
+    pub public_key: String,
+    /// sync-service gRPC port.
+    pub sync_port: u16,
+    /// sync-service health port.
+    pub sync_health_port: u16,
+    /// recovery-service gRPC port.
+    pub recovery_port: u16,
+    /// recovery-service health port.
+    pub recovery_health_port: u16,
+    /// sync-service store directory.
+    pub store_dir: PathBuf,
+    /// recovery-service store directory.
+    pub recovery_dir: PathBuf,
+    /// Running sync-service.
+    pub sync: Option<SyncServiceHandle>,
+    /// Running recovery-service.
+    pub recovery: Option<RecoveryServiceHandle>,
+}
+
+impl TestNode {
+    /// The committee entry of this node.
+    pub fn member(&self, weight: u64) -> Member {
+        Member {
+            node_id: self.id.clone(),
+            public_key: self.public_key.clone(),
+            sync_address: format!("127.0.0.1:{}", self.sync_port),
+            recovery_address: format!("127.0.0.1:{}", self.recovery_port),
+            weight,
+        }
+    }
+
+    /// The running sync-service's node.
+    pub fn node(&self) -> anyhow::Result<&Arc<ferry_sync_service::node::Node>> {
+        self.sync.as_ref().map(|s| &s.node).ok_or_else(|| anyhow!("sync-service of {} is not running", self.id))
+    }
+}
+
+/// A cluster of in-process nodes over a real etcd.
+pub struct Cluster {
+    /// The etcd process.
+    pub etcd: EtcdProcess,
+    /// The control plane (a client of that etcd).
+    pub control_plane: ControlPlane,
+    /// Cluster name.
+    pub name: String,
+    /// Temp directory holding every node's files.
+    pub dir: TempDir,
+    /// The nodes.
+    pub nodes: Vec<TestNode>,
+    /// Number of shards.
+    pub n_shards: u32,
+    /// Adjusts every sync-service config before start.
+    pub tweak_sync: Box<dyn Fn(&mut SyncConfig) + Send + Sync>,
+}
+
+impl Cluster {
+    /// Starts etcd and prepares `n_nodes` nodes (keys, ports, directories); starts nothing else.
+    pub async fn new(n_nodes: usize, n_shards: u32) -> anyhow::Result<Cluster> {
+        ferry_shared::telemetry::init("ferry-e2e", ferry_shared::telemetry::LogFormat::Text);
+        let etcd = EtcdProcess::start().await.context("start etcd")?;
+        let name = "test".to_string();
+        let control_plane = ControlPlane::connect_etcd(&[etcd.endpoint.clone()], &name).await?;
+        let dir = tempfile::Builder::new().prefix("ferry-e2e-").tempdir()?;
+        let mut nodes = Vec::new();
+        for i in 0..n_nodes {
+            let id = NodeId::new(format!("node-{i}"))?;
+            let key = NodeKeypair::generate();
+            let key_file = dir.path().join(format!("{id}.key"));
+            key.save(&key_file)?;
+            nodes.push(TestNode {
+                public_key: key.public_hex(),
+                key_file,
+                sync_port: free_port(),
+                sync_health_port: free_port(),
+                recovery_port: free_port(),
+                recovery_health_port: free_port(),
+                store_dir: dir.path().join(format!("{id}/sync")),
+                recovery_dir: dir.path().join(format!("{id}/recovery")),
+                id,
+                sync: None,
+                recovery: None,
+            });
+        }
+        Ok(Cluster { etcd, control_plane, name, dir, nodes, n_shards, tweak_sync: Box::new(|_| {}) })
+    }
+
+    /// Proposes the genesis committee (weight 1 each) and starts every sync-service; waits
+    /// until all are `Active` at epoch 0.
+    pub async fn start_genesis(&mut self) -> anyhow::Result<Committee> {
+        let members = self.nodes.iter().map(|n| n.member(1)).collect();
+        let genesis = Committee::genesis(self.n_shards, members)?;
+        self.control_plane.propose_epoch(&genesis).await?;
+        for i in 0..self.nodes.len() {
+            self.start_sync(i).await?;
+        }
+        for i in 0..self.nodes.len() {
+            self.wait_view(i, "Active at epoch 0", |v| v.status() == NodeStatus::Active && v.epoch() == 0).await?;
+        }
+        Ok(genesis)
+    }
+
+    /// The sync-service config of node `i`.
+    pub fn sync_config(&self, i: usize) -> SyncConfig {
+        let n = &self.nodes[i];
+        let mut c = SyncConfig {
+            node_id: n.id.to_string(),
+            key_file: n.key_file.clone(),
+            listen: ([127, 0, 0, 1], n.sync_port).into(),
+            health_listen: ([127, 0, 0, 1], n.sync_health_port).into(),
+            control_plane: ControlPlaneConfig { etcd_endpoints: vec![self.etcd.endpoint.clone()], cluster: self.name.clone() },
+            ..SyncConfig::default()
+        };
+        c.store.path = n.store_dir.clone();
+        c.shard_sync.initial_backoff_ms = 50;
+        c.shard_sync.max_backoff_ms = 500;
+        c.epoch.locked_shard_grace_ms = 500;
+        (self.tweak_sync)(&mut c);
+        c
+    }
+
+    /// The recovery-service config of node `i`.
+    pub fn recovery_config(&self, i: usize) -> RecoveryConfig {
+        let n = &self.nodes[i];
+        let mut c = RecoveryConfig {
+            node_id: n.id.to_string(),
+            key_file: n.key_file.clone(),
+            listen: ([127, 0, 0, 1], n.recovery_port).into(),
+            health_listen: ([127, 0, 0, 1], n.recovery_health_port).into(),
+            sync_service: format!("127.0.0.1:{}", n.sync_port),
+            control_plane: ControlPlaneConfig { etcd_endpoints: vec![self.etcd.endpoint.clone()], cluster: self.name.clone() },
+            store_path: n.recovery_dir.clone(),
+            ..RecoveryConfig::default()
+        };
+        c.recovery.retry_initial_ms = 50;
+        c.recovery.retry_max_ms = 500;
+        c.recovery.peer_timeout_ms = 3000;
+        c
+    }
+
+    /// Starts node `i`'s sync-service.
+    pub async fn start_sync(&mut self, i: usize) -> anyhow::Result<()> {
+        let config = self.sync_config(i);
+        let handle = ferry_sync_service::start_with(config, self.control_plane.clone()).await.with_context(|| format!("start sync-service of node {i}"))?;
+        self.nodes[i].sync = Some(handle);
+        Ok(())
+    }
+
+    /// Stops node `i`'s sync-service gracefully.
+    pub async fn stop_sync(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(h) = self.nodes[i].sync.take() {
+            h.shutdown().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts node `i`'s recovery-service.
+    pub async fn start_recovery(&mut self, i: usize) -> anyhow::Result<()> {
+        let config = self.recovery_config(i);
+        let handle = ferry_recovery_service::start_with(config, self.control_plane.clone()).await.with_context(|| format!("start recovery-service of node {i}"))?;
+        self.nodes[i].recovery = Some(handle);
+        Ok(())
+    }
+
+    /// Stops node `i`'s recovery-service.
+    pub async fn stop_recovery(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(h) = self.nodes[i].recovery.take() {
+            h.shutdown().await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes node `i`'s stores (its services must be stopped).
+    pub fn wipe(&self, i: usize) -> anyhow::Result<()> {
+        for dir in [&self.nodes[i].store_dir, &self.nodes[i].recovery_dir] {
+            if dir.exists() {
+                std::fs::remove_dir_all(dir)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A blob client.
+    pub fn client(&self) -> BlobClient {
+        BlobClient::new(self.control_plane.clone(), Duration::from_secs(10))
+    }
+
+    /// Stores `count` random blobs of 0 to `max_len` bytes (seeded); returns them.
+    pub async fn store_random_blobs(&self, count: usize, max_len: usize, seed: u64) -> anyhow::Result<Vec<(BlobId, Vec<u8>)>> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let client = self.client();
+        let mut blobs = Vec::new();
+        for _ in 0..count {
+            let len = rng.gen_range(0..=max_len);
+            let mut data = vec![0u8; len];
+            rng.fill(&mut data[..]);
+            let id = client.store(&data).await.context("store blob")?;
+            blobs.push((id, data));
+        }
+        Ok(blobs)
+    }
+
+    /// Reads every blob back and checks it byte for byte.
+    pub async fn check_blobs(&self, blobs: &[(BlobId, Vec<u8>)]) -> anyhow::Result<()> {
+        let client = self.client();
+        for (id, data) in blobs {
+            let read = client.read(id).await.with_context(|| format!("read {id}"))?;
+            if &read != data {
+                bail!("blob {id} read back different bytes ({} vs {} bytes)", read.len(), data.len());
+            }
+        }
+        Ok(())
+    }
+
+    /// The current committee.
+    pub async fn committee(&self) -> anyhow::Result<Committee> {
+        self.control_plane.current_committee().await?.ok_or_else(|| anyhow!("no committee"))
+    }
+
+    /// Proposes the next epoch with `members` (rebalanced); returns the new committee.
+    pub async fn next_epoch(&self, members: Vec<Member>) -> anyhow::Result<Committee> {
+        let current = self.committee().await?;
+        let next = rebalance(&current, members)?;
+        self.control_plane.propose_epoch(&next).await?;
+        Ok(next)
+    }
+
+    /// Waits until node `i`'s sync-service view satisfies `pred`.
+    pub async fn wait_view(&self, i: usize, what: &str, pred: impl Fn(&NodeView) -> bool) -> anyhow::Result<NodeView> {
+        let mut rx = self.nodes[i].node()?.subscribe();
+        let id = self.nodes[i].id.clone();
+        let result = tokio::time::timeout(WAIT, rx.wait_for(|v| pred(v))).await.map(|r| r.map(|v| v.clone()));
+        match result {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(_)) => bail!("node {id} stopped while waiting for: {what}"),
+            Err(_) => bail!("timed out after {WAIT:?} waiting for node {id}: {what}; last view: {}", describe(&rx.borrow())),
+        }
+    }
+
+    /// Waits until node `i` is `Active` with every owned shard `Active` at `epoch`.
+    pub async fn wait_all_active(&self, i: usize, epoch: u64) -> anyhow::Result<NodeView> {
+        let id = self.nodes[i].id.clone();
+        self.wait_view(i, &format!("Active with all shards Active at epoch {epoch}"), |v| {
+            v.epoch() == epoch && v.status() == NodeStatus::Active && v.owned(&id).iter().all(|s| v.shards.get(s).map(|r| r.status) == Some(ShardStatus::Active))
+        })
+        .await
+    }
+
+    /// Waits until the epoch's phase is `Done`.
+    pub async fn wait_done(&self, epoch: u64) -> anyhow::Result<()> {
+        wait_until(&format!("epoch {epoch} Done"), || async { Ok(self.control_plane.current().await? == Some(EpochPhase::Done(epoch))) }).await
+    }
+
+    /// A gRPC client to node `i`'s sync-service.
+    pub async fn sync_client(&self, i: usize) -> anyhow::Result<SyncServiceClient<tonic::transport::Channel>> {
+        Ok(SyncServiceClient::connect(format!("http://127.0.0.1:{}", self.nodes[i].sync_port)).await?)
+    }
+
+    /// All slivers of a shard on node `i`, in order.
+    pub fn shard_contents(&self, i: usize, shard: ShardIndex) -> anyhow::Result<Vec<(BlobId, Vec<u8>)>> {
+        Ok(self.nodes[i].node()?.store.read_shard(shard, None, usize::MAX, usize::MAX)?)
+    }
+}
+
+/// A one-line description of a view for failure messages.
+pub fn describe(v: &NodeView) -> String {
+    let shards: Vec<String> = v.shards.iter().map(|(s, r)| format!("{s}:{:?}", r.status)).collect();
+    format!("epoch {} status {} shards [{}]", v.epoch(), v.status(), shards.join(", "))
+}
+
+/// Polls an external condition (etcd state) every 50 ms until it holds, for at most [`WAIT`].
+/// Used only where no watch is available for the condition.
+pub async fn wait_until<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out after {WAIT:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `GetStatus` of a sync-service.
+pub async fn status(client: &mut SyncServiceClient<tonic::transport::Channel>) -> anyhow::Result<pb::GetStatusResponse> {
+    Ok(client.get_status(pb::GetStatusRequest {}).await?.into_inner())
+}

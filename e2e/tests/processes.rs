@@ -1,0 +1,183 @@
+//! End to end with real processes: `sync-service`, `recovery-service` and etcd run as separate
+//! processes of a local cluster (the same code as `ferryctl cluster up`), and are killed with
+//! SIGKILL at seeded random points. Every blob must read back byte-identical afterwards, and
+//! every node attests at most once per epoch.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::{path::PathBuf, time::{Duration, Instant}};
+
+use ferry_proto::v1::{self as pb, sync_service_client::SyncServiceClient};
+use ferry_shared::{client::BlobClient, control_plane::{ControlPlane, EpochPhase}, types::{BlobId, NodeId}};
+use ferryctl::{
+    epoch::{self, MemberChanges},
+    local::{LocalCluster, UpOptions},
+};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+fn bin_dir() -> PathBuf {
+    // tests run from target/<profile>/deps; the binaries are in target/<profile>.
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    assert!(dir.join("sync-service").exists(), "build the binaries first (`make test` does): {}", dir.display());
+    dir
+}
+
+async fn up(dir: &std::path::Path, sync_extra: &str) -> LocalCluster {
+    let options = UpOptions { nodes: 4, shards: 8, dir: dir.to_path_buf(), bin_dir: bin_dir(), sync_extra: sync_extra.into(), recovery_extra: "[recovery]\nretry_initial_ms = 50\nretry_max_ms = 500\n".into() };
+    LocalCluster::up(&options).await.unwrap()
+}
+
+async fn store_blobs(cp: &ControlPlane, n: usize, seed: u64) -> Vec<(BlobId, Vec<u8>)> {
+    let client = BlobClient::new(cp.clone(), Duration::from_secs(10));
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let mut data = vec![0u8; rng.gen_range(0..3000)];
+        rng.fill(&mut data[..]);
+        out.push((client.store(&data).await.unwrap(), data));
+    }
+    out
+}
+
+async fn status(cluster: &LocalCluster, i: usize) -> Option<pb::GetStatusResponse> {
+    let mut c = SyncServiceClient::connect(format!("http://127.0.0.1:{}", cluster.nodes[i].sync_port)).await.ok()?;
+    c.get_status(pb::GetStatusRequest {}).await.ok().map(|r| r.into_inner())
+}
+
+/// Polls a node's GetStatus (another process: no in-process signal to await) until `pred`.
+async fn wait_status(cluster: &LocalCluster, i: usize, what: &str, pred: impl Fn(&pb::GetStatusResponse) -> bool) -> pb::GetStatusResponse {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(s) = status(cluster, i).await {
+            if pred(&s) {
+                return s;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for node {i}: {what}; last status {s:?}");
+            }
+        } else if Instant::now() > deadline {
+            panic!("timed out waiting for node {i}: {what}; node unreachable");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn all_active(epoch: u64) -> impl Fn(&pb::GetStatusResponse) -> bool {
+    move |s| s.epoch == epoch && s.node_status == pb::NodeStatus::Active as i32 && s.shards.iter().filter(|r| r.status != pb::ShardStatus::LockedToMove as i32).all(|r| r.status == pb::ShardStatus::Active as i32)
+}
+
+async fn check_reads(cp: &ControlPlane, blobs: &[(BlobId, Vec<u8>)]) {
+    let client = BlobClient::new(cp.clone(), Duration::from_secs(10));
+    for (id, data) in blobs {
+        assert_eq!(&client.read(id).await.unwrap(), data, "blob {id}");
+    }
+}
+
+async fn assert_one_attestation_each(cp: &ControlPlane, epoch: u64, nodes: &[NodeId]) {
+    let all = cp.attestations(epoch).await.unwrap();
+    for n in nodes {
+        assert_eq!(all.iter().filter(|a| &a.node_id == n).count(), 1, "exactly one attestation of {n} for epoch {epoch}: {all:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_demo_scenario_passes_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let result = ferryctl::demo::run(&ferryctl::demo::DemoOptions { dir: dir.path().join("demo"), bin_dir: bin_dir(), blobs: 120 }).await;
+    result.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_of_the_previous_owner_mid_stream_loses_nothing() {
+    for seed in [11u64, 12, 13] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = up(dir.path(), "[stream]\nmax_bytes_per_sec = 50000\n[shard_sync]\nbatch_items = 4\ninitial_backoff_ms = 50\nmax_backoff_ms = 500\n").await;
+        let cp = cluster.control_plane().await.unwrap();
+        let blobs = store_blobs(&cp, 80, seed).await;
+        let plan = epoch::plan(&cp, &MemberChanges { weights: vec![(cluster.nodes[0].id.clone(), 3)], ..Default::default() }).await.unwrap();
+        let sources: Vec<NodeId> = plan.moves.iter().filter(|m| m.to == cluster.nodes[0].id).map(|m| m.from.clone()).collect();
+        cp.propose_epoch(&plan.next).await.unwrap();
+        // Kill one previous owner at a random point of the transfer.
+        let mut rng = StdRng::seed_from_u64(seed);
+        let victim = cluster.index(sources[rng.gen_range(0..sources.len())].as_str()).unwrap();
+        let after = rng.gen_range(4..60u64);
+        wait_status(&cluster, 0, "sync progress", |s| s.shards.iter().filter_map(|r| r.sync.as_ref()).any(|p| p.blobs_done >= after)).await;
+        cluster.kill_node(victim).unwrap();
+        cluster.start_node(victim).unwrap();
+        cluster.wait_healthy(victim).await.unwrap();
+        for i in 0..4 {
+            wait_status(&cluster, i, "all Active at epoch 1", all_active(1)).await;
+        }
+        let s = status(&cluster, 0).await.unwrap();
+        for r in s.shards.iter().filter(|r| r.sync.is_some()) {
+            assert_eq!(r.sliver_count, blobs.len() as u64, "seed {seed}: shard {} complete", r.shard);
+        }
+        check_reads(&cp, &blobs).await;
+        let nodes: Vec<NodeId> = cluster.nodes.iter().map(|n| n.id.clone()).collect();
+        assert_one_attestation_each(&cp, 1, &nodes).await;
+        cluster.down().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_of_the_recovering_node_mid_recovery_still_completes_once() {
+    for seed in [21u64, 22, 23] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = up(dir.path(), "").await;
+        let cp = cluster.control_plane().await.unwrap();
+        let blobs = store_blobs(&cp, 150, seed).await;
+        let victim = 3;
+        cluster.wipe_node(victim).unwrap();
+        cluster.start_node(victim).unwrap();
+        cluster.wait_healthy(victim).await.unwrap();
+        // An epoch change while it recovers, then SIGKILL at a random point.
+        let plan = epoch::plan(&cp, &MemberChanges { weights: vec![(cluster.nodes[victim].id.clone(), 2)], ..Default::default() }).await.unwrap();
+        cp.propose_epoch(&plan.next).await.unwrap();
+        let mut rng = StdRng::seed_from_u64(seed);
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..1500))).await; // the random kill point
+        cluster.kill_node(victim).unwrap();
+        cluster.start_node(victim).unwrap();
+        cluster.wait_healthy(victim).await.unwrap();
+        for i in 0..4 {
+            wait_status(&cluster, i, "all Active at epoch 1", all_active(1)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while cp.current().await.unwrap() != Some(EpochPhase::Done(1)) {
+            assert!(Instant::now() < deadline, "epoch 1 did not finish");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        check_reads(&cp, &blobs).await;
+        let nodes: Vec<NodeId> = cluster.nodes.iter().map(|n| n.id.clone()).collect();
+        assert_one_attestation_each(&cp, 1, &nodes).await;
+        cluster.down().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_epoch_change_while_a_node_is_down_brings_it_back_on_the_catch_up_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = up(dir.path(), "").await;
+    let cp = cluster.control_plane().await.unwrap();
+    let mut blobs = store_blobs(&cp, 40, 31).await;
+    cluster.kill_node(2).unwrap();
+    for (epoch, w) in [(1u64, 2u64), (2, 3)] {
+        let plan = epoch::plan(&cp, &MemberChanges { weights: vec![(cluster.nodes[0].id.clone(), w)], ..Default::default() }).await.unwrap();
+        cp.propose_epoch(&plan.next).await.unwrap();
+        for i in [0, 1, 3] {
+            wait_status(&cluster, i, "all Active", all_active(epoch)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while cp.current().await.unwrap() != Some(EpochPhase::Done(epoch)) {
+            assert!(Instant::now() < deadline, "epoch {epoch} did not finish");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        blobs.extend(store_blobs(&cp, 10, 40 + epoch).await);
+    }
+    cluster.start_node(2).unwrap();
+    cluster.wait_healthy(2).await.unwrap();
+    wait_status(&cluster, 2, "caught up and Active at epoch 2", all_active(2)).await;
+    let a = cp.attestation(2, &cluster.nodes[2].id).await.unwrap().expect("node 2 attests epoch 2");
+    assert_eq!(a.attested_by, "recovery-service", "the catch-up path attests through recovery");
+    check_reads(&cp, &blobs).await;
+    cluster.down().unwrap();
+}

@@ -1,0 +1,272 @@
+//! recovery-service with real sync-services and etcd: the main scenario (a recovering node
+//! gains shards at an epoch change) and the regressions around it.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::{sync::{Arc, Mutex}, time::Instant};
+
+use ferry_e2e::{Cluster, WAIT, describe};
+use ferry_proto::v1 as pb;
+use ferry_recovery_service::store::RecoveryStore;
+use ferry_shared::{
+    erasure,
+    types::{BlobId, NodeStatus, ShardIndex, ShardStatus},
+};
+
+/// Starts a 4-node, 8-shard cluster with both services on every node and `blobs` blobs.
+async fn cluster_with_blobs(count: usize, tweak: impl Fn(&mut ferry_sync_service::config::SyncConfig) + Send + Sync + 'static) -> (Cluster, Vec<(BlobId, Vec<u8>)>) {
+    let mut cluster = Cluster::new(4, 8).await.unwrap();
+    cluster.tweak_sync = Box::new(tweak);
+    cluster.start_genesis().await.unwrap();
+    for i in 0..4 {
+        cluster.start_recovery(i).await.unwrap();
+    }
+    let blobs = cluster.store_random_blobs(count, 2000, 7).await.unwrap();
+    (cluster, blobs)
+}
+
+/// Crashes node `i` into recovery: stop both services, wipe its stores, optionally pre-set
+/// the pause flag, restart both.
+async fn wipe_and_restart(cluster: &mut Cluster, i: usize, paused: bool) {
+    cluster.stop_recovery(i).await.unwrap();
+    cluster.stop_sync(i).await.unwrap();
+    cluster.wipe(i).unwrap();
+    if paused {
+        RecoveryStore::open(&cluster.nodes[i].recovery_dir).unwrap().set_paused(true).unwrap();
+    }
+    cluster.start_sync(i).await.unwrap();
+    cluster.wait_view(i, "RecoveryInProgress after a wipe", |v| matches!(v.status(), NodeStatus::RecoveryInProgress(_))).await.unwrap();
+    cluster.start_recovery(i).await.unwrap();
+}
+
+fn check_shards_match_encoding(cluster: &Cluster, i: usize, blobs: &[(BlobId, Vec<u8>)]) {
+    let view = cluster.nodes[i].node().unwrap().view();
+    for shard in view.owned(&cluster.nodes[i].id) {
+        let contents = cluster.shard_contents(i, shard).unwrap();
+        assert_eq!(contents.len(), blobs.len(), "shard {shard} of node {i} holds every blob");
+        for (id, data) in blobs {
+            let expected = &erasure::encode(data, cluster.n_shards).unwrap().slivers[shard.as_usize()];
+            let got = contents.iter().find(|(b, _)| b == id).map(|(_, d)| d);
+            assert_eq!(got, Some(expected), "sliver of {id} in shard {shard} of node {i}");
+        }
+    }
+}
+
+async fn recovery_status(cluster: &Cluster, i: usize) -> pb::RecoveryStatus {
+    cluster.nodes[i].recovery.as_ref().unwrap().recovery.status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recovering_node_fills_gained_shards_by_shard_sync_and_attests_once() {
+    let (mut cluster, blobs) = cluster_with_blobs(120, |c| c.stream.max_bytes_per_sec = 60_000).await;
+    let c0 = cluster.committee().await.unwrap();
+    wipe_and_restart(&mut cluster, 3, true).await;
+    let me = cluster.nodes[3].id.clone();
+    assert_eq!(recovery_status(&cluster, 3).await.paused, true);
+
+    // The epoch change gives node 3 more shards while it recovers.
+    let members = cluster.nodes.iter().enumerate().map(|(i, n)| n.member(if i == 3 { 3 } else { 1 })).collect();
+    let c1 = cluster.next_epoch(members).await.unwrap();
+    let gained: Vec<ShardIndex> = c1.shards_of(&me).into_iter().filter(|s| c0.owner(*s) != Some(&me)).collect();
+    assert!(!gained.is_empty());
+    let node = cluster.nodes[3].node().unwrap().clone();
+    let view = cluster.wait_view(3, "epoch 1 applied while recovering", |v| v.epoch() == 1).await.unwrap();
+    assert_eq!(view.status(), NodeStatus::RecoveryInProgress(1), "{}", describe(&view));
+    for s in &gained {
+        assert_eq!(view.shards[s].status, ShardStatus::ActiveSync, "gained shard {s} is filled by shard sync");
+    }
+    assert!(node.counter.current() > 0, "shard syncs are running");
+
+    // Timeline of (running syncs, blobs recovered): blob recovery must never progress while
+    // the count is above zero.
+    let timeline: Arc<Mutex<Vec<(Instant, &'static str, u64)>>> = Arc::default();
+    let mut counts = node.counter.subscribe();
+    let mut progress = cluster.nodes[3].recovery.as_ref().unwrap().recovery.subscribe();
+    let t1 = timeline.clone();
+    let counter_task = tokio::spawn(async move {
+        loop {
+            let n = *counts.borrow_and_update();
+            t1.lock().unwrap().push((Instant::now(), "syncs", u64::from(n)));
+            if counts.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let t2 = timeline.clone();
+    let progress_task = tokio::spawn(async move {
+        loop {
+            let s = progress.borrow_and_update().clone();
+            t2.lock().unwrap().push((Instant::now(), "recovered", s.blobs_recovered));
+            if progress.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+
+    // Resume while the syncs still run: recovery must wait for them.
+    let mut rclient = ferry_proto::v1::recovery_service_client::RecoveryServiceClient::connect(format!("http://127.0.0.1:{}", cluster.nodes[3].recovery_port)).await.unwrap();
+    rclient.resume_recovery(pb::ResumeRecoveryRequest {}).await.unwrap();
+    let mut watch = cluster.nodes[3].recovery.as_ref().unwrap().recovery.subscribe();
+    tokio::time::timeout(WAIT, watch.wait_for(|s| s.waiting_for_syncs || s.blobs_recovered > 0)).await.unwrap().unwrap();
+
+    cluster.wait_all_active(3, 1).await.unwrap();
+    counter_task.abort();
+    progress_task.abort();
+
+    // Rule 3: no blob was recovered while a shard sync was running.
+    let timeline = timeline.lock().unwrap().clone();
+    let mut syncs = u64::MAX;
+    let mut recovered = 0;
+    for (_, what, value) in &timeline {
+        match *what {
+            "syncs" => syncs = *value,
+            _ => {
+                if *value > recovered {
+                    assert_eq!(syncs, 0, "blob recovery progressed to {value} while {syncs} shard syncs ran; timeline {timeline:?}");
+                }
+                recovered = recovered.max(*value);
+            }
+        }
+    }
+    let status = recovery_status(&cluster, 3).await;
+    assert!(status.blobs_recovered > 0, "kept shards were filled by blob recovery: {status:?}");
+    println!("main scenario: {status:?}");
+
+    // Gained shards were filled by shard sync, every sliver counted.
+    let view = cluster.nodes[3].node().unwrap().view();
+    for s in &gained {
+        let sync = view.shards[s].sync.clone().unwrap();
+        assert_eq!(sync.blobs_done, blobs.len() as u64, "shard {s} filled by shard sync: {sync:?}");
+    }
+    // Exactly one attestation for node 3 and epoch 1, from recovery-service, with complete
+    // evidence (so it came after everything completed).
+    let attestations: Vec<_> = cluster.control_plane.attestations(1).await.unwrap().into_iter().filter(|a| a.node_id == me).collect();
+    assert_eq!(attestations.len(), 1);
+    assert_eq!(attestations[0].attested_by, "recovery-service");
+    assert_eq!(attestations[0].evidence.len(), c1.shards_of(&me).len());
+    assert!(attestations[0].evidence.iter().all(|e| e.blob_count == blobs.len() as u64), "{:?}", attestations[0].evidence);
+    let listed = rclient.list_attestations(pb::ListAttestationsRequest {}).await.unwrap().into_inner().attestations;
+    assert_eq!(listed.len(), 1);
+    check_shards_match_encoding(&cluster, 3, &blobs);
+    cluster.check_blobs(&blobs).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recovery_service_restarted_mid_recovery_resumes_from_its_cursor() {
+    let (mut cluster, blobs) = cluster_with_blobs(300, |_| {}).await;
+    wipe_and_restart(&mut cluster, 2, false).await;
+    let mut watch = cluster.nodes[2].recovery.as_ref().unwrap().recovery.subscribe();
+    tokio::time::timeout(WAIT, watch.wait_for(|s| s.blobs_recovered >= 30)).await.unwrap().unwrap();
+    cluster.stop_recovery(2).await.unwrap();
+    let cursor = RecoveryStore::open(&cluster.nodes[2].recovery_dir).unwrap().cursor().unwrap().unwrap();
+    assert!(cursor.blobs_scanned > 0 || cursor.blobs_recovered > 0, "progress was persisted: {cursor:?}");
+    cluster.start_recovery(2).await.unwrap();
+    cluster.wait_all_active(2, 0).await.unwrap();
+    check_shards_match_encoding(&cluster, 2, &blobs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn losing_the_sync_state_stream_makes_the_count_unknown_not_zero() {
+    let (mut cluster, blobs) = cluster_with_blobs(40, |_| {}).await;
+    wipe_and_restart(&mut cluster, 1, true).await;
+    let mut watch = cluster.nodes[1].recovery.as_ref().unwrap().recovery.subscribe();
+    cluster.stop_sync(1).await.unwrap();
+    // Resume while sync-service is down: the count is unknown, so nothing may proceed.
+    cluster.nodes[1].recovery.as_ref().unwrap().recovery.set_paused(false).await.unwrap();
+    let s = tokio::time::timeout(WAIT, watch.wait_for(|s| s.running_syncs.is_none() && s.waiting_for_syncs)).await.unwrap().unwrap().clone();
+    assert_eq!(s.blobs_recovered, 0, "no progress while the count is unknown");
+    cluster.start_sync(1).await.unwrap();
+    cluster.wait_all_active(1, 0).await.unwrap();
+    check_shards_match_encoding(&cluster, 1, &blobs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lagging_node_that_missed_two_epochs_catches_up_by_blob_recovery() {
+    let (mut cluster, mut blobs) = cluster_with_blobs(30, |_| {}).await;
+    cluster.stop_recovery(3).await.unwrap();
+    cluster.stop_sync(3).await.unwrap();
+    for (epoch, weight) in [(1u64, 2u64), (2, 3)] {
+        let members = cluster.nodes.iter().enumerate().map(|(i, n)| n.member(if i == 0 { weight } else { 1 })).collect();
+        cluster.next_epoch(members).await.unwrap();
+        for i in 0..3 {
+            cluster.wait_all_active(i, epoch).await.unwrap();
+        }
+        cluster.wait_done(epoch).await.unwrap();
+        blobs.extend(cluster.store_random_blobs(10, 1000, 100 + epoch).await.unwrap());
+    }
+    cluster.start_sync(3).await.unwrap();
+    let view = cluster.wait_view(3, "catch-up to epoch 2", |v| v.epoch() == 2).await.unwrap();
+    assert_eq!(view.status(), NodeStatus::RecoveryInProgress(2), "{}", describe(&view));
+    cluster.start_recovery(3).await.unwrap();
+    cluster.wait_all_active(3, 2).await.unwrap();
+    let me = cluster.nodes[3].id.clone();
+    let a = cluster.control_plane.attestation(2, &me).await.unwrap().expect("attested epoch 2");
+    assert_eq!(a.attested_by, "recovery-service");
+    assert!(cluster.control_plane.attestation(1, &me).await.unwrap().is_none(), "never attests an epoch it skipped");
+    check_shards_match_encoding(&cluster, 3, &blobs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shard_sync_that_fails_for_good_during_recovery_is_covered_by_blob_recovery() {
+    let (mut cluster, blobs) = cluster_with_blobs(40, |c| c.shard_sync.max_attempts = 2).await;
+    let c0 = cluster.committee().await.unwrap();
+    wipe_and_restart(&mut cluster, 3, true).await;
+    let members: Vec<_> = cluster.nodes.iter().enumerate().map(|(i, n)| n.member(if i == 3 { 2 } else { 1 })).collect();
+    let plan = ferry_shared::committee::rebalance(&c0, members.clone()).unwrap();
+    let me = cluster.nodes[3].id.clone();
+    let gained: Vec<ShardIndex> = plan.shards_of(&me).into_iter().filter(|s| c0.owner(*s) != Some(&me)).collect();
+    // The previous owner of the first gained shard is down during the change.
+    let source = cluster.nodes.iter().position(|n| Some(&n.id) == c0.owner(gained[0])).unwrap();
+    cluster.stop_sync(source).await.unwrap();
+    cluster.next_epoch(members).await.unwrap();
+    let g = gained[0];
+    cluster.wait_view(3, "failed sync leaves ActiveRecover", move |v| v.shards.get(&g).map(|r| r.status) == Some(ShardStatus::ActiveRecover)).await.unwrap();
+    cluster.start_sync(source).await.unwrap();
+    cluster.nodes[3].recovery.as_ref().unwrap().recovery.set_paused(false).await.unwrap();
+    cluster.wait_all_active(3, 1).await.unwrap();
+    check_shards_match_encoding(&cluster, 3, &blobs);
+    let a: Vec<_> = cluster.control_plane.attestations(1).await.unwrap().into_iter().filter(|a| a.node_id == me).collect();
+    assert_eq!(a.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_dropped_while_recovering_never_attests_nor_becomes_active() {
+    let (mut cluster, _blobs) = cluster_with_blobs(20, |_| {}).await;
+    wipe_and_restart(&mut cluster, 3, true).await;
+    let members = cluster.nodes.iter().take(3).map(|n| n.member(1)).collect();
+    cluster.next_epoch(members).await.unwrap();
+    cluster.wait_view(3, "Standby after removal", |v| v.status() == NodeStatus::Standby && v.epoch() == 1).await.unwrap();
+    cluster.nodes[3].recovery.as_ref().unwrap().recovery.set_paused(false).await.unwrap();
+    for i in 0..3 {
+        cluster.wait_all_active(i, 1).await.unwrap();
+    }
+    cluster.wait_done(1).await.unwrap();
+    // Give recovery every chance to misbehave: wait until it reports idle.
+    let mut watch = cluster.nodes[3].recovery.as_ref().unwrap().recovery.subscribe();
+    tokio::time::timeout(WAIT, watch.wait_for(|s| s.phase == pb::RecoveryPhase::Idle as i32)).await.unwrap().unwrap();
+    let me = cluster.nodes[3].id.clone();
+    assert!(cluster.control_plane.attestation(1, &me).await.unwrap().is_none());
+    assert!(cluster.control_plane.attestation(0, &me).await.unwrap().is_none());
+    assert_eq!(cluster.nodes[3].node().unwrap().view().status(), NodeStatus::Standby);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blob_with_fewer_than_k_reachable_owners_is_retried_and_reported() {
+    let (mut cluster, blobs) = cluster_with_blobs(10, |_| {}).await;
+    wipe_and_restart(&mut cluster, 0, true).await;
+    // 8 shards, k = 4: with nodes 1 and 2 down only node 3's 2 shards are reachable.
+    cluster.stop_sync(1).await.unwrap();
+    cluster.stop_sync(2).await.unwrap();
+    let recovery = cluster.nodes[0].recovery.as_ref().unwrap().recovery.clone();
+    recovery.set_paused(false).await.unwrap();
+    let mut watch = recovery.subscribe();
+    let s = tokio::time::timeout(WAIT, watch.wait_for(|s| s.blobs_failed > 0)).await.unwrap().unwrap().clone();
+    assert!(!s.stuck_blobs.is_empty() && s.stuck_blobs[0].last_error.contains("FERRY-RECOVER-002"), "{s:?}");
+    // Nothing half-done was stored: node 0's shards are still empty.
+    for shard in cluster.nodes[0].node().unwrap().view().owned(&cluster.nodes[0].id) {
+        assert!(cluster.shard_contents(0, shard).unwrap().is_empty());
+    }
+    cluster.start_sync(1).await.unwrap();
+    cluster.start_sync(2).await.unwrap();
+    cluster.wait_all_active(0, 0).await.unwrap();
+    check_shards_match_encoding(&cluster, 0, &blobs);
+}

@@ -1,0 +1,273 @@
+//! sync-service against a real etcd and real sync-services on loopback ports: shard moves at
+//! an epoch change, resume after the previous owner dies mid-stream, a previous owner gone for
+//! good, backpressure, and refusal of peers and inputs that are not allowed.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::{collections::BTreeMap, time::Duration};
+
+use ferry_e2e::{Cluster, WAIT, describe, status};
+use ferry_proto::v1 as pb;
+use ferry_shared::{
+    crypto::{self, NodeKeypair, StreamShardIntent},
+    erasure,
+    types::{BlobId, NodeId, ShardIndex, ShardStatus},
+};
+use tonic::Code;
+
+/// Members with node `heavy` weighing `weight` and the others 1.
+fn weighted(cluster: &Cluster, heavy: usize, weight: u64) -> Vec<ferry_shared::Member> {
+    cluster.nodes.iter().enumerate().map(|(i, n)| n.member(if i == heavy { weight } else { 1 })).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn committee_change_moves_shards_by_shard_sync_and_attests_once() {
+    let mut cluster = Cluster::new(4, 8).await.unwrap();
+    let c0 = cluster.start_genesis().await.unwrap();
+    let blobs = cluster.store_random_blobs(200, 3000, 1).await.unwrap();
+
+    // Node 0 doubles its weight: it gains shards from the others.
+    let c1 = cluster.next_epoch(weighted(&cluster, 0, 3)).await.unwrap();
+    let me = cluster.nodes[0].id.clone();
+    let gained: Vec<ShardIndex> = c1.shards_of(&me).into_iter().filter(|s| c0.owner(*s) != Some(&me)).collect();
+    assert!(!gained.is_empty(), "the new committee must move shards to node 0");
+    for i in 0..4 {
+        cluster.wait_all_active(i, 1).await.unwrap();
+    }
+    cluster.wait_done(1).await.unwrap();
+
+    for shard in &gained {
+        let previous = c0.owner(*shard).unwrap();
+        let prev_index = cluster.nodes.iter().position(|n| &n.id == previous).unwrap();
+        let view = cluster.nodes[0].node().unwrap().view();
+        let record = &view.shards[shard];
+        let sync = record.sync.as_ref().expect("gained shard has sync progress");
+        assert_eq!(sync.source.as_ref(), Some(previous), "synced from its previous owner");
+        assert_eq!(sync.blobs_done, blobs.len() as u64, "every sliver was written exactly once by shard sync");
+        assert_eq!(sync.pending, 0);
+        // Byte-identical to the previous owner's copy (read before the grace period drops it,
+        // or compare with the encoding when it has been dropped already).
+        let mine = cluster.shard_contents(0, *shard).unwrap();
+        let expected: BTreeMap<BlobId, Vec<u8>> = blobs.iter().map(|(id, data)| (*id, erasure::encode(data, 8).unwrap().slivers[shard.as_usize()].clone())).collect();
+        let mine_map: BTreeMap<BlobId, Vec<u8>> = mine.into_iter().collect();
+        assert_eq!(mine_map, expected, "shard {shard} is byte-identical to the encoding");
+        let _ = prev_index;
+    }
+
+    // Lost shards are locked, then dropped after the grace period once the epoch is done.
+    for shard in &gained {
+        let previous = c0.owner(*shard).unwrap();
+        let i = cluster.nodes.iter().position(|n| &n.id == previous).unwrap();
+        let s = *shard;
+        cluster.wait_view(i, &format!("lost shard {shard} dropped"), move |v| !v.shards.contains_key(&s)).await.unwrap();
+    }
+
+    // Exactly one attestation per node for epoch 1, all by sync-service.
+    let attestations = cluster.control_plane.attestations(1).await.unwrap();
+    let mut by_node: Vec<String> = attestations.iter().map(|a| a.node_id.to_string()).collect();
+    by_node.sort();
+    assert_eq!(by_node, vec!["node-0", "node-1", "node-2", "node-3"]);
+    for a in &attestations {
+        assert_eq!(a.attested_by, "sync-service");
+        a.verify(&c1).unwrap();
+        assert_eq!(a.evidence.len(), c1.shards_of(&a.node_id).len());
+        assert!(a.evidence.iter().all(|e| e.blob_count == blobs.len() as u64), "evidence counts every blob: {:?}", a.evidence);
+    }
+    cluster.check_blobs(&blobs).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sync_resumes_from_its_cursor_after_the_previous_owner_dies_mid_stream() {
+    let mut cluster = Cluster::new(4, 4).await.unwrap();
+    // Throttle outgoing streams so the transfer is long enough to interrupt.
+    cluster.tweak_sync = Box::new(|c| {
+        c.stream.max_bytes_per_sec = 40_000;
+        c.shard_sync.batch_items = 4;
+    });
+    let c0 = cluster.start_genesis().await.unwrap();
+    let blobs = cluster.store_random_blobs(60, 4000, 2).await.unwrap();
+    let c1 = cluster.next_epoch(weighted(&cluster, 0, 2)).await.unwrap();
+    let me = cluster.nodes[0].id.clone();
+    let shard = *c1.shards_of(&me).iter().find(|s| c0.owner(**s) != Some(&me)).unwrap();
+    let source = cluster.nodes.iter().position(|n| Some(&n.id) == c0.owner(shard)).unwrap();
+
+    // Wait for some progress, then stop the source mid-stream.
+    let view = cluster
+        .wait_view(0, "shard sync made progress", move |v| v.shards.get(&shard).and_then(|r| r.sync.as_ref()).is_some_and(|p| p.blobs_done >= 8))
+        .await
+        .unwrap();
+    let done_before = view.shards[&shard].sync.as_ref().unwrap().blobs_done;
+    assert!(done_before < blobs.len() as u64, "the stream must be interrupted before its end");
+    cluster.stop_sync(source).await.unwrap();
+    let stopped = cluster.nodes[0].node().unwrap().view();
+    assert_eq!(stopped.shards[&shard].status, ShardStatus::ActiveSync, "the shard waits for its source: {}", describe(&stopped));
+
+    cluster.start_sync(source).await.unwrap();
+    cluster.wait_all_active(0, 1).await.unwrap();
+    let view = cluster.nodes[0].node().unwrap().view();
+    let sync = view.shards[&shard].sync.clone().unwrap();
+    assert!(sync.attempts >= 2, "the sync resumed in a new attempt: {sync:?}");
+    assert_eq!(sync.blobs_done, blobs.len() as u64, "no sliver written twice and none missing: {sync:?}");
+    let contents = cluster.shard_contents(0, shard).unwrap();
+    assert_eq!(contents.len(), blobs.len());
+    for (id, data) in &blobs {
+        let expected = &erasure::encode(data, 4).unwrap().slivers[shard.as_usize()];
+        assert_eq!(contents.iter().find(|(b, _)| b == id).map(|(_, d)| d), Some(expected));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_previous_owner_gone_for_good_leaves_the_shard_to_blob_recovery() {
+    let mut cluster = Cluster::new(4, 4).await.unwrap();
+    cluster.tweak_sync = Box::new(|c| c.shard_sync.max_attempts = 3);
+    let c0 = cluster.start_genesis().await.unwrap();
+    cluster.store_random_blobs(20, 1000, 3).await.unwrap();
+    let me = cluster.nodes[0].id.clone();
+    // Stop the node that will lose a shard to node 0 before the change.
+    let members = weighted(&cluster, 0, 2);
+    let c1_plan = ferry_shared::committee::rebalance(&c0, members.clone()).unwrap();
+    let shard = *c1_plan.shards_of(&me).iter().find(|s| c0.owner(**s) != Some(&me)).unwrap();
+    let source = cluster.nodes.iter().position(|n| Some(&n.id) == c0.owner(shard)).unwrap();
+    cluster.stop_sync(source).await.unwrap();
+    cluster.next_epoch(members).await.unwrap();
+
+    let view = cluster.wait_view(0, "gained shard in ActiveRecover", move |v| v.shards.get(&shard).map(|r| r.status) == Some(ShardStatus::ActiveRecover)).await.unwrap();
+    let sync = view.shards[&shard].sync.clone().unwrap();
+    assert_eq!(sync.attempts, 3);
+    assert!(sync.last_error.is_some_and(|e| e.contains("gave up after 3 attempts")));
+    let node = cluster.nodes[0].node().unwrap();
+    let mut counter = node.counter.subscribe();
+    tokio::time::timeout(WAIT, counter.wait_for(|n| *n == 0)).await.expect("counter returns to zero").unwrap();
+    // Zero running syncs but an unfilled shard: the node must not attest.
+    assert!(cluster.control_plane.attestation(1, &me).await.unwrap().is_none(), "no attestation while a shard is ActiveRecover");
+}
+
+fn signed_request(key: &NodeKeypair, requester: &NodeId, shard: u32, epoch: u64) -> pb::StreamShardRequest {
+    let intent = StreamShardIntent { shard: ShardIndex(shard), epoch, start: None, requester, timestamp_ms: crypto::now_ms(), include_metadata: false, limit: 0 };
+    pb::StreamShardRequest {
+        shard,
+        epoch,
+        start_blob_id: vec![],
+        requester: requester.to_string(),
+        timestamp_ms: intent.timestamp_ms,
+        include_metadata: false,
+        signature: key.sign(&intent.message()),
+        limit: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stream_shard_refuses_non_owners_forgeries_replays_and_bad_input() {
+    let mut cluster = Cluster::new(4, 4).await.unwrap();
+    let c0 = cluster.start_genesis().await.unwrap();
+    cluster.store_random_blobs(5, 100, 4).await.unwrap();
+    let server_shard = c0.shards_of(&cluster.nodes[1].id)[0];
+    let mut client = cluster.sync_client(1).await.unwrap();
+    let key2 = NodeKeypair::load(&cluster.nodes[2].key_file).unwrap();
+    let id2 = cluster.nodes[2].id.clone();
+
+    // Node 2 does not own node 1's shard.
+    let err = client.stream_shard(signed_request(&key2, &id2, server_shard.0, 0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("does not own shard"), "{}", err.message());
+    // A forged signature (another key) is refused.
+    let err = client.stream_shard(signed_request(&NodeKeypair::generate(), &id2, server_shard.0, 0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("does not verify"));
+    // The owner's request works once; its replay is refused.
+    let owner_req = signed_request(&NodeKeypair::load(&cluster.nodes[1].key_file).unwrap(), &cluster.nodes[1].id, server_shard.0, 0);
+    let mut stream = client.stream_shard(owner_req.clone()).await.unwrap().into_inner();
+    let mut n = 0;
+    while stream.message().await.unwrap().is_some() {
+        n += 1;
+    }
+    assert_eq!(n, 5);
+    let err = client.stream_shard(owner_req).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("replayed"));
+    // A future epoch: the server has not processed it.
+    let err = client.stream_shard(signed_request(&key2, &id2, server_shard.0, 5)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    // Out-of-range shard and malformed ids.
+    let err = client.stream_shard(signed_request(&key2, &id2, 99, 0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = client.get_metadata(pb::GetMetadataRequest { blob_id: vec![1, 2, 3] }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = client.check_blobs(pb::CheckBlobsRequest { blob_ids: vec![vec![0; 32]; 2000] }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "the page size is capped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_data_plane_stores_only_verified_slivers_of_registered_blobs() {
+    let mut cluster = Cluster::new(4, 4).await.unwrap();
+    let c0 = cluster.start_genesis().await.unwrap();
+    let mut client = cluster.sync_client(0).await.unwrap();
+    let enc = erasure::encode(b"hello ferry", 4).unwrap();
+    let id = enc.blob_id.0.to_vec();
+    // Not registered yet.
+    let err = client.store_metadata(pb::StoreMetadataRequest { blob_id: id.clone(), metadata: Some(enc.metadata.to_proto()) }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    cluster.control_plane.register_blob(&ferry_shared::control_plane::BlobRecord { blob_id: enc.blob_id, length: 11, registered_epoch: 0, certificate: None }).await.unwrap();
+    // Metadata that does not hash to the id.
+    let mut wrong = enc.metadata.clone();
+    wrong.length += 1;
+    let err = client.store_metadata(pb::StoreMetadataRequest { blob_id: id.clone(), metadata: Some(wrong.to_proto()) }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    client.store_metadata(pb::StoreMetadataRequest { blob_id: id.clone(), metadata: Some(enc.metadata.to_proto()) }).await.unwrap();
+
+    let mine = c0.shards_of(&cluster.nodes[0].id)[0];
+    let other = c0.shards_of(&cluster.nodes[1].id)[0];
+    // A corrupted sliver, and a sliver for a shard the node does not own.
+    let mut bad = enc.slivers[mine.as_usize()].clone();
+    bad[0] ^= 1;
+    let err = client.store_sliver(pb::StoreSliverRequest { blob_id: id.clone(), shard: mine.0, data: bad }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = client.store_sliver(pb::StoreSliverRequest { blob_id: id.clone(), shard: other.0, data: enc.slivers[other.as_usize()].clone() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("does not own"));
+    let err = client.get_sliver(pb::GetSliverRequest { blob_id: id.clone(), shard: mine.0 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "nothing unverified was stored");
+    // The good sliver is stored and confirmed with a valid signature.
+    let r = client.store_sliver(pb::StoreSliverRequest { blob_id: id.clone(), shard: mine.0, data: enc.slivers[mine.as_usize()].clone() }).await.unwrap().into_inner();
+    let conf = r.confirmation.expect("the node holds the blob in every shard it owns");
+    let member = c0.member(&cluster.nodes[0].id).unwrap();
+    crypto::verify(&member.public_key, &crypto::confirmation_message(&cluster.nodes[0].id, &enc.blob_id, 0), &conf.signature).unwrap();
+    let got = client.get_sliver(pb::GetSliverRequest { blob_id: id, shard: mine.0 }).await.unwrap().into_inner();
+    assert_eq!(got.data, enc.slivers[mine.as_usize()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reader_that_stops_reading_does_not_grow_server_memory() {
+    let mut cluster = Cluster::new(4, 4).await.unwrap();
+    let c0 = cluster.start_genesis().await.unwrap();
+    // About 48 MiB in the streamed shard: 192 blobs with 256 KiB slivers (k = 2).
+    let client = cluster.client();
+    let mut ids = Vec::new();
+    for i in 0..192u32 {
+        let data = vec![(i % 251) as u8; 512 * 1024];
+        ids.push(client.store(&data).await.unwrap());
+    }
+    let shard = c0.shards_of(&cluster.nodes[1].id)[0];
+    let owner_key = NodeKeypair::load(&cluster.nodes[1].key_file).unwrap();
+    let mut grpc = cluster.sync_client(1).await.unwrap();
+    let rss_before = rss_bytes();
+    let mut stream = grpc.stream_shard(signed_request(&owner_key, &cluster.nodes[1].id, shard.0, 0)).await.unwrap().into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    // Stop reading; let the producer run into backpressure, then measure.
+    let status_before = status(&mut grpc).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let grown = rss_bytes().saturating_sub(rss_before);
+    println!("server-side RSS growth with a stalled reader: {} KiB (shard {} MiB)", grown / 1024, 192 * 256 / 1024);
+    assert!(grown < 24 * 1024 * 1024, "RSS grew by {grown} bytes for a stalled 48 MiB stream");
+    assert_eq!(status_before.node_id, "node-1");
+    // Reading resumes and the stream completes.
+    let mut n = 1;
+    while stream.message().await.unwrap().is_some() {
+        n += 1;
+    }
+    assert_eq!(n, ids.len());
+}
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok()).map(|kb| kb * 1024).unwrap_or(0)
+}

@@ -1,0 +1,110 @@
+//! Ferry's recovery-service: follows its sync-service's sync state, recovers missing slivers
+//! blob by blob through erasure decoding from peers (never while shard syncs run), and sends
+//! the node's single epoch-sync-done attestation once blob recovery and every shard sync are
+//! done.
+
+pub mod blob_recovery;
+pub mod config;
+pub mod node_recovery;
+pub mod server;
+pub mod store;
+pub mod sync_state;
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use anyhow::Context;
+use ferry_proto::v1::recovery_service_server::RecoveryServiceServer;
+use ferry_shared::{serving, control_plane::ControlPlane, crypto::NodeKeypair, grpc, types::NodeId};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+use crate::{blob_recovery::Peers, config::RecoveryConfig, node_recovery::Recovery, server::RecoveryServer, store::RecoveryStore};
+
+/// A running recovery-service.
+pub struct RecoveryServiceHandle {
+    /// The recovery loop and its status.
+    pub recovery: Arc<Recovery>,
+    /// gRPC address.
+    pub addr: SocketAddr,
+    /// Plaintext health address.
+    pub health_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RecoveryServiceHandle {
+    /// Stops the service and waits for it.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.task.await.context("recovery-service task")?
+    }
+}
+
+/// Starts recovery-service.
+pub async fn start(config: RecoveryConfig) -> anyhow::Result<RecoveryServiceHandle> {
+    let control_plane = ControlPlane::connect_etcd(&config.control_plane.etcd_endpoints, &config.control_plane.cluster).await?;
+    start_with(config, control_plane).await
+}
+
+/// [`start`] with a given control plane.
+pub async fn start_with(config: RecoveryConfig, control_plane: ControlPlane) -> anyhow::Result<RecoveryServiceHandle> {
+    let me = NodeId::new(config.node_id.clone())?;
+    let key = NodeKeypair::load(&config.key_file)?;
+    let store_path = config.store_path.clone();
+    let store = tokio::task::spawn_blocking(move || RecoveryStore::open(&store_path)).await??;
+    let paused = store.paused()?;
+    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("bind {}", config.listen))?;
+    let health_listener = TcpListener::bind(config.health_listen).await.with_context(|| format!("bind {}", config.health_listen))?;
+    let addr = listener.local_addr()?;
+    let health_addr = health_listener.local_addr()?;
+
+    let own = grpc::channel(&config.sync_service, None).map_err(|s| anyhow::anyhow!("sync_service address: {}", s.message()))?;
+    let (sync_state, follower) = sync_state::follow(own.clone());
+    let peers = Arc::new(Peers::new(me.clone(), own, config.recovery.peer_timeout()));
+    let recovery = Recovery::new(me.clone(), key, control_plane, store, peers, sync_state, config.recovery.clone(), paused);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<RecoveryServiceServer<RecoveryServer>>().await;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let health_server = serving::spawn_health_server(health_listener, health_service.clone(), shutdown_rx.clone())?;
+    let main_server = {
+        let mut shutdown = shutdown_rx.clone();
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(serving::reflection_v1()?)
+            .add_service(serving::reflection_v1alpha()?)
+            .add_service(RecoveryServiceServer::new(RecoveryServer::new(recovery.clone())))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = shutdown.wait_for(|s| *s).await;
+            })
+    };
+    let loop_task = tokio::spawn(recovery.clone().run());
+    info!(%addr, %health_addr, node = %me, "recovery-service listening");
+    let mut shutdown = shutdown_rx;
+    let task = tokio::spawn(async move {
+        let result = tokio::select! {
+            r = main_server => r.context("gRPC server failed"),
+            r = loop_task => Err(anyhow::anyhow!("FERRY-RECOVERY-004: the recovery loop stopped unexpectedly: {r:?}")),
+            _ = shutdown.wait_for(|s| *s) => Ok(()),
+        };
+        follower.abort();
+        health_server.abort();
+        result
+    });
+    Ok(RecoveryServiceHandle { recovery, addr, health_addr, shutdown: shutdown_tx, task })
+}
+
+/// Runs until `signal` resolves.
+pub async fn run_until(config: RecoveryConfig, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let handle = start(config).await?;
+    let shutdown = handle.shutdown.clone();
+    let mut task = handle.task;
+    tokio::select! {
+        r = &mut task => r.context("recovery-service task")?,
+        () = signal => {
+            let _ = shutdown.send(true);
+            task.await.context("recovery-service task")?
+        }
+    }
+}

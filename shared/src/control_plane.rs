@@ -1,0 +1,622 @@
+//! The control plane: committees per epoch, the current epoch and its phase, the blob
+//! registry, attestations and node statuses, kept in etcd under `/ferry/<cluster>/`.
+//!
+//! [`ControlPlane`] holds all of Ferry's rules (create-if-absent attestation, the phase flip
+//! to `Done` at the first quorum, epoch proposals) on top of a small transactional key-value
+//! trait, [`Kv`], so the same logic runs against etcd ([`etcd::EtcdKv`]) in production and
+//! integration tests and against [`memory::MemoryKv`] in unit tests.
+
+pub mod etcd;
+pub mod memory;
+
+use std::{pin::Pin, sync::Arc};
+
+use async_trait::async_trait;
+use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use thiserror::Error;
+
+use crate::{
+    committee::{Committee, CommitteeError},
+    crypto::{self, ShardEvidence},
+    types::{BlobId, Epoch, NodeId, NodeStatus},
+};
+
+/// A control-plane failure.
+#[derive(Debug, Error)]
+pub enum ControlPlaneError {
+    /// etcd could not be reached or refused the request.
+    #[error("FERRY-CP-001: etcd at {endpoints} is unreachable or failed: {message}")]
+    Unavailable {
+        /// Endpoints tried.
+        endpoints: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A stored value could not be decoded.
+    #[error("FERRY-CP-002: value at {key} is corrupt: {message}")]
+    Corrupt {
+        /// The key.
+        key: String,
+        /// Decode error.
+        message: String,
+    },
+    /// An epoch proposal that does not follow the current epoch.
+    #[error("FERRY-CP-003: cannot start epoch {proposed}: {reason}")]
+    EpochOrder {
+        /// Proposed epoch.
+        proposed: Epoch,
+        /// Why not.
+        reason: String,
+    },
+    /// A proposed committee is invalid.
+    #[error("FERRY-CP-004: invalid committee: {0}")]
+    Committee(#[from] CommitteeError),
+    /// The watch cannot resume from the requested revision (compacted or from the future).
+    #[error("FERRY-CP-005: cannot resume the watch after revision {after}: {reason}")]
+    WatchResume {
+        /// Last processed revision.
+        after: u64,
+        /// Why not.
+        reason: String,
+    },
+    /// An attestation from a node that is not a member of that epoch, or for an unknown epoch.
+    #[error("FERRY-CP-006: attestation refused: {0}")]
+    AttestationRefused(String),
+    /// A blob id that is not registered.
+    #[error("FERRY-CP-007: blob {0} is not registered")]
+    UnknownBlob(BlobId),
+    /// A concurrent writer won too many times in a row.
+    #[error("FERRY-CP-008: too much contention updating {0}; retry")]
+    Contention(String),
+}
+
+/// Result of control-plane calls.
+pub type Result<T, E = ControlPlaneError> = std::result::Result<T, E>;
+
+/// A value read with the revision at which it was last modified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    /// The value's bytes.
+    pub value: Vec<u8>,
+    /// Revision of its last modification.
+    pub mod_revision: u64,
+}
+
+/// A condition of a [`Kv::txn`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Guard {
+    /// The key does not exist.
+    Absent(String),
+    /// The key was last modified at this revision.
+    ModRevision(String, u64),
+}
+
+/// A put seen by a watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvEvent {
+    /// Revision of the put.
+    pub revision: u64,
+    /// Full key.
+    pub key: String,
+    /// New value.
+    pub value: Vec<u8>,
+}
+
+/// A stream of watched puts, in revision order.
+pub type KvEventStream = Pin<Box<dyn Stream<Item = Result<KvEvent>> + Send>>;
+
+/// The transactional key-value store the control plane is built on.
+#[async_trait]
+pub trait Kv: Send + Sync + 'static {
+    /// Reads one key.
+    async fn get(&self, key: &str) -> Result<Option<Versioned>>;
+    /// Reads up to `limit` keys with `prefix`, from `start` (inclusive, a full key) in key order.
+    async fn range(&self, prefix: &str, start: Option<&str>, limit: usize) -> Result<Vec<(String, Versioned)>>;
+    /// Writes `puts` atomically if every guard holds; returns whether it did.
+    async fn txn(&self, guards: Vec<Guard>, puts: Vec<(String, Vec<u8>)>) -> Result<bool>;
+    /// The store's current revision.
+    async fn revision(&self) -> Result<u64>;
+    /// Puts under `prefix` with revision greater than `after`, first the history then live.
+    async fn watch(&self, prefix: &str, after: u64) -> Result<KvEventStream>;
+}
+
+/// Phase of the current epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", content = "epoch", rename_all = "snake_case")]
+pub enum EpochPhase {
+    /// Nodes are moving shards for this epoch.
+    ChangeSync(Epoch),
+    /// Owners of a quorum of shards attested epoch-sync-done for this epoch.
+    Done(Epoch),
+}
+
+impl EpochPhase {
+    /// The epoch the phase is about.
+    pub fn epoch(self) -> Epoch {
+        match self {
+            EpochPhase::ChangeSync(e) | EpochPhase::Done(e) => e,
+        }
+    }
+}
+
+/// A storage node's confirmation inside a certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirmation {
+    /// Confirming node.
+    pub node_id: NodeId,
+    /// Hex ed25519 signature over [`crypto::confirmation_message`].
+    pub signature: String,
+}
+
+/// Proof that owners of a quorum of shards stored a blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Certificate {
+    /// Epoch of the committee whose members confirmed.
+    pub epoch: Epoch,
+    /// The confirmations.
+    pub confirmations: Vec<Confirmation>,
+}
+
+/// Why a certificate is not valid.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CertificateError {
+    /// Certificate epoch and committee epoch differ.
+    #[error("FERRY-CERT-001: certificate is for epoch {cert} but the committee is of epoch {committee}")]
+    Epoch {
+        /// Certificate epoch.
+        cert: Epoch,
+        /// Committee epoch.
+        committee: Epoch,
+    },
+    /// A confirmation from a non-member or with a bad signature.
+    #[error("FERRY-CERT-002: confirmation of {0} does not verify")]
+    BadConfirmation(NodeId),
+    /// The confirmers own too few shards.
+    #[error("FERRY-CERT-003: confirmers own {have} shards; a quorum needs {need}")]
+    NoQuorum {
+        /// Shards owned by confirmers.
+        have: u32,
+        /// Quorum.
+        need: u32,
+    },
+}
+
+impl Certificate {
+    /// Verifies every signature against the committee of the certificate's epoch and that the
+    /// confirmers own at least a quorum of shards.
+    pub fn verify(&self, blob: &BlobId, committee: &Committee) -> std::result::Result<(), CertificateError> {
+        if self.epoch != committee.epoch {
+            return Err(CertificateError::Epoch { cert: self.epoch, committee: committee.epoch });
+        }
+        let mut confirmers = Vec::new();
+        for c in &self.confirmations {
+            let member = committee
+                .member(&c.node_id)
+                .ok_or_else(|| CertificateError::BadConfirmation(c.node_id.clone()))?;
+            let signature = hex::decode(&c.signature)
+                .map_err(|_| CertificateError::BadConfirmation(c.node_id.clone()))?;
+            crypto::verify(
+                &member.public_key,
+                &crypto::confirmation_message(&c.node_id, blob, self.epoch),
+                &signature,
+            )
+            .map_err(|_| CertificateError::BadConfirmation(c.node_id.clone()))?;
+            if !confirmers.contains(&&c.node_id) {
+                confirmers.push(&c.node_id);
+            }
+        }
+        let have = committee.shards_owned_by(confirmers.iter().copied());
+        if have < committee.quorum_shards() {
+            return Err(CertificateError::NoQuorum { have, need: committee.quorum_shards() });
+        }
+        Ok(())
+    }
+}
+
+/// A blob in the registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRecord {
+    /// Blob id.
+    pub blob_id: BlobId,
+    /// Length in bytes.
+    pub length: u64,
+    /// Epoch in which it was registered.
+    pub registered_epoch: Epoch,
+    /// Set once certified.
+    pub certificate: Option<Certificate>,
+}
+
+impl BlobRecord {
+    /// Epoch of certification, if certified.
+    pub fn certified_epoch(&self) -> Option<Epoch> {
+        self.certificate.as_ref().map(|c| c.epoch)
+    }
+}
+
+/// An epoch-sync-done attestation as stored in etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttestationRecord {
+    /// Attesting node.
+    pub node_id: NodeId,
+    /// Epoch attested.
+    pub epoch: Epoch,
+    /// `sync-service` or `recovery-service`.
+    pub attested_by: String,
+    /// Unix milliseconds.
+    pub created_at_ms: u64,
+    /// One entry per owned shard.
+    pub evidence: Vec<ShardEvidence>,
+    /// Hex ed25519 signature over [`crypto::attestation_message`].
+    pub signature: String,
+}
+
+impl AttestationRecord {
+    /// Builds and signs an attestation.
+    pub fn sign(key: &crypto::NodeKeypair, node_id: NodeId, epoch: Epoch, attested_by: &str, evidence: Vec<ShardEvidence>) -> Self {
+        let created_at_ms = crypto::now_ms();
+        let msg = crypto::attestation_message(&node_id, epoch, attested_by, created_at_ms, &evidence);
+        AttestationRecord {
+            signature: hex::encode(key.sign(&msg)),
+            node_id,
+            epoch,
+            attested_by: attested_by.to_string(),
+            created_at_ms,
+            evidence,
+        }
+    }
+
+    /// Verifies the signature with the node's key from the committee.
+    pub fn verify(&self, committee: &Committee) -> std::result::Result<(), crypto::CryptoError> {
+        let member = committee.member(&self.node_id).ok_or(crypto::CryptoError::PublicKey)?;
+        let sig = hex::decode(&self.signature).map_err(|_| crypto::CryptoError::BadSignature)?;
+        let msg = crypto::attestation_message(&self.node_id, self.epoch, &self.attested_by, self.created_at_ms, &self.evidence);
+        crypto::verify(&member.public_key, &msg, &sig)
+    }
+}
+
+/// Result of [`ControlPlane::attest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttestOutcome {
+    /// This call created the attestation.
+    Created {
+        /// Whether this call flipped the epoch's phase to `Done`.
+        flipped_to_done: bool,
+    },
+    /// An attestation for this node and epoch existed already; it is returned unchanged.
+    AlreadyPresent(AttestationRecord),
+}
+
+/// A node's status as mirrored for operators.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The node.
+    pub node_id: NodeId,
+    /// Its status.
+    pub status: NodeStatus,
+    /// Latest epoch it processed.
+    pub epoch: Epoch,
+    /// Unix milliseconds of the update.
+    pub updated_at_ms: u64,
+}
+
+/// An epoch event, as followed by nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EpochEvent {
+    /// A committee was proposed: the epoch starts (`ChangeSync`).
+    Started(Committee),
+    /// The epoch change completed (`Done`).
+    Done(Epoch),
+}
+
+/// An epoch event with its revision, the cursor a follower persists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchedEpochEvent {
+    /// Revision of the event; resume with `watch_epochs(revision)`.
+    pub revision: u64,
+    /// The event.
+    pub event: EpochEvent,
+}
+
+/// A stream of epoch events.
+pub type EpochEventStream = Pin<Box<dyn Stream<Item = Result<WatchedEpochEvent>> + Send>>;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CurrentRecord {
+    phase: EpochPhase,
+}
+
+/// Ferry's control plane over a [`Kv`] store, keys under `/ferry/<cluster>/`.
+#[derive(Clone)]
+pub struct ControlPlane {
+    kv: Arc<dyn Kv>,
+    prefix: String,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ControlPlane({})", self.prefix)
+    }
+}
+
+const CAS_RETRIES: usize = 64;
+
+impl ControlPlane {
+    /// A control plane for `cluster` over `kv`.
+    pub fn new(kv: Arc<dyn Kv>, cluster: &str) -> Self {
+        ControlPlane { kv, prefix: format!("/ferry/{cluster}/") }
+    }
+
+    /// Connects to etcd.
+    pub async fn connect_etcd(endpoints: &[String], cluster: &str) -> Result<Self> {
+        let kv = etcd::EtcdKv::connect(endpoints).await?;
+        Ok(Self::new(Arc::new(kv), cluster))
+    }
+
+    /// An in-memory control plane for unit tests.
+    pub fn in_memory(cluster: &str) -> Self {
+        Self::new(Arc::new(memory::MemoryKv::default()), cluster)
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}{rest}", self.prefix)
+    }
+
+    fn epoch_key(&self, epoch: Epoch) -> String {
+        // Zero-padded so keys sort by epoch.
+        self.key(&format!("epochs/{epoch:020}"))
+    }
+
+    fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| ControlPlaneError::Corrupt { key: key.to_string(), message: e.to_string() })
+    }
+
+    fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+        // Serialising our own plain data types cannot fail.
+        serde_json::to_vec(value).unwrap_or_default()
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, u64)>> {
+        match self.kv.get(key).await? {
+            Some(v) => Ok(Some((Self::decode(key, &v.value)?, v.mod_revision))),
+            None => Ok(None),
+        }
+    }
+
+    /// The current epoch's phase, if the cluster has started.
+    pub async fn current(&self) -> Result<Option<EpochPhase>> {
+        Ok(self.get_json::<CurrentRecord>(&self.key("current")).await?.map(|(c, _)| c.phase))
+    }
+
+    /// The committee of an epoch.
+    pub async fn committee(&self, epoch: Epoch) -> Result<Option<Committee>> {
+        Ok(self.get_json(&self.epoch_key(epoch)).await?.map(|(c, _)| c))
+    }
+
+    /// The committee of the current epoch.
+    pub async fn current_committee(&self) -> Result<Option<Committee>> {
+        match self.current().await? {
+            Some(phase) => self.committee(phase.epoch()).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Starts an epoch with `committee`. Epoch 0 starts the cluster and is `Done` at once
+    /// (there is nothing to move); epoch `e > 0` needs epoch `e - 1` to be `Done` and enters
+    /// `ChangeSync(e)`. Committee and phase are written in one transaction.
+    pub async fn propose_epoch(&self, committee: &Committee) -> Result<()> {
+        committee.validate()?;
+        let e = committee.epoch;
+        let current_key = self.key("current");
+        let current = self.get_json::<CurrentRecord>(&current_key).await?;
+        let (guard, phase) = match (&current, e) {
+            (None, 0) => (Guard::Absent(current_key.clone()), EpochPhase::Done(0)),
+            (None, _) => {
+                return Err(ControlPlaneError::EpochOrder { proposed: e, reason: "the cluster has not started; propose epoch 0 first".into() });
+            }
+            (Some((c, rev)), _) if c.phase == EpochPhase::Done(e.wrapping_sub(1)) && e > 0 => {
+                if let Some(prev) = self.committee(e - 1).await? {
+                    if prev.n_shards != committee.n_shards {
+                        return Err(ControlPlaneError::EpochOrder { proposed: e, reason: format!("the cluster has {} shards; a committee cannot change that", prev.n_shards) });
+                    }
+                }
+                (Guard::ModRevision(current_key.clone(), *rev), EpochPhase::ChangeSync(e))
+            }
+            (Some((c, _)), _) => {
+                return Err(ControlPlaneError::EpochOrder { proposed: e, reason: format!("the current phase is {:?}; the next epoch can start only after the current one is done", c.phase) });
+            }
+        };
+        let puts = vec![
+            (self.epoch_key(e), Self::encode(committee)),
+            (current_key, Self::encode(&CurrentRecord { phase })),
+        ];
+        if self.kv.txn(vec![guard, Guard::Absent(self.epoch_key(e))], puts).await? {
+            Ok(())
+        } else {
+            Err(ControlPlaneError::EpochOrder { proposed: e, reason: "another proposal changed the epoch concurrently".into() })
+        }
+    }
+
+    fn blob_key(&self, id: &BlobId) -> String {
+        self.key(&format!("blobs/{}", id.to_hex()))
+    }
+
+    /// Registers a blob if absent; returns the stored record (existing or new).
+    pub async fn register_blob(&self, record: &BlobRecord) -> Result<BlobRecord> {
+        let key = self.blob_key(&record.blob_id);
+        for _ in 0..CAS_RETRIES {
+            if let Some((existing, _)) = self.get_json::<BlobRecord>(&key).await? {
+                return Ok(existing);
+            }
+            if self.kv.txn(vec![Guard::Absent(key.clone())], vec![(key.clone(), Self::encode(record))]).await? {
+                return Ok(record.clone());
+            }
+        }
+        Err(ControlPlaneError::Contention(key))
+    }
+
+    /// A registered blob.
+    pub async fn blob(&self, id: &BlobId) -> Result<Option<BlobRecord>> {
+        Ok(self.get_json(&self.blob_key(id)).await?.map(|(b, _)| b))
+    }
+
+    /// Records a blob's certificate unless it is certified already; returns the record.
+    /// The caller verifies the certificate first.
+    pub async fn certify_blob(&self, id: &BlobId, certificate: Certificate) -> Result<BlobRecord> {
+        let key = self.blob_key(id);
+        for _ in 0..CAS_RETRIES {
+            let (mut record, rev) = self.get_json::<BlobRecord>(&key).await?.ok_or(ControlPlaneError::UnknownBlob(*id))?;
+            if record.certificate.is_some() {
+                return Ok(record);
+            }
+            record.certificate = Some(certificate.clone());
+            if self.kv.txn(vec![Guard::ModRevision(key.clone(), rev)], vec![(key.clone(), Self::encode(&record))]).await? {
+                return Ok(record);
+            }
+        }
+        Err(ControlPlaneError::Contention(key))
+    }
+
+    /// Up to `limit` registered blobs from `start` (inclusive), in blob-id order.
+    pub async fn list_blobs(&self, start: Option<BlobId>, limit: usize) -> Result<Vec<BlobRecord>> {
+        let prefix = self.key("blobs/");
+        let start_key = start.map(|id| self.blob_key(&id));
+        self.kv
+            .range(&prefix, start_key.as_deref(), limit)
+            .await?
+            .into_iter()
+            .map(|(k, v)| Self::decode(&k, &v.value))
+            .collect()
+    }
+
+    fn attestation_key(&self, epoch: Epoch, node: &NodeId) -> String {
+        self.key(&format!("attestations/{epoch:020}/{node}"))
+    }
+
+    /// Records an epoch-sync-done attestation exactly once per (node, epoch), create-if-absent,
+    /// and flips the phase from `ChangeSync(e)` to `Done(e)` in a transaction once the
+    /// attesters own a quorum of shards in epoch `e`. Refused for non-members and unknown epochs.
+    pub async fn attest(&self, attestation: &AttestationRecord) -> Result<AttestOutcome> {
+        let e = attestation.epoch;
+        let committee = self
+            .committee(e)
+            .await?
+            .ok_or_else(|| ControlPlaneError::AttestationRefused(format!("epoch {e} has no committee")))?;
+        if !committee.is_member(&attestation.node_id) {
+            return Err(ControlPlaneError::AttestationRefused(format!("{} is not a member of epoch {e}", attestation.node_id)));
+        }
+        attestation
+            .verify(&committee)
+            .map_err(|err| ControlPlaneError::AttestationRefused(format!("signature of {}: {err}", attestation.node_id)))?;
+        let key = self.attestation_key(e, &attestation.node_id);
+        if !self.kv.txn(vec![Guard::Absent(key.clone())], vec![(key.clone(), Self::encode(attestation))]).await? {
+            let (existing, _) = self
+                .get_json::<AttestationRecord>(&key)
+                .await?
+                .ok_or_else(|| ControlPlaneError::Corrupt { key: key.clone(), message: "attestation vanished".into() })?;
+            return Ok(AttestOutcome::AlreadyPresent(existing));
+        }
+        let flipped_to_done = self.flip_to_done_if_quorum(&committee).await?;
+        Ok(AttestOutcome::Created { flipped_to_done })
+    }
+
+    /// Flips `ChangeSync(e)` to `Done(e)` if the attesters of `e` own a quorum. Safe to call
+    /// from every attester: the guarded write succeeds for exactly one of them.
+    async fn flip_to_done_if_quorum(&self, committee: &Committee) -> Result<bool> {
+        let e = committee.epoch;
+        let current_key = self.key("current");
+        for _ in 0..CAS_RETRIES {
+            let Some((current, rev)) = self.get_json::<CurrentRecord>(&current_key).await? else {
+                return Ok(false);
+            };
+            if current.phase != EpochPhase::ChangeSync(e) {
+                return Ok(false);
+            }
+            let attesters: Vec<NodeId> = self.attestations(e).await?.into_iter().map(|a| a.node_id).collect();
+            if !committee.is_quorum(attesters.iter()) {
+                return Ok(false);
+            }
+            let done = CurrentRecord { phase: EpochPhase::Done(e) };
+            if self.kv.txn(vec![Guard::ModRevision(current_key.clone(), rev)], vec![(current_key.clone(), Self::encode(&done))]).await? {
+                return Ok(true);
+            }
+        }
+        Err(ControlPlaneError::Contention(current_key))
+    }
+
+    /// Every attestation for an epoch, ordered by node id.
+    pub async fn attestations(&self, epoch: Epoch) -> Result<Vec<AttestationRecord>> {
+        let prefix = self.key(&format!("attestations/{epoch:020}/"));
+        self.kv
+            .range(&prefix, None, usize::MAX)
+            .await?
+            .into_iter()
+            .map(|(k, v)| Self::decode(&k, &v.value))
+            .collect()
+    }
+
+    /// The attestation of one node for one epoch.
+    pub async fn attestation(&self, epoch: Epoch, node: &NodeId) -> Result<Option<AttestationRecord>> {
+        Ok(self.get_json(&self.attestation_key(epoch, node)).await?.map(|(a, _)| a))
+    }
+
+    /// Mirrors a node's status for operators.
+    pub async fn put_node(&self, record: &NodeRecord) -> Result<()> {
+        let key = self.key(&format!("nodes/{}", record.node_id));
+        self.kv.txn(Vec::new(), vec![(key, Self::encode(record))]).await?;
+        Ok(())
+    }
+
+    /// Every node's mirrored status.
+    pub async fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        let prefix = self.key("nodes/");
+        self.kv
+            .range(&prefix, None, usize::MAX)
+            .await?
+            .into_iter()
+            .map(|(k, v)| Self::decode(&k, &v.value))
+            .collect()
+    }
+
+    /// The store's current revision: a follower that read state directly resumes from here.
+    pub async fn revision(&self) -> Result<u64> {
+        self.kv.revision().await
+    }
+
+    /// Epoch events after `after_revision`, history first, then live; each exactly once.
+    pub async fn watch_epochs(&self, after_revision: u64) -> Result<EpochEventStream> {
+        let epochs_prefix = self.key("epochs/");
+        let current_key = self.key("current");
+        let stream = self.kv.watch(&self.prefix, after_revision).await?;
+        let mapped = stream.filter_map(move |item| {
+            let epochs_prefix = epochs_prefix.clone();
+            let current_key = current_key.clone();
+            async move {
+                let ev = match item {
+                    Ok(ev) => ev,
+                    Err(e) => return Some(Err(e)),
+                };
+                let event = if ev.key.starts_with(&epochs_prefix) {
+                    match Self::decode::<Committee>(&ev.key, &ev.value) {
+                        Ok(c) => EpochEvent::Started(c),
+                        Err(e) => return Some(Err(e)),
+                    }
+                } else if ev.key == current_key {
+                    match Self::decode::<CurrentRecord>(&ev.key, &ev.value) {
+                        Ok(CurrentRecord { phase: EpochPhase::Done(e) }) => EpochEvent::Done(e),
+                        Ok(_) => return None,
+                        Err(e) => return Some(Err(e)),
+                    }
+                } else {
+                    return None;
+                };
+                Some(Ok(WatchedEpochEvent { revision: ev.revision, event }))
+            }
+        });
+        Ok(Box::pin(mapped))
+    }
+}
+
+#[cfg(test)]
+mod tests;

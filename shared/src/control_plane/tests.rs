@@ -1,0 +1,150 @@
+//! Unit tests of the control-plane rules over the in-memory store.
+#![allow(clippy::unwrap_used)]
+
+use futures::StreamExt;
+
+use super::*;
+use crate::committee::{Member, rebalance};
+use crate::crypto::NodeKeypair;
+
+pub(crate) struct Fixture {
+    pub cp: ControlPlane,
+    pub keys: Vec<(NodeId, NodeKeypair)>,
+    pub c0: Committee,
+}
+
+pub(crate) async fn fixture(nodes: usize, shards: u32) -> Fixture {
+    let cp = ControlPlane::in_memory("test");
+    let keys: Vec<_> = (0..nodes).map(|i| (NodeId::new(format!("n{i}")).unwrap(), NodeKeypair::generate())).collect();
+    let members = keys
+        .iter()
+        .map(|(id, k)| Member { node_id: id.clone(), public_key: k.public_hex(), sync_address: String::new(), recovery_address: String::new(), weight: 1 })
+        .collect();
+    let c0 = Committee::genesis(shards, members).unwrap();
+    cp.propose_epoch(&c0).await.unwrap();
+    Fixture { cp, keys, c0 }
+}
+
+impl Fixture {
+    pub fn next_committee(&self) -> Committee {
+        let mut members = self.c0.members.clone();
+        members[0].weight = 3;
+        rebalance(&self.c0, members).unwrap()
+    }
+
+    pub fn attestation(&self, i: usize, epoch: Epoch) -> AttestationRecord {
+        let (id, key) = &self.keys[i];
+        AttestationRecord::sign(key, id.clone(), epoch, "sync-service", Vec::new())
+    }
+}
+
+#[tokio::test]
+async fn genesis_is_done_and_epochs_follow_in_order() {
+    let f = fixture(4, 8).await;
+    assert_eq!(f.cp.current().await.unwrap(), Some(EpochPhase::Done(0)));
+    let c1 = f.next_committee();
+    f.cp.propose_epoch(&c1).await.unwrap();
+    assert_eq!(f.cp.current().await.unwrap(), Some(EpochPhase::ChangeSync(1)));
+    // Epoch 2 cannot start before epoch 1 is done, and epoch 1 cannot be proposed twice.
+    let mut c2 = rebalance(&c1, c1.members.clone()).unwrap();
+    assert!(matches!(f.cp.propose_epoch(&c2).await, Err(ControlPlaneError::EpochOrder { proposed: 2, .. })));
+    assert!(f.cp.propose_epoch(&c1).await.is_err());
+    c2.assignment.pop();
+    assert!(matches!(f.cp.propose_epoch(&c2).await, Err(ControlPlaneError::Committee(_))));
+}
+
+#[tokio::test]
+async fn attestation_is_created_once_and_flips_phase_at_quorum() {
+    let f = fixture(4, 4).await;
+    f.cp.propose_epoch(&f.next_committee()).await.unwrap();
+    let c1 = f.cp.committee(1).await.unwrap().unwrap();
+    // Attest in shard-weight order until quorum: the flip comes exactly at the quorum.
+    let mut order: Vec<usize> = (0..4).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(c1.shards_of(&f.keys[i].0).len()));
+    let mut owned = 0;
+    let mut flips = 0;
+    for &i in &order {
+        let out = f.cp.attest(&f.attestation(i, 1)).await.unwrap();
+        owned += c1.shards_of(&f.keys[i].0).len() as u32;
+        let AttestOutcome::Created { flipped_to_done } = out else { panic!("first attestation must be created") };
+        assert_eq!(flipped_to_done, owned >= c1.quorum_shards() && flips == 0, "flip exactly at the first quorum");
+        flips += u32::from(flipped_to_done);
+        assert!(matches!(f.cp.attest(&f.attestation(i, 1)).await.unwrap(), AttestOutcome::AlreadyPresent(_)));
+    }
+    assert_eq!(flips, 1);
+    assert_eq!(f.cp.current().await.unwrap(), Some(EpochPhase::Done(1)));
+    assert_eq!(f.cp.attestations(1).await.unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn forged_and_foreign_attestations_are_refused() {
+    let f = fixture(4, 4).await;
+    let mut forged = f.attestation(1, 0);
+    forged.node_id = f.keys[2].0.clone();
+    assert!(matches!(f.cp.attest(&forged).await, Err(ControlPlaneError::AttestationRefused(_))));
+    let stranger = AttestationRecord::sign(&NodeKeypair::generate(), NodeId::new("zz").unwrap(), 0, "sync-service", Vec::new());
+    assert!(matches!(f.cp.attest(&stranger).await, Err(ControlPlaneError::AttestationRefused(_))));
+    assert!(matches!(f.cp.attest(&f.attestation(0, 9)).await, Err(ControlPlaneError::AttestationRefused(_))));
+}
+
+#[tokio::test]
+async fn blobs_register_once_certify_once_and_list_in_order() {
+    let f = fixture(4, 4).await;
+    let mut ids: Vec<BlobId> = (0..10u8).map(|i| BlobId([i.wrapping_mul(37); 32])).collect();
+    for id in &ids {
+        let r = BlobRecord { blob_id: *id, length: 5, registered_epoch: 0, certificate: None };
+        assert_eq!(f.cp.register_blob(&r).await.unwrap(), r);
+        let again = BlobRecord { length: 6, ..r.clone() };
+        assert_eq!(f.cp.register_blob(&again).await.unwrap().length, 5, "registration is create-if-absent");
+    }
+    ids.sort();
+    let listed: Vec<BlobId> = f.cp.list_blobs(None, 100).await.unwrap().into_iter().map(|b| b.blob_id).collect();
+    assert_eq!(listed, ids);
+    let page: Vec<BlobId> = f.cp.list_blobs(Some(ids[3]), 4).await.unwrap().into_iter().map(|b| b.blob_id).collect();
+    assert_eq!(page, ids[3..7].to_vec());
+
+    let cert = Certificate { epoch: 0, confirmations: Vec::new() };
+    let rec = f.cp.certify_blob(&ids[0], cert.clone()).await.unwrap();
+    assert_eq!(rec.certified_epoch(), Some(0));
+    let other = Certificate { epoch: 5, confirmations: Vec::new() };
+    assert_eq!(f.cp.certify_blob(&ids[0], other).await.unwrap().certificate, Some(cert));
+    assert!(matches!(f.cp.certify_blob(&BlobId([0xee; 32]), Certificate { epoch: 0, confirmations: vec![] }).await, Err(ControlPlaneError::UnknownBlob(_))));
+}
+
+#[tokio::test]
+async fn certificates_need_valid_signatures_from_a_quorum() {
+    let f = fixture(4, 4).await;
+    let blob = BlobId([3; 32]);
+    let confirm = |i: usize| {
+        let (id, key) = &f.keys[i];
+        Confirmation { node_id: id.clone(), signature: hex::encode(key.sign(&crypto::confirmation_message(id, &blob, 0))) }
+    };
+    let two = Certificate { epoch: 0, confirmations: vec![confirm(0), confirm(1)] };
+    assert!(matches!(two.verify(&blob, &f.c0), Err(CertificateError::NoQuorum { have: 2, need: 3 })));
+    let three = Certificate { epoch: 0, confirmations: vec![confirm(0), confirm(1), confirm(2)] };
+    three.verify(&blob, &f.c0).unwrap();
+    assert!(three.verify(&BlobId([4; 32]), &f.c0).is_err(), "signatures bind the blob id");
+    let dup = Certificate { epoch: 0, confirmations: vec![confirm(0), confirm(0), confirm(0)] };
+    assert!(dup.verify(&blob, &f.c0).is_err(), "a node counts once");
+}
+
+#[tokio::test]
+async fn watch_replays_history_after_a_revision_then_follows_live() {
+    let f = fixture(4, 4).await;
+    let mut all = f.cp.watch_epochs(0).await.unwrap();
+    let first = all.next().await.unwrap().unwrap();
+    assert!(matches!(&first.event, EpochEvent::Started(c) if c.epoch == 0));
+    let second = all.next().await.unwrap().unwrap();
+    assert_eq!(second.event, EpochEvent::Done(0));
+    assert_eq!(first.revision, second.revision, "committee and phase are one transaction");
+
+    f.cp.propose_epoch(&f.next_committee()).await.unwrap();
+    let started = all.next().await.unwrap().unwrap();
+    assert!(matches!(&started.event, EpochEvent::Started(c) if c.epoch == 1));
+    let mut resumed = f.cp.watch_epochs(started.revision).await.unwrap();
+    for i in 0..4 {
+        f.cp.attest(&f.attestation(i, 1)).await.unwrap();
+    }
+    assert_eq!(resumed.next().await.unwrap().unwrap().event, EpochEvent::Done(1));
+    assert_eq!(all.next().await.unwrap().unwrap().event, EpochEvent::Done(1));
+}

@@ -1,0 +1,218 @@
+//! Node keys (ed25519) and the canonical, domain-separated bytes every signed message is
+//! signed over: storage confirmations, shard-stream requests and attestations.
+
+use std::path::Path;
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::types::{BlobId, Epoch, NodeId, ShardIndex};
+
+/// A key or signature problem.
+#[derive(Debug, Error)]
+pub enum CryptoError {
+    /// The key file could not be read or written.
+    #[error("FERRY-KEY-001: key file {path}: {source}")]
+    KeyFile {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The key file does not hold 64 hex characters.
+    #[error("FERRY-KEY-002: key file {0} must hold a 32-byte ed25519 seed as 64 hex characters")]
+    KeyFormat(String),
+    /// A public key that is not a valid ed25519 point.
+    #[error("FERRY-KEY-003: invalid ed25519 public key")]
+    PublicKey,
+    /// A signature that is malformed or does not verify.
+    #[error("FERRY-KEY-004: signature does not verify")]
+    BadSignature,
+}
+
+/// A node's signing key. The seed is never logged (`Debug` prints only the public key).
+pub struct NodeKeypair {
+    signing: SigningKey,
+}
+
+impl std::fmt::Debug for NodeKeypair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeKeypair(public={})", self.public_hex())
+    }
+}
+
+impl NodeKeypair {
+    /// A fresh random key.
+    pub fn generate() -> Self {
+        NodeKeypair { signing: SigningKey::generate(&mut rand::rngs::OsRng) }
+    }
+
+    /// From a 32-byte seed.
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        NodeKeypair { signing: SigningKey::from_bytes(&seed) }
+    }
+
+    /// Reads a key file (64 hex characters of seed).
+    pub fn load(path: &Path) -> Result<Self, CryptoError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| CryptoError::KeyFile { path: path.display().to_string(), source })?;
+        let bytes = hex::decode(text.trim())
+            .map_err(|_| CryptoError::KeyFormat(path.display().to_string()))?;
+        let seed: [u8; 32] =
+            bytes.try_into().map_err(|_| CryptoError::KeyFormat(path.display().to_string()))?;
+        Ok(Self::from_seed(seed))
+    }
+
+    /// Writes the seed to a new key file readable only by its owner.
+    pub fn save(&self, path: &Path) -> Result<(), CryptoError> {
+        let io = |source| CryptoError::KeyFile { path: path.display().to_string(), source };
+        std::fs::write(path, hex::encode(self.signing.to_bytes())).map_err(io)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// Hex of the public key, as listed in the committee.
+    pub fn public_hex(&self) -> String {
+        hex::encode(self.signing.verifying_key().to_bytes())
+    }
+
+    /// Signs a message.
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.signing.sign(message).to_bytes().to_vec()
+    }
+}
+
+/// Verifies `signature` over `message` with a hex public key from the committee.
+pub fn verify(public_hex: &str, message: &[u8], signature: &[u8]) -> Result<(), CryptoError> {
+    let key: [u8; 32] = hex::decode(public_hex)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or(CryptoError::PublicKey)?;
+    let key = VerifyingKey::from_bytes(&key).map_err(|_| CryptoError::PublicKey)?;
+    let signature = Signature::from_slice(signature).map_err(|_| CryptoError::BadSignature)?;
+    key.verify(message, &signature).map_err(|_| CryptoError::BadSignature)
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Bytes a storage confirmation signs.
+pub fn confirmation_message(node: &NodeId, blob: &BlobId, epoch: Epoch) -> Vec<u8> {
+    let mut out = b"ferry/storage-confirmation/v1".to_vec();
+    put_str(&mut out, node.as_str());
+    out.extend_from_slice(blob.as_bytes());
+    out.extend_from_slice(&epoch.to_be_bytes());
+    out
+}
+
+/// The signed fields of a `StreamShard` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamShardIntent<'a> {
+    /// Shard to stream.
+    pub shard: ShardIndex,
+    /// Epoch in which the requester owns it.
+    pub epoch: Epoch,
+    /// First blob id (inclusive), if not the start.
+    pub start: Option<BlobId>,
+    /// Requesting node.
+    pub requester: &'a NodeId,
+    /// Signing time.
+    pub timestamp_ms: u64,
+    /// Whether metadata is requested.
+    pub include_metadata: bool,
+    /// Item limit (0 = whole shard).
+    pub limit: u64,
+}
+
+impl StreamShardIntent<'_> {
+    /// Bytes the request signs.
+    pub fn message(&self) -> Vec<u8> {
+        let mut out = b"ferry/stream-shard/v1".to_vec();
+        out.extend_from_slice(&self.shard.0.to_be_bytes());
+        out.extend_from_slice(&self.epoch.to_be_bytes());
+        match &self.start {
+            Some(id) => {
+                out.push(1);
+                out.extend_from_slice(id.as_bytes());
+            }
+            None => out.push(0),
+        }
+        put_str(&mut out, self.requester.as_str());
+        out.extend_from_slice(&self.timestamp_ms.to_be_bytes());
+        out.push(u8::from(self.include_metadata));
+        out.extend_from_slice(&self.limit.to_be_bytes());
+        out
+    }
+}
+
+/// What one owned shard holds, as evidence in an attestation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardEvidence {
+    /// Shard.
+    pub shard: ShardIndex,
+    /// Certified blobs held.
+    pub blob_count: u64,
+    /// Hex BLAKE3 over the held blob ids in order.
+    pub blob_ids_digest: String,
+}
+
+/// Bytes an attestation signs.
+pub fn attestation_message(node: &NodeId, epoch: Epoch, attested_by: &str, created_at_ms: u64, evidence: &[ShardEvidence]) -> Vec<u8> {
+    let mut out = b"ferry/epoch-sync-done/v1".to_vec();
+    put_str(&mut out, node.as_str());
+    out.extend_from_slice(&epoch.to_be_bytes());
+    put_str(&mut out, attested_by);
+    out.extend_from_slice(&created_at_ms.to_be_bytes());
+    for e in evidence {
+        out.extend_from_slice(&e.shard.0.to_be_bytes());
+        out.extend_from_slice(&e.blob_count.to_be_bytes());
+        put_str(&mut out, &e.blob_ids_digest);
+    }
+    out
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn signatures_verify_and_tampering_is_caught() {
+        let key = NodeKeypair::generate();
+        let node = NodeId::new("n1").unwrap();
+        let msg = confirmation_message(&node, &BlobId([7; 32]), 3);
+        let sig = key.sign(&msg);
+        verify(&key.public_hex(), &msg, &sig).unwrap();
+        let other = confirmation_message(&node, &BlobId([7; 32]), 4);
+        assert!(verify(&key.public_hex(), &other, &sig).is_err());
+        assert!(verify(&key.public_hex(), &msg, &sig[..63]).is_err());
+        assert!(verify("zz", &msg, &sig).is_err());
+    }
+
+    #[test]
+    fn key_files_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.key");
+        let key = NodeKeypair::generate();
+        key.save(&path).unwrap();
+        assert_eq!(NodeKeypair::load(&path).unwrap().public_hex(), key.public_hex());
+        std::fs::write(&path, "nothex").unwrap();
+        assert!(matches!(NodeKeypair::load(&path), Err(CryptoError::KeyFormat(_))));
+        assert!(!format!("{key:?}").contains(&hex::encode(key.signing.to_bytes())));
+    }
+}

@@ -1,0 +1,20 @@
+//! What both Ferry services (and `ferryctl`) need: domain types, the committee and shard
+//! assignment, the epoch diff, the erasure code and blob metadata, node keys and signatures,
+//! configuration loading, telemetry set-up and the control-plane client.
+
+pub mod client;
+pub mod committee;
+pub mod config;
+pub mod control_plane;
+pub mod crypto;
+pub mod diff;
+pub mod erasure;
+pub mod grpc;
+pub mod serving;
+pub mod telemetry;
+pub mod testing;
+pub mod types;
+
+pub use committee::{Committee, Member};
+pub use diff::{EpochDiff, GainedShard, PreviousAssignment};
+pub use types::{BlobId, Epoch, NodeId, NodeStatus, ShardIndex, ShardStatus};

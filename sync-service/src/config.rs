@@ -1,0 +1,234 @@
+//! sync-service configuration: defaults for a small production node, overridable by a TOML
+//! file (`--config`) and by `FERRY_SYNC__<SECTION>__<KEY>` environment variables.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use ferry_shared::{
+    config::{ConfigError, ControlPlaneConfig, Validate, invalid},
+    telemetry::LogFormat,
+    types::NodeId,
+};
+use serde::{Deserialize, Serialize};
+
+/// Environment prefix of sync-service settings.
+pub const ENV_PREFIX: &str = "FERRY_SYNC";
+
+/// The whole sync-service configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncConfig {
+    /// This node's id, as listed in the committee. Required.
+    pub node_id: String,
+    /// File holding the node's ed25519 seed (64 hex characters). Required.
+    pub key_file: PathBuf,
+    /// gRPC listen address of the service.
+    pub listen: SocketAddr,
+    /// Plaintext gRPC health (and reflection) listen address, for kubelet probes.
+    pub health_listen: SocketAddr,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Control plane.
+    pub control_plane: ControlPlaneConfig,
+    /// RocksDB store.
+    pub store: StoreConfig,
+    /// Shard sync (the receiving side).
+    pub shard_sync: ShardSyncConfig,
+    /// Shard streaming (the serving side).
+    pub stream: StreamConfig,
+    /// Epoch changes.
+    pub epoch: EpochConfig,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            node_id: String::new(),
+            key_file: PathBuf::from("node.key"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            health_listen: SocketAddr::from(([127, 0, 0, 1], 7401)),
+            log_format: LogFormat::Text,
+            control_plane: ControlPlaneConfig::default(),
+            store: StoreConfig::default(),
+            shard_sync: ShardSyncConfig::default(),
+            stream: StreamConfig::default(),
+            epoch: EpochConfig::default(),
+        }
+    }
+}
+
+/// RocksDB options, sized by default for a small machine.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Store directory.
+    pub path: PathBuf,
+    /// Block cache shared by all column families (MiB). Default 64.
+    pub block_cache_mib: usize,
+    /// Memtable size per column family (MiB). Default 16.
+    pub write_buffer_mib: usize,
+    /// Open file limit (-1 = unlimited). Default 512.
+    pub max_open_files: i32,
+    /// Background flush and compaction threads. Default 2.
+    pub max_background_jobs: i32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { path: PathBuf::from("data/sync"), block_cache_mib: 64, write_buffer_mib: 16, max_open_files: 512, max_background_jobs: 2 }
+    }
+}
+
+/// How gained shards are pulled from their previous owners.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShardSyncConfig {
+    /// Shard syncs that may run at once (changeable at run time through `SyncAdmin`). Default 4.
+    pub max_concurrent_syncs: u32,
+    /// Attempts before a sync fails for good and its shard goes to blob recovery. Default 8.
+    pub max_attempts: u32,
+    /// First retry delay (ms); doubles per attempt, with ±25% jitter. Default 500.
+    pub initial_backoff_ms: u64,
+    /// Largest retry delay (ms). Default 30000.
+    pub max_backoff_ms: u64,
+    /// Slivers written per atomic batch (with their progress). Default 64.
+    pub batch_items: usize,
+    /// Bytes after which a batch is written early. Default 8 MiB.
+    pub batch_bytes: usize,
+    /// A stream that yields no item for this long is abandoned and retried (ms). Default 30000.
+    pub item_timeout_ms: u64,
+    /// How gained shards are filled: `shard_sync` (default) or `blob_recovery` (for
+    /// benchmarks that compare the two).
+    pub fill_gained_by: FillMethod,
+}
+
+/// How a gained shard is filled.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FillMethod {
+    /// Stream it from the previous owner.
+    ShardSync,
+    /// Leave it to blob recovery.
+    BlobRecovery,
+}
+
+impl Default for ShardSyncConfig {
+    fn default() -> Self {
+        ShardSyncConfig {
+            max_concurrent_syncs: 4,
+            max_attempts: 8,
+            initial_backoff_ms: 500,
+            max_backoff_ms: 30_000,
+            batch_items: 64,
+            batch_bytes: 8 * 1024 * 1024,
+            item_timeout_ms: 30_000,
+            fill_gained_by: FillMethod::ShardSync,
+        }
+    }
+}
+
+impl ShardSyncConfig {
+    /// The per-item timeout.
+    pub fn item_timeout(&self) -> Duration {
+        Duration::from_millis(self.item_timeout_ms)
+    }
+}
+
+/// Serving shards to peers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Outgoing shard streams served at once; more wait for a permit. Default 4.
+    pub max_concurrent_streams: usize,
+    /// Items buffered per stream between the store reader and the network. Default 16.
+    pub channel_capacity: usize,
+    /// Items read from the store per read. Default 32.
+    pub read_batch_items: usize,
+    /// A reader that takes no item for this long is dropped (ms). Default 60000.
+    pub send_timeout_ms: u64,
+    /// Allowed clock difference for signed requests (ms). Default 300000.
+    pub max_clock_skew_ms: u64,
+    /// Largest `limit` a request may ask for; 0 in a request means the whole shard. Default
+    /// 10 000 000.
+    pub max_items: u64,
+    /// Bandwidth cap of each outgoing shard stream in bytes per second, so moving shards does
+    /// not starve client traffic; 0 = unlimited (default).
+    pub max_bytes_per_sec: u64,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig { max_concurrent_streams: 4, channel_capacity: 16, read_batch_items: 32, send_timeout_ms: 60_000, max_clock_skew_ms: 300_000, max_items: 10_000_000, max_bytes_per_sec: 0 }
+    }
+}
+
+/// Epoch-change behaviour.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EpochConfig {
+    /// Time a lost (`LockedToMove`) shard is kept after its epoch change is done, so its new
+    /// owner can still sync it (ms). Default 600000.
+    pub locked_shard_grace_ms: u64,
+}
+
+impl Default for EpochConfig {
+    fn default() -> Self {
+        EpochConfig { locked_shard_grace_ms: 600_000 }
+    }
+}
+
+impl Validate for SyncConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        NodeId::new(self.node_id.clone()).map_err(|e| invalid("node_id", e.to_string()))?;
+        self.control_plane.validate()?;
+        if self.listen == self.health_listen {
+            return Err(invalid("health_listen", "must differ from `listen`"));
+        }
+        let s = &self.shard_sync;
+        for (field, value) in [
+            ("shard_sync.max_concurrent_syncs", s.max_concurrent_syncs as u64),
+            ("shard_sync.max_attempts", s.max_attempts as u64),
+            ("shard_sync.batch_items", s.batch_items as u64),
+            ("shard_sync.item_timeout_ms", s.item_timeout_ms),
+            ("stream.max_concurrent_streams", self.stream.max_concurrent_streams as u64),
+            ("stream.channel_capacity", self.stream.channel_capacity as u64),
+            ("stream.read_batch_items", self.stream.read_batch_items as u64),
+            ("store.block_cache_mib", self.store.block_cache_mib as u64),
+            ("store.write_buffer_mib", self.store.write_buffer_mib as u64),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, "must be at least 1"));
+            }
+        }
+        if s.initial_backoff_ms > s.max_backoff_ms {
+            return Err(invalid("shard_sync.initial_backoff_ms", "must not exceed shard_sync.max_backoff_ms"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_example_config_loads_and_environment_overrides_it() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sync-service.example.toml");
+        let env = vec![
+            ("FERRY_SYNC__SHARD_SYNC__MAX_CONCURRENT_SYNCS".to_string(), "9".to_string()),
+            ("FERRY_SYNC_CONFIG".to_string(), "/elsewhere.toml".to_string()),
+        ];
+        let c: SyncConfig = ferry_shared::config::load_from(Some(&path), ENV_PREFIX, env).unwrap();
+        assert_eq!(c.node_id, "node-0");
+        assert_eq!(c.shard_sync.max_concurrent_syncs, 9);
+        let bad = vec![("FERRY_SYNC__SHARD_SYNC__MAX_ATTEMPTS".to_string(), "0".to_string())];
+        let err = ferry_shared::config::load_from::<SyncConfig>(Some(&path), ENV_PREFIX, bad).unwrap_err();
+        assert!(err.to_string().contains("shard_sync.max_attempts"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_node_id_is_named() {
+        let err = ferry_shared::config::load_from::<SyncConfig>(None, ENV_PREFIX, Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("node_id"), "{err}");
+    }
+}

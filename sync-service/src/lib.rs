@@ -1,0 +1,151 @@
+//! Ferry's sync-service: owns the node's RocksDB shard store, serves the data plane and whole
+//! shards to their new owners, runs the shard-sync tasks that fill gained shards at an epoch
+//! change, and publishes the running-sync count that recovery-service follows.
+
+pub mod config;
+pub mod node;
+pub mod server;
+pub mod store;
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use ferry_proto::v1::{sync_admin_server::SyncAdminServer, sync_service_server::SyncServiceServer};
+use ferry_shared::{serving, control_plane::ControlPlane, grpc::MAX_MESSAGE_BYTES};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{error, info, warn};
+
+use crate::{
+    config::SyncConfig,
+    node::{Node, NodeError, epoch_change},
+    server::SyncServer,
+};
+
+/// A running sync-service.
+pub struct SyncServiceHandle {
+    /// The node.
+    pub node: Arc<Node>,
+    /// Address the gRPC server listens on.
+    pub addr: SocketAddr,
+    /// Address of the plaintext health server.
+    pub health_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl SyncServiceHandle {
+    /// Stops the service gracefully and waits for it.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.task.await.context("sync-service task")?
+    }
+
+    /// Waits until the service ends by itself (a fatal error).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("sync-service task")?
+    }
+}
+
+/// Starts sync-service: opens the store, connects to etcd, catches up, and serves until
+/// `shutdown` resolves or a background task fails (fatal).
+pub async fn start(config: SyncConfig) -> anyhow::Result<SyncServiceHandle> {
+    let control_plane = connect_control_plane(&config).await?;
+    start_with(config, control_plane).await
+}
+
+async fn connect_control_plane(config: &SyncConfig) -> anyhow::Result<ControlPlane> {
+    let mut backoff = Duration::from_millis(200);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match ControlPlane::connect_etcd(&config.control_plane.etcd_endpoints, &config.control_plane.cluster).await {
+            Ok(cp) => return Ok(cp),
+            Err(e) if attempt < 10 => {
+                warn!(error = %e, attempt, "control plane unreachable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// [`start`] with a given control plane.
+pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyhow::Result<SyncServiceHandle> {
+    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("bind {}", config.listen))?;
+    let health_listener = TcpListener::bind(config.health_listen).await.with_context(|| format!("bind {}", config.health_listen))?;
+    let addr = listener.local_addr()?;
+    let health_addr = health_listener.local_addr()?;
+    let node = Node::open(config, control_plane).await?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_not_serving::<SyncServiceServer<SyncServer>>().await;
+    let health_server = serving::spawn_health_server(health_listener, health_service.clone(), shutdown_rx.clone())?;
+
+    epoch_change::startup(&node).await.context("start-up reconciliation")?;
+    let server = SyncServer::new(node.clone(), shutdown_rx.clone());
+    let main_server = {
+        let mut shutdown = shutdown_rx.clone();
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(serving::reflection_v1()?)
+            .add_service(serving::reflection_v1alpha()?)
+            .add_service(SyncServiceServer::new(server.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES))
+            .add_service(SyncAdminServer::new(server))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = shutdown.wait_for(|s| *s).await;
+            })
+    };
+    // Ready once the store is open and a committee is loaded.
+    let readiness = {
+        let node = node.clone();
+        let mut views = node.subscribe();
+        tokio::spawn(async move {
+            if views.wait_for(|v| v.state.is_some()).await.is_ok() {
+                health.set_serving::<SyncServiceServer<SyncServer>>().await;
+                info!("ready");
+            }
+        })
+    };
+    info!(%addr, %health_addr, node = %node.id, "sync-service listening");
+    let follower = tokio::spawn(epoch_change::run_follower(node.clone()));
+    let task_node = node.clone();
+    let mut shutdown = shutdown_rx;
+    let task = tokio::spawn(async move {
+        let result = tokio::select! {
+            r = main_server => r.context("gRPC server failed"),
+            r = follower => match r {
+                Ok(Err(e)) => Err(anyhow::Error::new(e).context("epoch follower stopped")),
+                Ok(Ok(())) => Err(NodeError::TaskStopped("epoch follower").into()),
+                Err(e) => Err(anyhow::Error::new(e).context("epoch follower panicked")),
+            },
+            _ = shutdown.wait_for(|s| *s) => Ok(()),
+        };
+        if let Err(e) = &result {
+            error!(error = format!("{e:#}"), "sync-service stopping on a fatal error");
+        }
+        readiness.abort();
+        health_server.abort();
+        task_node.abort_all_syncs();
+        info!("sync-service stopped");
+        result
+    });
+    Ok(SyncServiceHandle { node, addr, health_addr, shutdown: shutdown_tx, task })
+}
+
+/// Runs until `signal` resolves, then shuts down gracefully.
+pub async fn run_until(config: SyncConfig, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let handle = start(config).await?;
+    let shutdown = handle.shutdown.clone();
+    let mut task = handle.task;
+    tokio::select! {
+        r = &mut task => r.context("sync-service task")?,
+        () = signal => {
+            info!("shutdown requested");
+            let _ = shutdown.send(true);
+            task.await.context("sync-service task")?
+        }
+    }
+}

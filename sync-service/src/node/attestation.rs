@@ -1,0 +1,76 @@
+//! sync-service's epoch-sync-done attestation (rules 5 and 6).
+//!
+//! Whether the node may attest is decided from persisted statuses, never from the live task
+//! count: the node must be `Active` (while it recovers, recovery-service attests), a member
+//! of its latest epoch, and every owned shard must be `Active`. Attestation is
+//! create-if-absent in etcd, so repeated checks (after every sync, at start-up) attest once.
+
+use std::sync::Arc;
+
+use ferry_shared::{
+    control_plane::{AttestOutcome, AttestationRecord},
+    crypto::ShardEvidence,
+    types::{NodeStatus, ShardIndex, ShardStatus},
+};
+use tracing::{info, warn};
+
+use super::{Node, NodeError, NodeView};
+
+/// Per-shard evidence for the owned shards of the view's epoch, or `None` unless every owned
+/// shard is `Active`.
+pub async fn evidence(node: &Node, view: &NodeView) -> Result<Option<Vec<ShardEvidence>>, NodeError> {
+    let owned = view.owned(&node.id);
+    if owned.iter().any(|s| view.shards.get(s).map(|r| r.status) != Some(ShardStatus::Active)) {
+        return Ok(None);
+    }
+    let evidence = node
+        .store
+        .call(move |s| {
+            owned
+                .into_iter()
+                .map(|shard: ShardIndex| {
+                    let mut hasher = blake3::Hasher::new();
+                    let blob_count = s.for_each_blob_in_shard(shard, |id| {
+                        hasher.update(id.as_bytes());
+                    })?;
+                    Ok(ShardEvidence { shard, blob_count, blob_ids_digest: hasher.finalize().to_hex().to_string() })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+    Ok(Some(evidence))
+}
+
+/// Attests the node's latest epoch if the node is `Active`, a member, and every owned shard is
+/// `Active`. Errors are logged: the next trigger (sync end, restart) tries again.
+pub async fn attest_if_ready(node: &Arc<Node>) {
+    if let Err(e) = try_attest(node).await {
+        warn!(error = %e, "attestation attempt failed; it is retried at the next trigger");
+    }
+}
+
+async fn try_attest(node: &Arc<Node>) -> Result<(), NodeError> {
+    let view = node.view();
+    let Some(state) = view.state.as_ref() else { return Ok(()) };
+    // Rule 5: while recovering, only recovery-service attests.
+    if state.status != NodeStatus::Active || state.epoch == 0 || !state.committee.is_member(&node.id) {
+        return Ok(());
+    }
+    let epoch = state.epoch;
+    if node.control_plane.attestation(epoch, &node.id).await?.is_some() {
+        return Ok(());
+    }
+    let Some(evidence) = evidence(node, &view).await? else { return Ok(()) };
+    // Re-check under the lock that nothing moved (a newer epoch) while evidence was read.
+    let _t = node.transition().await;
+    let now = node.view();
+    if now.epoch() != epoch || now.status() != NodeStatus::Active {
+        return Ok(());
+    }
+    let record = AttestationRecord::sign(&node.key, node.id.clone(), epoch, "sync-service", evidence);
+    match node.control_plane.attest(&record).await? {
+        AttestOutcome::Created { flipped_to_done } => info!(epoch, flipped_to_done, "attested epoch-sync-done"),
+        AttestOutcome::AlreadyPresent(_) => {}
+    }
+    Ok(())
+}

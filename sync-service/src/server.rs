@@ -1,0 +1,577 @@
+//! The sync-service's gRPC services: the data plane, `StreamShard`, `WatchSyncState`,
+//! `GetStatus`, the calls recovery-service makes, and `SyncAdmin`.
+//!
+//! Every request is validated before anything is allocated or stored: ids and shard indices
+//! are parsed into checked types, slivers and metadata are verified, page sizes are capped.
+
+use std::{collections::HashMap, pin::Pin, sync::{Arc, Mutex}, time::Duration};
+
+use ferry_proto::v1::{self as pb, sync_admin_server::SyncAdmin, sync_service_server::SyncService};
+use ferry_shared::{
+    crypto::{self, StreamShardIntent},
+    erasure::BlobMetadata,
+    types::{BlobId, NodeId, NodeStatus, ShardIndex, ShardStatus},
+};
+use futures::Stream;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use crate::{
+    node::{Node, NodeError, NodeView, attestation, shard_sync},
+    store::StoreError,
+};
+
+/// Largest number of blob ids in one `CheckBlobs` request.
+pub const MAX_CHECK_BLOBS: usize = 1024;
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+impl From<NodeErrorStatus> for Status {
+    fn from(e: NodeErrorStatus) -> Status {
+        internal(e.0)
+    }
+}
+
+/// Wrapper turning node errors into `INTERNAL` statuses.
+pub struct NodeErrorStatus(NodeError);
+
+impl From<StoreError> for NodeErrorStatus {
+    fn from(e: StoreError) -> Self {
+        NodeErrorStatus(e.into())
+    }
+}
+
+impl From<NodeError> for NodeErrorStatus {
+    fn from(e: NodeError) -> Self {
+        NodeErrorStatus(e)
+    }
+}
+
+fn blob_id(bytes: &[u8]) -> Result<BlobId, Status> {
+    BlobId::from_bytes(bytes).map_err(Status::from)
+}
+
+/// Remembers recently seen request signatures so a captured `StreamShard` request cannot be
+/// replayed within the allowed clock skew.
+#[derive(Default)]
+struct ReplayGuard {
+    seen: Mutex<HashMap<Vec<u8>, u64>>,
+}
+
+impl ReplayGuard {
+    const MAX_ENTRIES: usize = 100_000;
+
+    /// Records the signature; false if it was seen before.
+    fn first_use(&self, signature: &[u8], expires_ms: u64, now_ms: u64) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() >= Self::MAX_ENTRIES / 2 {
+            seen.retain(|_, exp| *exp > now_ms);
+        }
+        if seen.len() >= Self::MAX_ENTRIES {
+            return false; // refuse rather than grow without bound
+        }
+        seen.insert(signature.to_vec(), expires_ms).is_none()
+    }
+}
+
+/// The sync-service gRPC implementation.
+#[derive(Clone)]
+pub struct SyncServer {
+    node: Arc<Node>,
+    stream_permits: Arc<Semaphore>,
+    replay: Arc<ReplayGuard>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl SyncServer {
+    /// A server for `node`; streams end when `shutdown` turns true.
+    pub fn new(node: Arc<Node>, shutdown: watch::Receiver<bool>) -> Self {
+        let permits = node.config.stream.max_concurrent_streams;
+        SyncServer { node, stream_permits: Arc::new(Semaphore::new(permits)), replay: Arc::new(ReplayGuard::default()), shutdown }
+    }
+
+    fn committee_shard(&self, view: &NodeView, raw: u32) -> Result<ShardIndex, Status> {
+        let committee = view.committee().ok_or_else(|| Status::unavailable("this node has not loaded a committee yet; retry"))?;
+        Ok(ShardIndex::checked(raw, committee.n_shards)?)
+    }
+
+    /// Checks a `StreamShard` request: epoch, signature, freshness, ownership, our status.
+    fn authorize_stream(&self, req: &pb::StreamShardRequest) -> Result<(ShardIndex, Option<BlobId>), Status> {
+        let view = self.node.view();
+        let shard = self.committee_shard(&view, req.shard)?;
+        let my_epoch = view.epoch();
+        if req.epoch > my_epoch {
+            return Err(Status::unavailable(format!("this node has processed epoch {my_epoch} only, not {}; retry later", req.epoch)));
+        }
+        let requester = NodeId::new(req.requester.clone())?;
+        let start = if req.start_blob_id.is_empty() { None } else { Some(blob_id(&req.start_blob_id)?) };
+        let committee = view.committee().ok_or_else(|| Status::unavailable("no committee loaded"))?;
+        let member = committee
+            .member(&requester)
+            .ok_or_else(|| Status::permission_denied(format!("{requester} is not a member of epoch {my_epoch}")))?;
+        let intent = StreamShardIntent { shard, epoch: req.epoch, start, requester: &requester, timestamp_ms: req.timestamp_ms, include_metadata: req.include_metadata, limit: req.limit };
+        crypto::verify(&member.public_key, &intent.message(), &req.signature)
+            .map_err(|_| Status::permission_denied(format!("the signature of {requester} does not verify")))?;
+        let now = crypto::now_ms();
+        let skew = self.node.config.stream.max_clock_skew_ms;
+        if req.timestamp_ms.abs_diff(now) > skew {
+            return Err(Status::permission_denied(format!("request timestamp is {} ms off this node's clock (allowed {skew} ms)", req.timestamp_ms.abs_diff(now))));
+        }
+        if !self.replay.first_use(&req.signature, req.timestamp_ms.saturating_add(skew), now) {
+            return Err(Status::permission_denied("replayed request: this signature was used before"));
+        }
+        let owner = committee.owner(shard);
+        if owner != Some(&requester) {
+            return Err(Status::permission_denied(format!(
+                "{requester} does not own shard {shard} in epoch {my_epoch} (owner: {})",
+                owner.map(|o| o.to_string()).unwrap_or_default()
+            )));
+        }
+        match view.shards.get(&shard).map(|r| r.status) {
+            Some(ShardStatus::Active | ShardStatus::LockedToMove) => Ok((shard, start)),
+            Some(other) => Err(Status::failed_precondition(format!("this node holds shard {shard} as {other}, not complete; it cannot serve it"))),
+            None => Err(Status::failed_precondition(format!("this node holds no storage for shard {shard}"))),
+        }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SyncService for SyncServer {
+    async fn store_metadata(&self, request: Request<pb::StoreMetadataRequest>) -> Result<Response<pb::StoreMetadataResponse>, Status> {
+        let req = request.into_inner();
+        let id = blob_id(&req.blob_id)?;
+        let proto = req.metadata.ok_or_else(|| Status::invalid_argument("metadata is required"))?;
+        let metadata = BlobMetadata::from_proto(&proto).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        metadata.verify_id(&id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let record = self.node.control_plane.blob(&id).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let record = record.ok_or_else(|| Status::failed_precondition(format!("blob {id} is not registered; register it before storing")))?;
+        if record.length != metadata.length {
+            return Err(Status::invalid_argument(format!("metadata says {} bytes but blob {id} is registered with {}", metadata.length, record.length)));
+        }
+        if let Some(c) = self.node.view().committee() {
+            if metadata.n_shards != c.n_shards {
+                return Err(Status::invalid_argument(format!("metadata is for {} shards; this cluster has {}", metadata.n_shards, c.n_shards)));
+            }
+        }
+        self.node.store.call(move |s| s.put_metadata(&id, &metadata)).await.map_err(internal)?;
+        Ok(Response::new(pb::StoreMetadataResponse {}))
+    }
+
+    async fn store_sliver(&self, request: Request<pb::StoreSliverRequest>) -> Result<Response<pb::StoreSliverResponse>, Status> {
+        let req = request.into_inner();
+        let id = blob_id(&req.blob_id)?;
+        let view = self.node.view();
+        let shard = self.committee_shard(&view, req.shard)?;
+        let epoch = view.epoch();
+        match view.shards.get(&shard).map(|r| r.status) {
+            Some(ShardStatus::LockedToMove) => return Err(Status::failed_precondition(format!("shard {shard} is locked: it moved to another node in epoch {epoch}"))),
+            None => {
+                let owner = view.committee().and_then(|c| c.owner(shard)).map(|o| o.to_string()).unwrap_or_default();
+                return Err(Status::failed_precondition(format!("this node does not own shard {shard} in epoch {epoch} (owner: {owner})")));
+            }
+            Some(_) => {}
+        }
+        let owned: Vec<ShardIndex> = view.owned(&self.node.id).into_iter().filter(|s| view.shards.get(s).is_some_and(|r| r.status.is_owned())).collect();
+        let data = req.data;
+        let complete = self
+            .node
+            .store
+            .call(move |s| {
+                let metadata = s.metadata(&id)?;
+                let Some(metadata) = metadata else { return Ok(Err(Status::failed_precondition(format!("no metadata for blob {id}: store it first")))) };
+                if let Err(e) = metadata.verify_sliver(shard, &data) {
+                    return Ok(Err(Status::invalid_argument(e.to_string())));
+                }
+                s.put_sliver(shard, &id, &data)?;
+                for o in &owned {
+                    if !s.has_sliver(*o, &id)? {
+                        return Ok(Ok(false));
+                    }
+                }
+                Ok(Ok(true))
+            })
+            .await
+            .map_err(internal)??;
+        let confirmation = complete.then(|| pb::StorageConfirmation {
+            node_id: self.node.id.to_string(),
+            blob_id: id.0.to_vec(),
+            epoch,
+            signature: self.node.key.sign(&crypto::confirmation_message(&self.node.id, &id, epoch)),
+        });
+        Ok(Response::new(pb::StoreSliverResponse { confirmation }))
+    }
+
+    async fn get_metadata(&self, request: Request<pb::GetMetadataRequest>) -> Result<Response<pb::GetMetadataResponse>, Status> {
+        let id = blob_id(&request.into_inner().blob_id)?;
+        let metadata = self.node.store.call(move |s| s.metadata(&id)).await.map_err(internal)?;
+        let metadata = metadata.ok_or_else(|| Status::not_found(format!("no metadata for blob {id} on this node")))?;
+        Ok(Response::new(pb::GetMetadataResponse { metadata: Some(metadata.to_proto()) }))
+    }
+
+    async fn get_sliver(&self, request: Request<pb::GetSliverRequest>) -> Result<Response<pb::GetSliverResponse>, Status> {
+        let req = request.into_inner();
+        let id = blob_id(&req.blob_id)?;
+        let view = self.node.view();
+        let shard = self.committee_shard(&view, req.shard)?;
+        if !view.shards.contains_key(&shard) {
+            return Err(Status::not_found(format!("this node holds no storage for shard {shard}")));
+        }
+        let data = self
+            .node
+            .store
+            .call(move |s| {
+                let Some(data) = s.sliver(shard, &id)? else { return Ok(None) };
+                // Serve only what still verifies: a rotted sliver is not served as good.
+                match s.metadata(&id)? {
+                    Some(m) if m.verify_sliver(shard, &data).is_ok() => Ok(Some(data)),
+                    _ => Ok(None),
+                }
+            })
+            .await
+            .map_err(internal)?;
+        let data = data.ok_or_else(|| Status::not_found(format!("no verified sliver of blob {id} in shard {shard} on this node")))?;
+        Ok(Response::new(pb::GetSliverResponse { data }))
+    }
+
+    type StreamShardStream = BoxStream<pb::ShardItem>;
+
+    async fn stream_shard(&self, request: Request<pb::StreamShardRequest>) -> Result<Response<Self::StreamShardStream>, Status> {
+        let req = request.into_inner();
+        let (shard, start) = self.authorize_stream(&req)?;
+        let cfg = self.node.config.stream.clone();
+        // The permit moves into the producer, so it bounds streams for their whole life.
+        let permit = tokio::time::timeout(Duration::from_secs(5), self.stream_permits.clone().acquire_owned())
+            .await
+            .map_err(|_| Status::resource_exhausted(format!("this node is serving {} shard streams already; retry", cfg.max_concurrent_streams)))?
+            .map_err(internal)?;
+        let limit = if req.limit == 0 { cfg.max_items } else { req.limit.min(cfg.max_items) };
+        let (tx, rx) = mpsc::channel(cfg.channel_capacity);
+        let store = self.node.store.clone();
+        let include_metadata = req.include_metadata;
+        let requester = req.requester.clone();
+        let mut shutdown = self.shutdown.clone();
+        info!(shard = shard.0, %requester, start = ?start, "serving shard stream");
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut cursor = start;
+            let mut sent: u64 = 0;
+            let mut sent_bytes: u64 = 0;
+            let started = tokio::time::Instant::now();
+            let send_timeout = Duration::from_millis(cfg.send_timeout_ms);
+            loop {
+                let batch_items = cfg.read_batch_items.min((limit - sent) as usize).max(1);
+                let read = store
+                    .call(move |s| {
+                        let slivers = s.read_shard(shard, cursor, batch_items, 8 * 1024 * 1024)?;
+                        slivers
+                            .into_iter()
+                            .map(|(id, data)| {
+                                let metadata = if include_metadata { s.metadata(&id)?.map(|m| m.to_proto()) } else { None };
+                                Ok(pb::ShardItem { blob_id: id.0.to_vec(), data, metadata })
+                            })
+                            .collect::<Result<Vec<_>, StoreError>>()
+                    })
+                    .await;
+                let items = match read {
+                    Ok(items) => items,
+                    Err(e) => {
+                        // A read error ends the stream with an error, never as a clean end.
+                        warn!(shard = shard.0, error = %e, "store read failed while streaming");
+                        let _ = tx.send(Err(Status::internal(format!("store read failed: {e}")))).await;
+                        return;
+                    }
+                };
+                let Some(last) = items.last().and_then(|i| BlobId::from_bytes(&i.blob_id).ok()) else { return };
+                for item in items {
+                    let item_len = item.data.len() as u64;
+                    tokio::select! {
+                        sent_result = tokio::time::timeout(send_timeout, tx.send(Ok(item))) => match sent_result {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => { debug!(shard = shard.0, "reader went away"); return; }
+                            Err(_) => { warn!(shard = shard.0, %requester, "reader took no item for {:?}; dropping the stream", send_timeout); return; }
+                        },
+                        _ = shutdown.wait_for(|s| *s) => {
+                            let _ = tx.try_send(Err(Status::unavailable("node shutting down; resume from your cursor")));
+                            return;
+                        }
+                    }
+                    sent += 1;
+                    sent_bytes += item_len;
+                    if cfg.max_bytes_per_sec > 0 {
+                        // Pace the stream: sleep until the bytes sent fit the configured rate.
+                        let due = started + Duration::from_secs_f64(sent_bytes as f64 / cfg.max_bytes_per_sec as f64);
+                        tokio::time::sleep_until(due).await;
+                    }
+                    if sent >= limit {
+                        return;
+                    }
+                }
+                match last.successor() {
+                    Some(next) => cursor = Some(next),
+                    None => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type WatchSyncStateStream = BoxStream<pb::SyncState>;
+
+    async fn watch_sync_state(&self, _request: Request<pb::WatchSyncStateRequest>) -> Result<Response<Self::WatchSyncStateStream>, Status> {
+        let node = self.node.clone();
+        let views = node.subscribe();
+        let counts = node.counter.subscribe();
+        let shutdown = self.shutdown.clone();
+        let stream = futures::stream::unfold((node, views, counts, shutdown, None::<pb::SyncState>), |(node, mut views, mut counts, mut shutdown, last)| async move {
+            loop {
+                if last.is_some() {
+                    tokio::select! {
+                        r = views.changed() => if r.is_err() { return None },
+                        r = counts.changed() => if r.is_err() { return None },
+                        _ = shutdown.wait_for(|s| *s) => return None,
+                    }
+                }
+                let view = views.borrow_and_update().clone();
+                let running = *counts.borrow_and_update();
+                let state = sync_state(&node, &view, running);
+                if last.as_ref() != Some(&state) {
+                    return Some((Ok(state.clone()), (node, views, counts, shutdown, Some(state))));
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_status(&self, _request: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let view = self.node.view();
+        let (status, recovery_epoch) = view.status().to_proto();
+        let counts = self
+            .node
+            .store
+            .call({
+                let shards: Vec<ShardIndex> = view.shards.keys().copied().collect();
+                move |s| {
+                    let mut counts = HashMap::new();
+                    for shard in shards {
+                        counts.insert(shard, s.for_each_blob_in_shard(shard, |_| {})?);
+                    }
+                    Ok((counts, s.metadata_count()?))
+                }
+            })
+            .await
+            .map_err(internal)?;
+        let (counts, metadata_count) = counts;
+        let shards = view
+            .shards
+            .iter()
+            .map(|(shard, record)| {
+                let live = self.node.live(*shard);
+                pb::ShardReport {
+                    shard: shard.0,
+                    status: record.status.to_proto() as i32,
+                    sliver_count: counts.get(shard).copied().unwrap_or(0),
+                    sync: record.sync.as_ref().map(|p| {
+                        let rate = live
+                            .as_ref()
+                            .and_then(|l| l.started.map(|t| l.blobs_this_attempt as f64 / t.elapsed().as_secs_f64().max(0.001)))
+                            .unwrap_or(0.0);
+                        pb::ShardSyncProgress {
+                            gained_epoch: p.gained_epoch,
+                            source: p.source.as_ref().map(|s| s.to_string()).unwrap_or_default(),
+                            blobs_done: p.blobs_done,
+                            bytes_done: p.bytes_done,
+                            last_blob_id: p.cursor.map(|c| c.to_hex()).unwrap_or_default(),
+                            attempts: p.attempts,
+                            last_error: p.last_error.clone().unwrap_or_default(),
+                            rate_blobs_per_sec: rate,
+                            pending_recovery: p.pending,
+                            running: self.node.sync_running(*shard),
+                        }
+                    }),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::GetStatusResponse {
+            node_id: self.node.id.to_string(),
+            epoch: view.epoch(),
+            node_status: status as i32,
+            recovery_epoch,
+            running_syncs: self.node.counter.current(),
+            shards,
+            metadata_count,
+        }))
+    }
+
+    async fn check_blobs(&self, request: Request<pb::CheckBlobsRequest>) -> Result<Response<pb::CheckBlobsResponse>, Status> {
+        let req = request.into_inner();
+        if req.blob_ids.len() > MAX_CHECK_BLOBS {
+            return Err(Status::invalid_argument(format!("at most {MAX_CHECK_BLOBS} blob ids per request, got {}", req.blob_ids.len())));
+        }
+        let ids = req.blob_ids.iter().map(|b| blob_id(b)).collect::<Result<Vec<_>, _>>()?;
+        let view = self.node.view();
+        let owned: Vec<ShardIndex> = view.owned(&self.node.id).into_iter().filter(|s| view.shards.contains_key(s)).collect();
+        let blobs = self
+            .node
+            .store
+            .call(move |s| {
+                ids.into_iter()
+                    .map(|id| {
+                        let has_metadata = s.metadata(&id)?.is_some();
+                        let mut missing = Vec::new();
+                        for shard in &owned {
+                            if !s.has_sliver(*shard, &id)? {
+                                missing.push(shard.0);
+                            }
+                        }
+                        Ok(pb::BlobPresence { blob_id: id.0.to_vec(), has_metadata, missing_shards: missing })
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()
+            })
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(pb::CheckBlobsResponse { blobs }))
+    }
+
+    async fn mark_shards_recovered(&self, request: Request<pb::MarkShardsRecoveredRequest>) -> Result<Response<pb::MarkShardsRecoveredResponse>, Status> {
+        let req = request.into_inner();
+        let activated = {
+            let guard = self.node.transition().await;
+            let view = guard.view().await.map_err(internal)?;
+            if req.epoch != view.epoch() {
+                return Err(Status::failed_precondition(format!("the node is at epoch {}, not {}; rescan and retry", view.epoch(), req.epoch)));
+            }
+            let owned = view.owned(&self.node.id);
+            let mut updates = Vec::new();
+            for raw in req.shards {
+                let shard = self.committee_shard(&view, raw)?;
+                let record = view.shards.get(&shard);
+                match record {
+                    Some(r) if r.status == ShardStatus::ActiveRecover && owned.contains(&shard) => {
+                        let mut r = r.clone();
+                        r.status = ShardStatus::Active;
+                        updates.push((shard, r));
+                    }
+                    Some(r) if r.status == ShardStatus::Active => {}
+                    other => return Err(Status::failed_precondition(format!("shard {shard} is {:?}, not ACTIVE_RECOVER on this node", other.map(|r| r.status)))),
+                }
+            }
+            let activated: Vec<u32> = updates.iter().map(|(s, _)| s.0).collect();
+            self.node
+                .store
+                .call(move |s| {
+                    for (shard, record) in &updates {
+                        s.put_shard_record(*shard, record)?;
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(internal)?;
+            activated
+        };
+        if !activated.is_empty() {
+            info!(shards = ?activated, "blob recovery completed shards");
+        }
+        self.node.mirror_status().await;
+        attestation::attest_if_ready(&self.node).await;
+        Ok(Response::new(pb::MarkShardsRecoveredResponse { activated }))
+    }
+
+    async fn get_shard_evidence(&self, _request: Request<pb::GetShardEvidenceRequest>) -> Result<Response<pb::GetShardEvidenceResponse>, Status> {
+        let view = self.node.view();
+        let evidence = attestation::evidence(&self.node, &view).await.map_err(internal)?;
+        let evidence = evidence.ok_or_else(|| Status::failed_precondition("not every owned shard is ACTIVE yet"))?;
+        Ok(Response::new(pb::GetShardEvidenceResponse {
+            epoch: view.epoch(),
+            evidence: evidence
+                .into_iter()
+                .map(|e| pb::ShardEvidence { shard: e.shard.0, blob_count: e.blob_count, blob_ids_digest: hex::decode(&e.blob_ids_digest).unwrap_or_default() })
+                .collect(),
+        }))
+    }
+
+    async fn complete_recovery(&self, request: Request<pb::CompleteRecoveryRequest>) -> Result<Response<pb::CompleteRecoveryResponse>, Status> {
+        let epoch = request.into_inner().epoch;
+        {
+            let guard = self.node.transition().await;
+            let view = guard.view().await.map_err(internal)?;
+            let Some(mut state) = view.state.clone() else { return Err(Status::failed_precondition("the node has no state yet")) };
+            if state.status != NodeStatus::RecoveryInProgress(epoch) {
+                return Err(Status::failed_precondition(format!("the node is {}, not RecoveryInProgress({epoch})", state.status)));
+            }
+            if !state.committee.is_member(&self.node.id) {
+                return Err(Status::failed_precondition(format!("the node is not a member of epoch {epoch}")));
+            }
+            let owned = view.owned(&self.node.id);
+            if let Some(s) = owned.iter().find(|s| view.shards.get(s).map(|r| r.status) != Some(ShardStatus::Active)) {
+                return Err(Status::failed_precondition(format!("shard {s} is not ACTIVE yet")));
+            }
+            if epoch > 0 && self.node.control_plane.attestation(epoch, &self.node.id).await.map_err(|e| Status::unavailable(e.to_string()))?.is_none() {
+                return Err(Status::failed_precondition(format!("attest epoch {epoch} before completing recovery")));
+            }
+            state.status = NodeStatus::Active;
+            self.node.store.call(move |s| s.put_node_state(&state)).await.map_err(internal)?;
+        }
+        info!(epoch, "node recovery complete; node is Active");
+        self.node.mirror_status().await;
+        Ok(Response::new(pb::CompleteRecoveryResponse { node_status: pb::NodeStatus::Active as i32 }))
+    }
+}
+
+fn sync_state(node: &Node, view: &NodeView, running: u32) -> pb::SyncState {
+    let (status, recovery_epoch) = view.status().to_proto();
+    let owned = view.owned(&node.id);
+    let not_active = owned.iter().filter(|s| view.shards.get(s).map(|r| r.status) != Some(ShardStatus::Active)).map(|s| s.0).collect();
+    let syncing = owned.iter().filter(|s| view.shards.get(s).map(|r| r.status) == Some(ShardStatus::ActiveSync)).map(|s| s.0).collect();
+    pb::SyncState {
+        epoch: view.epoch(),
+        node_status: status as i32,
+        recovery_epoch,
+        running_syncs: running,
+        shards_not_active: not_active,
+        owned_shards: owned.iter().map(|s| s.0).collect(),
+        syncing_shards: syncing,
+    }
+}
+
+#[tonic::async_trait]
+impl SyncAdmin for SyncServer {
+    async fn retry_shard_sync(&self, request: Request<pb::RetryShardSyncRequest>) -> Result<Response<pb::RetryShardSyncResponse>, Status> {
+        let raw = request.into_inner().shard;
+        {
+            let guard = self.node.transition().await;
+            let view = guard.view().await.map_err(internal)?;
+            let shard = self.committee_shard(&view, raw)?;
+            let mut record = view.shards.get(&shard).cloned().ok_or_else(|| Status::not_found(format!("no storage for shard {shard}")))?;
+            if record.status != ShardStatus::ActiveRecover || record.sync.as_ref().and_then(|p| p.source.as_ref()).is_none() {
+                return Err(Status::failed_precondition(format!("shard {shard} is {} and has no failed sync to retry", record.status)));
+            }
+            record.status = ShardStatus::ActiveSync;
+            if let Some(p) = record.sync.as_mut() {
+                p.attempts = 0;
+                p.finished = false;
+                p.last_error = None;
+            }
+            self.node.store.call(move |s| s.put_shard_record(shard, &record)).await.map_err(internal)?;
+            drop(guard);
+            info!(shard = shard.0, "operator retried shard sync");
+            shard_sync::spawn_shard_sync(&self.node, shard);
+        }
+        Ok(Response::new(pb::RetryShardSyncResponse {}))
+    }
+
+    async fn set_sync_concurrency(&self, request: Request<pb::SetSyncConcurrencyRequest>) -> Result<Response<pb::SetSyncConcurrencyResponse>, Status> {
+        let n = request.into_inner().max_concurrent_syncs;
+        if n == 0 || n > 1024 {
+            return Err(Status::invalid_argument("max_concurrent_syncs must be between 1 and 1024"));
+        }
+        let previous = self.node.sync_limit.set_limit(n as usize) as u32;
+        info!(previous, now = n, "shard sync concurrency changed");
+        Ok(Response::new(pb::SetSyncConcurrencyResponse { previous }))
+    }
+}
