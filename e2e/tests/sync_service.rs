@@ -85,7 +85,7 @@ async fn sync_resumes_from_its_cursor_after_the_previous_owner_dies_mid_stream()
     });
     let c0 = cluster.start_genesis().await.unwrap();
     let blobs = cluster.store_random_blobs(60, 4000, 2).await.unwrap();
-    let c1 = cluster.next_epoch(weighted(&cluster, 0, 2)).await.unwrap();
+    let c1 = cluster.next_epoch(weighted(&cluster, 0, 3)).await.unwrap();
     let me = cluster.nodes[0].id.clone();
     let shard = *c1.shards_of(&me).iter().find(|s| c0.owner(**s) != Some(&me)).unwrap();
     let source = cluster.nodes.iter().position(|n| Some(&n.id) == c0.owner(shard)).unwrap();
@@ -123,7 +123,7 @@ async fn a_previous_owner_gone_for_good_leaves_the_shard_to_blob_recovery() {
     cluster.store_random_blobs(20, 1000, 3).await.unwrap();
     let me = cluster.nodes[0].id.clone();
     // Stop the node that will lose a shard to node 0 before the change.
-    let members = weighted(&cluster, 0, 2);
+    let members = weighted(&cluster, 0, 3);
     let c1_plan = ferry_shared::committee::rebalance(&c0, members.clone()).unwrap();
     let shard = *c1_plan.shards_of(&me).iter().find(|s| c0.owner(**s) != Some(&me)).unwrap();
     let source = cluster.nodes.iter().position(|n| Some(&n.id) == c0.owner(shard)).unwrap();
@@ -177,10 +177,16 @@ async fn stream_shard_refuses_non_owners_forgeries_replays_and_bad_input() {
     let owner_req = signed_request(&NodeKeypair::load(&cluster.nodes[1].key_file).unwrap(), &cluster.nodes[1].id, server_shard.0, 0);
     let mut stream = client.stream_shard(owner_req.clone()).await.unwrap().into_inner();
     let mut n = 0;
-    while stream.message().await.unwrap().is_some() {
-        n += 1;
+    let mut ended = false;
+    while let Some(item) = stream.message().await.unwrap() {
+        if item.end {
+            ended = true;
+        } else {
+            n += 1;
+        }
     }
     assert_eq!(n, 5);
+    assert!(ended, "a complete stream ends with the end marker");
     let err = client.stream_shard(owner_req).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("replayed"));
@@ -261,8 +267,8 @@ async fn a_reader_that_stops_reading_does_not_grow_server_memory() {
     assert_eq!(status_before.node_id, "node-1");
     // Reading resumes and the stream completes.
     let mut n = 1;
-    while stream.message().await.unwrap().is_some() {
-        n += 1;
+    while let Some(item) = stream.message().await.unwrap() {
+        n += usize::from(!item.end);
     }
     assert_eq!(n, ids.len());
 }

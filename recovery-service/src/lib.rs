@@ -37,7 +37,11 @@ impl RecoveryServiceHandle {
     /// Stops the service and waits for it.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
-        self.task.await.context("recovery-service task")?
+        let closed = self.recovery.store_closed();
+        let result = self.task.await.context("recovery-service task")?;
+        drop(self.recovery);
+        tokio::time::timeout(std::time::Duration::from_secs(30), closed).await.context("the recovery store was still in use 30 s after shutdown")?;
+        result
     }
 }
 
@@ -79,17 +83,22 @@ pub async fn start_with(config: RecoveryConfig, control_plane: ControlPlane) -> 
                 let _ = shutdown.wait_for(|s| *s).await;
             })
     };
-    let loop_task = tokio::spawn(recovery.clone().run());
+    let mut loop_task = tokio::spawn(recovery.clone().run());
     info!(%addr, %health_addr, node = %me, "recovery-service listening");
     let mut shutdown = shutdown_rx;
     let task = tokio::spawn(async move {
         let result = tokio::select! {
             r = main_server => r.context("gRPC server failed"),
-            r = loop_task => Err(anyhow::anyhow!("FERRY-RECOVERY-004: the recovery loop stopped unexpectedly: {r:?}")),
+            r = &mut loop_task => Err(anyhow::anyhow!("FERRY-RECOVERY-004: the recovery loop stopped unexpectedly: {r:?}")),
             _ = shutdown.wait_for(|s| *s) => Ok(()),
         };
+        // Stop every task holding the store, so it is closed when the service returns.
+        loop_task.abort();
+        let _ = loop_task.await;
         follower.abort();
+        let _ = follower.await;
         health_server.abort();
+        let _ = health_server.await;
         result
     });
     Ok(RecoveryServiceHandle { recovery, addr, health_addr, shutdown: shutdown_tx, task })

@@ -153,6 +153,11 @@ impl Recovery {
         Ok(())
     }
 
+    /// Resolves once the recovery store is closed.
+    pub fn store_closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.store.closed()
+    }
+
     /// Attestations this node made.
     pub async fn attestations(&self) -> Result<Vec<AttestationRecord>, RecoveryError> {
         Ok(self.store.call(|s| s.attestations()).await?)

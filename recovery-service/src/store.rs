@@ -5,6 +5,7 @@ use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use ferry_shared::{
     control_plane::AttestationRecord,
+    lifecycle::Closing,
     types::{BlobId, Epoch, ShardIndex},
 };
 use rocksdb::{DB, Options, WriteOptions};
@@ -64,7 +65,7 @@ pub struct FailedBlob {
 /// recovery-service's store.
 #[derive(Clone)]
 pub struct RecoveryStore {
-    db: Arc<DB>,
+    db: Arc<Closing<DB>>,
 }
 
 const CURSOR: &str = "cursor";
@@ -81,7 +82,7 @@ impl RecoveryStore {
         opts.set_write_buffer_size(4 * 1024 * 1024);
         std::fs::create_dir_all(path).map_err(|e| RecoveryStoreError::Rocks(e.to_string()))?;
         let db = DB::open(&opts, path).map_err(|e| RecoveryStoreError::Rocks(format!("{}: {e}", path.display())))?;
-        Ok(RecoveryStore { db: Arc::new(db) })
+        Ok(RecoveryStore { db: Arc::new(Closing::new(db)) })
     }
 
     fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
@@ -102,6 +103,11 @@ impl RecoveryStore {
     pub async fn call<T: Send + 'static>(&self, f: impl FnOnce(&RecoveryStore) -> Result<T> + Send + 'static) -> Result<T> {
         let s = self.clone();
         tokio::task::spawn_blocking(move || f(&s)).await.map_err(|e| RecoveryStoreError::Task(e.to_string()))?
+    }
+
+    /// Resolves once every clone is dropped and the database is closed.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.db.closed()
     }
 
     /// The persisted cursor.

@@ -10,6 +10,7 @@ pub mod crypto;
 pub mod diff;
 pub mod erasure;
 pub mod grpc;
+pub mod lifecycle;
 pub mod serving;
 pub mod telemetry;
 pub mod testing;

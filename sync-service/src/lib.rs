@@ -38,7 +38,13 @@ impl SyncServiceHandle {
     /// Stops the service gracefully and waits for it.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
-        self.task.await.context("sync-service task")?
+        let closed = self.node.store.closed();
+        let result = self.task.await.context("sync-service task")?;
+        drop(self.node);
+        // Blocking store calls still in flight hold the store for a moment; wait for them so a
+        // restart in the same process can open it again.
+        tokio::time::timeout(Duration::from_secs(30), closed).await.context("the shard store was still in use 30 s after shutdown")?;
+        result
     }
 
     /// Waits until the service ends by itself (a fatal error).
@@ -110,13 +116,13 @@ pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyh
         })
     };
     info!(%addr, %health_addr, node = %node.id, "sync-service listening");
-    let follower = tokio::spawn(epoch_change::run_follower(node.clone()));
+    let mut follower = tokio::spawn(epoch_change::run_follower(node.clone()));
     let task_node = node.clone();
     let mut shutdown = shutdown_rx;
     let task = tokio::spawn(async move {
         let result = tokio::select! {
             r = main_server => r.context("gRPC server failed"),
-            r = follower => match r {
+            r = &mut follower => match r {
                 Ok(Err(e)) => Err(anyhow::Error::new(e).context("epoch follower stopped")),
                 Ok(Ok(())) => Err(NodeError::TaskStopped("epoch follower").into()),
                 Err(e) => Err(anyhow::Error::new(e).context("epoch follower panicked")),
@@ -126,9 +132,15 @@ pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyh
         if let Err(e) = &result {
             error!(error = format!("{e:#}"), "sync-service stopping on a fatal error");
         }
+        follower.abort();
+        let _ = follower.await;
         readiness.abort();
         health_server.abort();
         task_node.abort_all_syncs();
+        task_node.stop_background().await;
+        let _ = readiness.await;
+        let _ = health_server.await;
+        drop(task_node);
         info!("sync-service stopped");
         result
     });

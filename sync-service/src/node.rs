@@ -122,6 +122,9 @@ pub struct Node {
     transition_lock: Mutex<()>,
     sync_tasks: StdMutex<HashMap<ShardIndex, tokio::task::AbortHandle>>,
     live: StdMutex<HashMap<ShardIndex, LiveSync>>,
+    /// Every background task holding the node (syncs, stream producers, timers), so shutdown
+    /// can stop them all and the store closes when the service returns.
+    background: StdMutex<tokio::task::JoinSet<()>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -175,6 +178,7 @@ impl Node {
             transition_lock: Mutex::new(()),
             sync_tasks: StdMutex::new(HashMap::new()),
             live: StdMutex::new(HashMap::new()),
+            background: StdMutex::new(tokio::task::JoinSet::new()),
             config,
         });
         let view = node.load_view().await?;
@@ -217,6 +221,20 @@ impl Node {
         if let Err(e) = self.control_plane.put_node(&record).await {
             tracing::warn!(error = %e, "could not mirror node status to etcd");
         }
+    }
+
+    /// Spawns a background task owned by the node (stopped by [`Node::stop_background`]).
+    pub fn spawn_background(&self, task: impl std::future::Future<Output = ()> + Send + 'static) -> tokio::task::AbortHandle {
+        let mut set = self.background.lock().unwrap_or_else(|p| p.into_inner());
+        while set.try_join_next().is_some() {} // reap finished tasks so the set stays small
+        set.spawn(task)
+    }
+
+    /// Aborts every background task and waits until they have all ended.
+    pub async fn stop_background(&self) {
+        let mut set = std::mem::take(&mut *self.background.lock().unwrap_or_else(|p| p.into_inner()));
+        set.abort_all();
+        while set.join_next().await.is_some() {}
     }
 
     pub(crate) fn register_sync_task(&self, shard: ShardIndex, handle: tokio::task::AbortHandle) {

@@ -257,7 +257,7 @@ impl SyncService for SyncServer {
         let requester = req.requester.clone();
         let mut shutdown = self.shutdown.clone();
         info!(shard = shard.0, %requester, start = ?start, "serving shard stream");
-        tokio::spawn(async move {
+        self.node.spawn_background(async move {
             let _permit = permit;
             let mut cursor = start;
             let mut sent: u64 = 0;
@@ -273,7 +273,7 @@ impl SyncService for SyncServer {
                             .into_iter()
                             .map(|(id, data)| {
                                 let metadata = if include_metadata { s.metadata(&id)?.map(|m| m.to_proto()) } else { None };
-                                Ok(pb::ShardItem { blob_id: id.0.to_vec(), data, metadata })
+                                Ok(pb::ShardItem { blob_id: id.0.to_vec(), data, metadata, end: false })
                             })
                             .collect::<Result<Vec<_>, StoreError>>()
                     })
@@ -287,7 +287,10 @@ impl SyncService for SyncServer {
                         return;
                     }
                 };
-                let Some(last) = items.last().and_then(|i| BlobId::from_bytes(&i.blob_id).ok()) else { return };
+                let Some(last) = items.last().and_then(|i| BlobId::from_bytes(&i.blob_id).ok()) else {
+                    let _ = tokio::time::timeout(send_timeout, tx.send(Ok(pb::ShardItem { end: true, ..Default::default() }))).await;
+                    return;
+                };
                 for item in items {
                     let item_len = item.data.len() as u64;
                     tokio::select! {
@@ -309,12 +312,15 @@ impl SyncService for SyncServer {
                         tokio::time::sleep_until(due).await;
                     }
                     if sent >= limit {
-                        return;
+                        break;
                     }
                 }
                 match last.successor() {
-                    Some(next) => cursor = Some(next),
-                    None => return,
+                    Some(next) if sent < limit => cursor = Some(next),
+                    _ => {
+                        let _ = tokio::time::timeout(send_timeout, tx.send(Ok(pb::ShardItem { end: true, ..Default::default() }))).await;
+                        return;
+                    }
                 }
             }
         });

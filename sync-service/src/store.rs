@@ -15,6 +15,7 @@ use std::{collections::BTreeMap, path::{Path, PathBuf}, sync::Arc};
 
 use ferry_shared::{
     Committee,
+    lifecycle::Closing,
     erasure::BlobMetadata,
     types::{BlobId, Epoch, NodeId, NodeStatus, ShardIndex, ShardStatus},
 };
@@ -119,10 +120,11 @@ pub struct SliverWrite {
     pub metadata: Option<BlobMetadata>,
 }
 
-/// The node's RocksDB store.
+/// The node's RocksDB store. Clones share one database; it closes when the last clone is
+/// dropped, which [`ShardStore::closed`] reports.
 #[derive(Clone)]
 pub struct ShardStore {
-    db: Arc<Db>,
+    inner: Arc<Closing<Db>>,
     path: PathBuf,
 }
 
@@ -171,7 +173,12 @@ impl ShardStore {
         }
         let cfs = names.into_iter().map(|n| ColumnFamilyDescriptor::new(n, opts.clone()));
         let db = Db::open_cf_descriptors(&opts, &path, cfs).map_err(rocks)?;
-        Ok(ShardStore { db: Arc::new(db), path })
+        Ok(ShardStore { inner: Arc::new(Closing::new(db)), path })
+    }
+
+    /// Resolves once every clone is dropped and the database is closed (its lock released).
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.inner.closed()
     }
 
     /// Runs a blocking store operation off the async workers.
@@ -189,17 +196,17 @@ impl ShardStore {
     }
 
     fn cf(&self, name: &str) -> Result<Arc<BoundColumnFamily<'_>>> {
-        self.db.cf_handle(name).ok_or_else(|| StoreError::Rocks { path: self.path.display().to_string(), message: format!("column family {name} missing") })
+        self.inner.cf_handle(name).ok_or_else(|| StoreError::Rocks { path: self.path.display().to_string(), message: format!("column family {name} missing") })
     }
 
     fn shard_cf(&self, shard: ShardIndex) -> Result<Arc<BoundColumnFamily<'_>>> {
-        self.db.cf_handle(&shard_cf_name(shard)).ok_or(StoreError::NoShard(shard))
+        self.inner.cf_handle(&shard_cf_name(shard)).ok_or(StoreError::NoShard(shard))
     }
 
     fn write(&self, batch: WriteBatch) -> Result<()> {
         let mut opts = WriteOptions::default();
         opts.set_sync(true); // acknowledged writes survive a power loss
-        self.db.write_opt(batch, &opts).map_err(|e| self.rocks(e))
+        self.inner.write_opt(batch, &opts).map_err(|e| self.rocks(e))
     }
 
     fn json<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
@@ -212,7 +219,7 @@ impl ShardStore {
 
     /// The node's persisted state; `None` for a new (or wiped) store.
     pub fn node_state(&self) -> Result<Option<NodeState>> {
-        match self.db.get_cf(&self.cf(CF_NODE)?, NODE_KEY).map_err(|e| self.rocks(e))? {
+        match self.inner.get_cf(&self.cf(CF_NODE)?, NODE_KEY).map_err(|e| self.rocks(e))? {
             Some(bytes) => Ok(Some(Self::json("node state", &bytes)?)),
             None => Ok(None),
         }
@@ -220,7 +227,7 @@ impl ShardStore {
 
     /// Whether the store holds any blob data at all.
     pub fn is_empty(&self) -> Result<bool> {
-        let mut it = self.db.iterator_cf(&self.cf(CF_METADATA)?, IteratorMode::Start);
+        let mut it = self.inner.iterator_cf(&self.cf(CF_METADATA)?, IteratorMode::Start);
         match it.next() {
             None => Ok(true),
             Some(Ok(_)) => Ok(false),
@@ -231,7 +238,7 @@ impl ShardStore {
     /// Every shard record.
     pub fn shard_records(&self) -> Result<BTreeMap<ShardIndex, ShardRecord>> {
         let mut out = BTreeMap::new();
-        for item in self.db.iterator_cf(&self.cf(CF_SHARDS)?, IteratorMode::Start) {
+        for item in self.inner.iterator_cf(&self.cf(CF_SHARDS)?, IteratorMode::Start) {
             let (k, v) = item.map_err(|e| self.rocks(e))?;
             let raw: [u8; 4] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt { what: "shard key".into(), message: format!("{} bytes", k.len()) })?;
             let shard = ShardIndex(u32::from_be_bytes(raw));
@@ -242,7 +249,7 @@ impl ShardStore {
 
     /// One shard's record.
     pub fn shard_record(&self, shard: ShardIndex) -> Result<Option<ShardRecord>> {
-        match self.db.get_cf(&self.cf(CF_SHARDS)?, shard.0.to_be_bytes()).map_err(|e| self.rocks(e))? {
+        match self.inner.get_cf(&self.cf(CF_SHARDS)?, shard.0.to_be_bytes()).map_err(|e| self.rocks(e))? {
             Some(bytes) => Ok(Some(Self::json(&format!("shard {shard}"), &bytes)?)),
             None => Ok(None),
         }
@@ -251,8 +258,8 @@ impl ShardStore {
     /// Creates the column family of a shard if it does not exist. Storage is always created
     /// before any record that refers to it, so "status implies storage exists".
     pub fn ensure_shard_storage(&self, shard: ShardIndex) -> Result<()> {
-        if self.db.cf_handle(&shard_cf_name(shard)).is_none() {
-            self.db.create_cf(shard_cf_name(shard), &Options::default()).map_err(|e| self.rocks(e))?;
+        if self.inner.cf_handle(&shard_cf_name(shard)).is_none() {
+            self.inner.create_cf(shard_cf_name(shard), &Options::default()).map_err(|e| self.rocks(e))?;
         }
         Ok(())
     }
@@ -289,8 +296,8 @@ impl ShardStore {
             batch.delete_cf(&self.cf(CF_PENDING)?, pending_key(shard, &blob));
         }
         self.write(batch)?;
-        if self.db.cf_handle(&shard_cf_name(shard)).is_some() {
-            self.db.drop_cf(&shard_cf_name(shard)).map_err(|e| self.rocks(e))?;
+        if self.inner.cf_handle(&shard_cf_name(shard)).is_some() {
+            self.inner.drop_cf(&shard_cf_name(shard)).map_err(|e| self.rocks(e))?;
         }
         Ok(())
     }
@@ -304,7 +311,7 @@ impl ShardStore {
 
     /// A blob's metadata, verified again against its id on every read.
     pub fn metadata(&self, id: &BlobId) -> Result<Option<BlobMetadata>> {
-        let Some(bytes) = self.db.get_cf(&self.cf(CF_METADATA)?, id.as_bytes()).map_err(|e| self.rocks(e))? else {
+        let Some(bytes) = self.inner.get_cf(&self.cf(CF_METADATA)?, id.as_bytes()).map_err(|e| self.rocks(e))? else {
             return Ok(None);
         };
         let corrupt = |m: String| StoreError::Corrupt { what: format!("metadata of {id}"), message: m };
@@ -317,7 +324,7 @@ impl ShardStore {
     /// Number of blobs with stored metadata.
     pub fn metadata_count(&self) -> Result<u64> {
         let mut n = 0;
-        for item in self.db.iterator_cf(&self.cf(CF_METADATA)?, IteratorMode::Start) {
+        for item in self.inner.iterator_cf(&self.cf(CF_METADATA)?, IteratorMode::Start) {
             item.map_err(|e| self.rocks(e))?;
             n += 1;
         }
@@ -334,16 +341,16 @@ impl ShardStore {
 
     /// A stored sliver.
     pub fn sliver(&self, shard: ShardIndex, id: &BlobId) -> Result<Option<Vec<u8>>> {
-        self.db.get_cf(&self.shard_cf(shard)?, id.as_bytes()).map_err(|e| self.rocks(e))
+        self.inner.get_cf(&self.shard_cf(shard)?, id.as_bytes()).map_err(|e| self.rocks(e))
     }
 
     /// Whether a sliver is stored (no value copy).
     pub fn has_sliver(&self, shard: ShardIndex, id: &BlobId) -> Result<bool> {
         let cf = self.shard_cf(shard)?;
-        if !self.db.key_may_exist_cf(&cf, id.as_bytes()) {
+        if !self.inner.key_may_exist_cf(&cf, id.as_bytes()) {
             return Ok(false);
         }
-        Ok(self.db.get_pinned_cf(&cf, id.as_bytes()).map_err(|e| self.rocks(e))?.is_some())
+        Ok(self.inner.get_pinned_cf(&cf, id.as_bytes()).map_err(|e| self.rocks(e))?.is_some())
     }
 
     /// Writes a batch of synced slivers, their metadata, the blobs handed to blob recovery and
@@ -375,7 +382,7 @@ impl ShardStore {
         let from = start.unwrap_or(BlobId::MIN);
         let mut out = Vec::new();
         let mut bytes = 0;
-        for item in self.db.iterator_cf(&cf, IteratorMode::From(from.as_bytes(), Direction::Forward)) {
+        for item in self.inner.iterator_cf(&cf, IteratorMode::From(from.as_bytes(), Direction::Forward)) {
             let (k, v) = item.map_err(|e| self.rocks(e))?;
             let id = BlobId::from_bytes(&k).map_err(|e| StoreError::Corrupt { what: format!("key in shard {shard}"), message: e.to_string() })?;
             bytes += v.len();
@@ -391,7 +398,7 @@ impl ShardStore {
     pub fn for_each_blob_in_shard(&self, shard: ShardIndex, mut f: impl FnMut(&BlobId)) -> Result<u64> {
         let cf = self.shard_cf(shard)?;
         let mut n = 0;
-        for item in self.db.iterator_cf(&cf, IteratorMode::Start) {
+        for item in self.inner.iterator_cf(&cf, IteratorMode::Start) {
             let (k, _) = item.map_err(|e| self.rocks(e))?;
             let id = BlobId::from_bytes(&k).map_err(|e| StoreError::Corrupt { what: format!("key in shard {shard}"), message: e.to_string() })?;
             f(&id);
@@ -404,7 +411,7 @@ impl ShardStore {
     pub fn pending(&self, shard: ShardIndex, limit: usize) -> Result<Vec<BlobId>> {
         let prefix = shard.0.to_be_bytes();
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(&self.cf(CF_PENDING)?, IteratorMode::From(&prefix, Direction::Forward)) {
+        for item in self.inner.iterator_cf(&self.cf(CF_PENDING)?, IteratorMode::From(&prefix, Direction::Forward)) {
             let (k, _) = item.map_err(|e| self.rocks(e))?;
             if !k.starts_with(&prefix) || out.len() >= limit {
                 break;

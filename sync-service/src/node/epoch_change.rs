@@ -204,9 +204,10 @@ pub async fn apply_committee(node: &Arc<Node>, committee: &Committee, previous: 
 
 /// Drops `LockedToMove` shards once epoch `epoch` is done and the grace period has passed.
 fn schedule_locked_drop(node: &Arc<Node>, epoch: Epoch) {
-    let node = node.clone();
     let grace = Duration::from_millis(node.config.epoch.locked_shard_grace_ms);
-    tokio::spawn(async move {
+    let task_node = node.clone();
+    node.spawn_background(async move {
+        let node = task_node;
         tokio::time::sleep(grace).await;
         let _t = node.transition().await;
         let view = node.view();

@@ -111,7 +111,7 @@ pub fn spawn_shard_sync(node: &Arc<Node>, shard: ShardIndex) {
     let guard = node.counter.guard();
     let task_node = node.clone();
     let span = info_span!("shard_sync", node = %node.id, shard = shard.0);
-    let handle = tokio::spawn(
+    let handle = node.spawn_background(
         async move {
             let _guard = guard;
             run(&task_node, shard).await;
@@ -120,7 +120,7 @@ pub fn spawn_shard_sync(node: &Arc<Node>, shard: ShardIndex) {
         }
         .instrument(span),
     );
-    node.register_sync_task(shard, handle.abort_handle());
+    node.register_sync_task(shard, handle);
 }
 
 async fn run(node: &Arc<Node>, shard: ShardIndex) {
@@ -309,8 +309,9 @@ async fn attempt(node: &Arc<Node>, shard: ShardIndex, start: &SyncProgress) -> R
         let next = match tokio::time::timeout(cfg.item_timeout(), stream.message()).await {
             Err(_) => Some(Err(tonic::Status::deadline_exceeded(format!("no item from {source} for {:?}", cfg.item_timeout())))),
             Ok(Err(status)) => Some(Err(status)),
+            Ok(Ok(Some(item))) if item.end => None,
             Ok(Ok(Some(item))) => Some(Ok(item)),
-            Ok(Ok(None)) => None,
+            Ok(Ok(None)) => Some(Err(tonic::Status::unavailable(format!("the stream from {source} ended before the end of the shard")))),
         };
         let item = match next {
             None => break,
