@@ -10,10 +10,10 @@ setup:
 	@bash scripts/setup
 
 build: setup
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace --all-targets
 
 test: setup
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace --all-targets
 	$(CARGO) nextest run --workspace --no-fail-fast
 
 lint: setup

@@ -270,3 +270,27 @@ async fn a_blob_with_fewer_than_k_reachable_owners_is_retried_and_reported() {
     cluster.wait_all_active(0, 0).await.unwrap();
     check_shards_match_encoding(&cluster, 0, &blobs);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_epoch_change_mid_recovery_keeps_the_cursor_of_kept_shards() {
+    let (mut cluster, blobs) = cluster_with_blobs(240, |_| {}).await;
+    let c0 = cluster.committee().await.unwrap();
+    wipe_and_restart(&mut cluster, 3, false).await;
+    let recovery = cluster.nodes[3].recovery.as_ref().unwrap().recovery.clone();
+    let mut watch = recovery.subscribe();
+    tokio::time::timeout(WAIT, watch.wait_for(|s| s.blobs_scanned >= 60)).await.unwrap().unwrap();
+    recovery.set_paused(true).await.unwrap();
+    let scanned_before = recovery.status().blobs_scanned;
+    // Node 3 gains shards while recovering: its kept shards keep their cursor.
+    let members = cluster.nodes.iter().enumerate().map(|(i, n)| n.member(if i == 3 { 2 } else { 1 })).collect();
+    let c1 = cluster.next_epoch(members).await.unwrap();
+    let me = cluster.nodes[3].id.clone();
+    assert!(c0.shards_of(&me).iter().all(|s| c1.shards_of(&me).contains(s)), "node 3 keeps its shards");
+    recovery.set_paused(false).await.unwrap();
+    cluster.wait_all_active(3, 1).await.unwrap();
+    let status = recovery.status();
+    println!("rule 8: {scanned_before} blobs scanned before the epoch change, {} saved from re-scan, {} scanned in all for {} blobs", status.rescans_saved, status.blobs_scanned, blobs.len());
+    assert!(status.rescans_saved >= scanned_before, "the scan did not restart from the first blob: {status:?}");
+    assert!(status.blobs_scanned < 2 * blobs.len() as u64, "no full re-scan: {status:?}");
+    check_shards_match_encoding(&cluster, 3, &blobs);
+}

@@ -139,6 +139,62 @@ async fn a_previous_owner_gone_for_good_leaves_the_shard_to_blob_recovery() {
     tokio::time::timeout(WAIT, counter.wait_for(|n| *n == 0)).await.expect("counter returns to zero").unwrap();
     // Zero running syncs but an unfilled shard: the node must not attest.
     assert!(cluster.control_plane.attestation(1, &me).await.unwrap().is_none(), "no attestation while a shard is ActiveRecover");
+
+    // The operator brings the source back and retries the sync through SyncAdmin.
+    cluster.start_sync(source).await.unwrap();
+    let addr = format!("http://127.0.0.1:{}", cluster.nodes[0].sync_port);
+    let mut admin = pb::sync_admin_client::SyncAdminClient::connect(addr).await.unwrap();
+    let previous = admin.set_sync_concurrency(pb::SetSyncConcurrencyRequest { max_concurrent_syncs: 2 }).await.unwrap().into_inner().previous;
+    assert_eq!(previous, 4);
+    let err = admin.set_sync_concurrency(pb::SetSyncConcurrencyRequest { max_concurrent_syncs: 0 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = admin.retry_shard_sync(pb::RetryShardSyncRequest { shard: 99 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    admin.retry_shard_sync(pb::RetryShardSyncRequest { shard: shard.0 }).await.unwrap();
+    cluster.wait_all_active(0, 1).await.unwrap();
+    assert!(cluster.control_plane.attestation(1, &me).await.unwrap().is_some(), "attests once the retried sync filled the shard");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_that_cannot_go_on_stops_the_service_visibly() {
+    let mut cluster = Cluster::new(4, 4).await.unwrap();
+    cluster.start_genesis().await.unwrap();
+    // A committee that lists node 0 with a key it does not hold: following it would sign
+    // with the wrong identity, so the service must stop with the reason, not go on silently.
+    let mut members: Vec<_> = cluster.nodes.iter().map(|n| n.member(1)).collect();
+    members[0].public_key = NodeKeypair::generate().public_hex();
+    cluster.next_epoch(members).await.unwrap();
+    let handle = cluster.nodes[0].sync.take().unwrap();
+    let result = tokio::time::timeout(WAIT, handle.wait()).await.expect("the service stops by itself");
+    let err = format!("{:#}", result.unwrap_err());
+    assert!(err.contains("FERRY-NODE-002"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpcurl_lists_describes_and_calls_the_service_through_reflection() {
+    let Ok(grpcurl) = which("grpcurl") else { panic!("grpcurl is not installed (scripts/setup installs it)") };
+    let mut cluster = Cluster::new(4, 4).await.unwrap();
+    cluster.start_genesis().await.unwrap();
+    let addr = format!("127.0.0.1:{}", cluster.nodes[0].sync_port);
+    let health = format!("127.0.0.1:{}", cluster.nodes[0].sync_health_port);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&grpcurl).args(args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (ok, list) = run(&["-plaintext", &addr, "list"]);
+    assert!(ok && list.contains("ferry.v1.SyncService") && list.contains("ferry.v1.SyncAdmin") && list.contains("grpc.health.v1.Health"), "{list}");
+    let (ok, describe) = run(&["-plaintext", &addr, "describe", "ferry.v1.SyncService.StreamShard"]);
+    assert!(ok && describe.contains("Streams a whole shard"), "doc comments reach grpcurl: {describe}");
+    let (ok, status) = run(&["-plaintext", &addr, "ferry.v1.SyncService/GetStatus"]);
+    assert!(ok && status.contains("\"nodeId\": \"node-0\"") && status.contains("NODE_STATUS_ACTIVE"), "{status}");
+    let (_, watch) = run(&["-plaintext", "-max-time", "2", &addr, "ferry.v1.SyncService/WatchSyncState"]);
+    assert!(watch.contains("ownedShards"), "the sync-state stream emits at once: {watch}");
+    let (ok, check) = run(&["-plaintext", &health, "grpc.health.v1.Health/Check"]);
+    assert!(ok && check.contains("SERVING"), "{check}");
+}
+
+fn which(name: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.exists())).ok_or(())
 }
 
 fn signed_request(key: &NodeKeypair, requester: &NodeId, shard: u32, epoch: u64) -> pb::StreamShardRequest {

@@ -468,4 +468,19 @@ mod tests {
         assert!(store.shard_record(shard).unwrap().is_none());
         assert!(matches!(store.sliver(shard, &ids[0]), Err(StoreError::NoShard(_))));
     }
+
+    #[test]
+    fn a_corrupt_key_fails_the_read_instead_of_ending_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_default(dir.path()).unwrap();
+        let shard = ShardIndex(0);
+        store.ensure_shard_storage(shard).unwrap();
+        store.put_sliver(shard, &BlobId([1; 32]), b"ab").unwrap();
+        // A key that is not a blob id (bit rot, a bug): the iteration must fail, not stop.
+        let cf = store.shard_cf(shard).unwrap();
+        store.inner.put_cf(&cf, [2u8; 5], b"cd").unwrap();
+        drop(cf);
+        assert!(matches!(store.read_shard(shard, None, 10, usize::MAX), Err(StoreError::Corrupt { .. })));
+        assert!(store.for_each_blob_in_shard(shard, |_| {}).is_err());
+    }
 }

@@ -75,28 +75,39 @@ pub async fn resume_work(node: &Arc<Node>) {
 }
 
 /// Follows the control plane for the life of the process. Returns only with an error, which
-/// the caller treats as fatal.
+/// the caller treats as fatal. If etcd compacted the history after the node's last applied
+/// revision, the node re-reads the current committee instead (catching up if it missed
+/// epochs) and follows from there.
 pub async fn run_follower(node: Arc<Node>) -> Result<(), NodeError> {
     let mut backoff = Duration::from_millis(200);
     loop {
         let after = node.view().state.as_ref().map(|s| s.last_revision).unwrap_or(0);
-        let mut events = match node.control_plane.watch_epochs(after).await {
-            Ok(events) => events,
-            Err(e @ ControlPlaneError::WatchResume { .. }) => return Err(e.into()),
+        let events = match node.control_plane.watch_epochs(after).await {
+            Ok(events) => Some(events),
+            Err(ControlPlaneError::WatchResume { reason, .. }) => {
+                warn!(after, %reason, "cannot resume the watch; re-reading the current committee");
+                resync(&node).await?;
+                None
+            }
             Err(e) => {
                 warn!(error = %e, "cannot watch the control plane; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
-                continue;
+                None
             }
         };
+        let Some(mut events) = events else { continue };
         while let Some(event) = events.next().await {
             match event {
                 Ok(event) => {
                     backoff = Duration::from_millis(200);
                     apply_event(&node, event).await?;
                 }
-                Err(e @ ControlPlaneError::WatchResume { .. }) => return Err(e.into()),
+                Err(ControlPlaneError::WatchResume { reason, .. }) => {
+                    warn!(%reason, "watch cannot go on; re-reading the current committee");
+                    resync(&node).await?;
+                    break;
+                }
                 Err(e) => {
                     warn!(error = %e, "control-plane watch broke; resuming");
                     break;
@@ -104,6 +115,32 @@ pub async fn run_follower(node: Arc<Node>) -> Result<(), NodeError> {
             }
         }
         tokio::time::sleep(backoff).await;
+    }
+}
+
+/// Applies the current committee directly (the watch history is gone) and moves the cursor to
+/// etcd's current revision.
+async fn resync(node: &Arc<Node>) -> Result<(), NodeError> {
+    let revision = node.control_plane.revision().await?;
+    let Some(current) = node.control_plane.current_committee().await? else { return Ok(()) };
+    node.check_key(&current)?;
+    let state = node.view().state;
+    match &state {
+        Some(s) if current.epoch <= s.epoch => {
+            let mut s = s.clone();
+            s.last_revision = revision;
+            node.store.call(move |st| st.put_node_state(&s)).await?;
+            drop(node.transition().await); // republish the view
+            if node.control_plane.current().await? == Some(EpochPhase::Done(current.epoch)) {
+                schedule_locked_drop(node, current.epoch);
+            }
+            Ok(())
+        }
+        Some(s) if current.epoch == s.epoch + 1 => {
+            let previous = s.committee.clone();
+            apply_committee(node, &current, PreviousAssignment::Known(&previous), revision).await
+        }
+        _ => apply_committee(node, &current, PreviousAssignment::Unknown, revision).await,
     }
 }
 
