@@ -152,7 +152,13 @@ async fn a_previous_owner_gone_for_good_leaves_the_shard_to_blob_recovery() {
     assert_eq!(err.code(), Code::InvalidArgument);
     admin.retry_shard_sync(pb::RetryShardSyncRequest { shard: shard.0 }).await.unwrap();
     cluster.wait_all_active(0, 1).await.unwrap();
-    assert!(cluster.control_plane.attestation(1, &me).await.unwrap().is_some(), "attests once the retried sync filled the shard");
+    let cp = cluster.control_plane.clone();
+    ferry_e2e::wait_until("node 0 attests once the retried sync filled the shard", || {
+        let (cp, me) = (cp.clone(), me.clone());
+        async move { Ok(cp.attestation(1, &me).await?.is_some()) }
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

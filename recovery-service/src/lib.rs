@@ -87,14 +87,20 @@ pub async fn start_with(config: RecoveryConfig, control_plane: ControlPlane) -> 
     info!(%addr, %health_addr, node = %me, "recovery-service listening");
     let mut shutdown = shutdown_rx;
     let task = tokio::spawn(async move {
+        let mut loop_done = false;
         let result = tokio::select! {
             r = main_server => r.context("gRPC server failed"),
-            r = &mut loop_task => Err(anyhow::anyhow!("FERRY-RECOVERY-004: the recovery loop stopped unexpectedly: {r:?}")),
+            r = &mut loop_task => {
+                loop_done = true;
+                Err(anyhow::anyhow!("FERRY-RECOVERY-004: the recovery loop stopped unexpectedly: {r:?}"))
+            }
             _ = shutdown.wait_for(|s| *s) => Ok(()),
         };
         // Stop every task holding the store, so it is closed when the service returns.
-        loop_task.abort();
-        let _ = loop_task.await;
+        if !loop_done {
+            loop_task.abort();
+            let _ = loop_task.await;
+        }
         follower.abort();
         let _ = follower.await;
         health_server.abort();

@@ -247,7 +247,7 @@ impl Recovery {
         }
     }
 
-    async fn load_cursor(&self, work: &Work) -> Result<Cursor, RecoveryError> {
+    async fn load_cursor(&self, work: &Work, state: &pb::SyncState) -> Result<Cursor, RecoveryError> {
         let stored = self.store.call(|s| s.cursor()).await?;
         let mut cursor = match stored {
             Some(c) if c.target_epoch == work.target_epoch && c.shards.keys().copied().collect::<Vec<_>>() == work.shards => return Ok(c),
@@ -257,10 +257,13 @@ impl Recovery {
                 let kept: Vec<ShardIndex> = work.shards.iter().copied().filter(|s| c.shards.contains_key(s)).collect();
                 let saved = if kept.is_empty() { 0 } else { c.blobs_scanned };
                 info!(from = c.target_epoch, to = work.target_epoch, kept = ?kept, saved, "recovery target changed; keeping cursors of kept shards");
+                // A shard that joins the work already ACTIVE was filled by shard sync, which
+                // checked it against the registry when it finished: it needs no scan.
+                let synced: Vec<ShardIndex> = work.shards.iter().copied().filter(|s| !c.shards.contains_key(s) && !state.shards_not_active.contains(&s.0)).collect();
                 Cursor {
                     target_epoch: work.target_epoch,
                     shards: work.shards.iter().map(|s| (*s, c.shards.get(s).copied().flatten())).collect(),
-                    finished: c.finished.iter().copied().filter(|s| kept.contains(s)).collect(),
+                    finished: c.finished.iter().copied().filter(|s| kept.contains(s)).chain(synced).collect(),
                     pass: c.pass,
                     blobs_scanned: c.blobs_scanned,
                     rescans_saved: c.rescans_saved + saved,
@@ -307,7 +310,8 @@ impl Recovery {
 
     async fn run_work(&self, work: &Work) -> Result<(), RecoveryError> {
         info!(shards = ?work.shards.iter().map(|s| s.0).collect::<Vec<_>>(), "recovery work");
-        let mut cursor = self.load_cursor(work).await?;
+        let state = self.check_same(work)?;
+        let mut cursor = self.load_cursor(work, &state).await?;
         let mut failed = self.store.call(|s| s.failed()).await?;
         let mut backoff = Duration::from_millis(self.tuning.retry_initial_ms);
         let mut clock = PassClock { started: Instant::now(), last_progress: Instant::now() };
@@ -397,15 +401,7 @@ impl Recovery {
             };
             self.recover_page(work, &page, Some(last), cursor, failed, clock).await?;
         }
-        let c = cursor.clone();
-        let f = failed.clone();
-        self.store.call(move |s| {
-            s.put_cursor(&c)?;
-            s.put_failed(&f)
-        })
-        .await?;
-        self.publish_cursor(cursor, failed, clock);
-        Ok(())
+        self.persist(cursor, failed, clock).await
     }
 
     /// Checks and recovers one page of registry records, then advances the cursors to `last`.
@@ -478,13 +474,19 @@ impl Recovery {
             }
             cursor.blobs_scanned += certified.len() as u64;
         }
+        self.persist(cursor, failed, clock).await
+    }
+
+    /// Persists the cursor and failed blobs, then publishes them.
+    async fn persist(&self, cursor: &Cursor, failed: &BTreeMap<BlobId, FailedBlob>, clock: &PassClock) -> Result<(), RecoveryError> {
         let c = cursor.clone();
         let f = failed.clone();
-        self.store.call(move |s| {
-            s.put_cursor(&c)?;
-            s.put_failed(&f)
-        })
-        .await?;
+        self.store
+            .call(move |s| {
+                s.put_cursor(&c)?;
+                s.put_failed(&f)
+            })
+            .await?;
         self.publish_cursor(cursor, failed, clock);
         Ok(())
     }

@@ -384,6 +384,10 @@ impl ControlPlane {
         }
     }
 
+    async fn list_json<T: DeserializeOwned>(&self, prefix: &str, start: Option<&str>, limit: usize) -> Result<Vec<T>> {
+        self.kv.range(prefix, start, limit).await?.into_iter().map(|(k, v)| Self::decode(&k, &v.value)).collect()
+    }
+
     /// The current epoch's phase, if the cluster has started.
     pub async fn current(&self) -> Result<Option<EpochPhase>> {
         Ok(self.get_json::<CurrentRecord>(&self.key("current")).await?.map(|(c, _)| c.phase))
@@ -480,14 +484,8 @@ impl ControlPlane {
 
     /// Up to `limit` registered blobs from `start` (inclusive), in blob-id order.
     pub async fn list_blobs(&self, start: Option<BlobId>, limit: usize) -> Result<Vec<BlobRecord>> {
-        let prefix = self.key("blobs/");
         let start_key = start.map(|id| self.blob_key(&id));
-        self.kv
-            .range(&prefix, start_key.as_deref(), limit)
-            .await?
-            .into_iter()
-            .map(|(k, v)| Self::decode(&k, &v.value))
-            .collect()
+        self.list_json(&self.key("blobs/"), start_key.as_deref(), limit).await
     }
 
     fn attestation_key(&self, epoch: Epoch, node: &NodeId) -> String {
@@ -547,13 +545,7 @@ impl ControlPlane {
 
     /// Every attestation for an epoch, ordered by node id.
     pub async fn attestations(&self, epoch: Epoch) -> Result<Vec<AttestationRecord>> {
-        let prefix = self.key(&format!("attestations/{epoch:020}/"));
-        self.kv
-            .range(&prefix, None, usize::MAX)
-            .await?
-            .into_iter()
-            .map(|(k, v)| Self::decode(&k, &v.value))
-            .collect()
+        self.list_json(&self.key(&format!("attestations/{epoch:020}/")), None, usize::MAX).await
     }
 
     /// The attestation of one node for one epoch.
@@ -570,13 +562,7 @@ impl ControlPlane {
 
     /// Every node's mirrored status.
     pub async fn nodes(&self) -> Result<Vec<NodeRecord>> {
-        let prefix = self.key("nodes/");
-        self.kv
-            .range(&prefix, None, usize::MAX)
-            .await?
-            .into_iter()
-            .map(|(k, v)| Self::decode(&k, &v.value))
-            .collect()
+        self.list_json(&self.key("nodes/"), None, usize::MAX).await
     }
 
     /// The store's current revision: a follower that read state directly resumes from here.
@@ -585,6 +571,11 @@ impl ControlPlane {
     }
 
     /// Epoch events after `after_revision`, history first, then live; each exactly once.
+    ///
+    /// The genesis committee and its `Done(0)` are written in one transaction and so share a
+    /// revision; a follower that resumes after that revision does not see `Done(0)` again,
+    /// which is harmless (nothing moves at genesis) and why followers also read the current
+    /// phase at start-up.
     pub async fn watch_epochs(&self, after_revision: u64) -> Result<EpochEventStream> {
         let epochs_prefix = self.key("epochs/");
         let current_key = self.key("current");

@@ -120,20 +120,26 @@ pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyh
     let task_node = node.clone();
     let mut shutdown = shutdown_rx;
     let task = tokio::spawn(async move {
+        let mut follower_done = false;
         let result = tokio::select! {
             r = main_server => r.context("gRPC server failed"),
-            r = &mut follower => match r {
-                Ok(Err(e)) => Err(anyhow::Error::new(e).context("epoch follower stopped")),
-                Ok(Ok(())) => Err(NodeError::TaskStopped("epoch follower").into()),
-                Err(e) => Err(anyhow::Error::new(e).context("epoch follower panicked")),
-            },
+            r = &mut follower => {
+                follower_done = true;
+                match r {
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("epoch follower stopped")),
+                    Ok(Ok(())) => Err(NodeError::TaskStopped("epoch follower").into()),
+                    Err(e) => Err(anyhow::Error::new(e).context("epoch follower panicked")),
+                }
+            }
             _ = shutdown.wait_for(|s| *s) => Ok(()),
         };
         if let Err(e) = &result {
             error!(error = format!("{e:#}"), "sync-service stopping on a fatal error");
         }
-        follower.abort();
-        let _ = follower.await;
+        if !follower_done {
+            follower.abort();
+            let _ = follower.await;
+        }
         readiness.abort();
         health_server.abort();
         task_node.abort_all_syncs();

@@ -187,17 +187,15 @@ async fn start_attempt(node: &Arc<Node>, shard: ShardIndex) -> Result<Option<Syn
     Ok(Some(progress))
 }
 
-async fn record_error(node: &Arc<Node>, shard: ShardIndex, msg: &str) {
-    let msg = msg.to_string();
+/// Updates the persisted record of a shard that is still `ActiveSync`, under the lock.
+async fn update_syncing(node: &Arc<Node>, shard: ShardIndex, what: &str, update: impl FnOnce(&mut ShardRecord) + Send + 'static) {
     let _t = node.transition().await;
     let result = node
         .store
         .call(move |s| {
             if let Some(mut r) = s.shard_record(shard)? {
                 if r.status == ShardStatus::ActiveSync {
-                    if let Some(p) = r.sync.as_mut() {
-                        p.last_error = Some(msg);
-                    }
+                    update(&mut r);
                     s.put_shard_record(shard, &r)?;
                 }
             }
@@ -205,34 +203,30 @@ async fn record_error(node: &Arc<Node>, shard: ShardIndex, msg: &str) {
         })
         .await;
     if let Err(e) = result {
-        warn!(error = %e, "could not record the sync error");
+        warn!(error = %e, "could not {what}");
     }
+}
+
+async fn record_error(node: &Arc<Node>, shard: ShardIndex, msg: &str) {
+    let msg = msg.to_string();
+    update_syncing(node, shard, "record the sync error", move |r| {
+        if let Some(p) = r.sync.as_mut() {
+            p.last_error = Some(msg);
+        }
+    })
+    .await;
 }
 
 async fn fail_for_good(node: &Arc<Node>, shard: ShardIndex, msg: &str) {
     let msg = msg.to_string();
-    {
-        let _t = node.transition().await;
-        let result = node
-            .store
-            .call(move |s| {
-                if let Some(mut r) = s.shard_record(shard)? {
-                    if r.status == ShardStatus::ActiveSync {
-                        r.status = ShardStatus::ActiveRecover;
-                        if let Some(p) = r.sync.as_mut() {
-                            p.last_error = Some(msg);
-                            p.finished = true;
-                        }
-                        s.put_shard_record(shard, &r)?;
-                    }
-                }
-                Ok(())
-            })
-            .await;
-        if let Err(e) = result {
-            warn!(error = %e, "could not mark the shard for blob recovery");
+    update_syncing(node, shard, "mark the shard for blob recovery", move |r| {
+        r.status = ShardStatus::ActiveRecover;
+        if let Some(p) = r.sync.as_mut() {
+            p.last_error = Some(msg);
+            p.finished = true;
         }
-    }
+    })
+    .await;
     node.mirror_status().await;
 }
 
