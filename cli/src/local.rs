@@ -126,7 +126,7 @@ impl LocalCluster {
     pub fn load(dir: &Path) -> anyhow::Result<LocalCluster> {
         let path = dir.join(STATE_FILE);
         let text = std::fs::read_to_string(&path).with_context(|| format!("no local cluster at {} (run `ferryctl cluster up --dir {}` first)", dir.display(), dir.display()))?;
-        Ok(serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))?)
+        serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))
     }
 
     /// Saves the description.
@@ -321,10 +321,10 @@ impl LocalCluster {
             if let Ok(channel) = ferry_shared::grpc::channel(&format!("127.0.0.1:{}", n.sync_health_port), Some(Duration::from_secs(2))) {
                 let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
                 let req = tonic_health::pb::HealthCheckRequest { service: "ferry.v1.SyncService".into() };
-                if let Ok(r) = client.check(req).await {
-                    if r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
-                        return Ok(());
-                    }
+                if let Ok(r) = client.check(req).await
+                    && r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                {
+                    return Ok(());
                 }
             }
             if n.sync_pid.is_some_and(|p| !pid_alive(p)) {

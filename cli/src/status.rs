@@ -131,7 +131,7 @@ pub async fn collect(cp: &ControlPlane) -> anyhow::Result<ClusterReport> {
 
 fn bar(done: u64, total: u64) -> String {
     let width = 20;
-    let filled = if total == 0 { width } else { ((done.min(total) * width as u64) / total) as usize };
+    let filled = (done.min(total) * width as u64).checked_div(total).map_or(width, |f| f as usize);
     format!("[{}{}]", "#".repeat(filled), "-".repeat(width - filled))
 }
 

@@ -57,7 +57,7 @@ async fn recovery_status(cluster: &Cluster, i: usize) -> pb::RecoveryStatus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_recovering_node_fills_gained_shards_by_shard_sync_and_attests_once() {
-    let (mut cluster, blobs) = cluster_with_blobs(120, |c| c.stream.max_bytes_per_sec = 60_000).await;
+    let (mut cluster, blobs) = cluster_with_blobs(120, |c| c.stream.max_bytes_per_sec = 12_000).await;
     let c0 = cluster.committee().await.unwrap();
     wipe_and_restart(&mut cluster, 3, true).await;
     let me = cluster.nodes[3].id.clone();

@@ -498,6 +498,12 @@ impl Recovery {
                 cursor.bytes_fetched += r.bytes_fetched;
                 clock.last_progress = Instant::now();
                 failed.remove(&blob);
+                // Progress is visible per blob, not only per page.
+                let (recovered, fetched) = (cursor.blobs_recovered, cursor.bytes_fetched);
+                self.update(|s| {
+                    s.blobs_recovered = recovered;
+                    s.bytes_fetched = fetched;
+                });
             }
             Ok((blob, Err(e))) => {
                 warn!(%blob, error = %e, "blob recovery failed; retried later");

@@ -420,10 +420,10 @@ impl ControlPlane {
                 return Err(ControlPlaneError::EpochOrder { proposed: e, reason: "the cluster has not started; propose epoch 0 first".into() });
             }
             (Some((c, rev)), _) if c.phase == EpochPhase::Done(e.wrapping_sub(1)) && e > 0 => {
-                if let Some(prev) = self.committee(e - 1).await? {
-                    if prev.n_shards != committee.n_shards {
-                        return Err(ControlPlaneError::EpochOrder { proposed: e, reason: format!("the cluster has {} shards; a committee cannot change that", prev.n_shards) });
-                    }
+                if let Some(prev) = self.committee(e - 1).await?
+                    && prev.n_shards != committee.n_shards
+                {
+                    return Err(ControlPlaneError::EpochOrder { proposed: e, reason: format!("the cluster has {} shards; a committee cannot change that", prev.n_shards) });
                 }
                 (Guard::ModRevision(current_key.clone(), *rev), EpochPhase::ChangeSync(e))
             }
