@@ -158,6 +158,16 @@ enum NodeAction {
     Wipe,
 }
 
+/// Files at least this large get a progress bar on stderr.
+const PROGRESS_FROM_BYTES: usize = 4 * 1024 * 1024;
+
+fn progress_bar(sent: u64, total: u64) {
+    let width = 30;
+    let filled = (sent * width).checked_div(total).unwrap_or(width).min(width) as usize;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    eprint!("\rstoring [{}{}] {:5.1}/{:.1} MiB of slivers", "#".repeat(filled), "-".repeat(width as usize - filled), mib(sent), mib(total));
+}
+
 fn default_bin_dir() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     Ok(exe.parent().context("ferryctl has no parent directory")?.to_path_buf())
@@ -195,8 +205,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Store { file } => {
             let data = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-            let client = BlobClient::new(control_plane(&cli).await?, Duration::from_secs(30));
+            let mut client = BlobClient::new(control_plane(&cli).await?, Duration::from_secs(30));
+            if data.len() >= PROGRESS_FROM_BYTES {
+                client = client.with_progress(std::sync::Arc::new(progress_bar));
+            }
             let id = client.store(&data).await?;
+            if data.len() >= PROGRESS_FROM_BYTES {
+                eprintln!();
+            }
             println!("{id}");
         }
         Command::Read { blob_id, output } => {

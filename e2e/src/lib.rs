@@ -85,6 +85,8 @@ pub struct Cluster {
     pub n_shards: u32,
     /// Adjusts every sync-service config before start.
     pub tweak_sync: Box<dyn Fn(&mut SyncConfig) + Send + Sync>,
+    /// Adjusts every recovery-service config before start.
+    pub tweak_recovery: Box<dyn Fn(&mut RecoveryConfig) + Send + Sync>,
 }
 
 impl Cluster {
@@ -115,7 +117,7 @@ impl Cluster {
                 recovery: None,
             });
         }
-        Ok(Cluster { etcd, control_plane, name, dir, nodes, n_shards, tweak_sync: Box::new(|_| {}) })
+        Ok(Cluster { etcd, control_plane, name, dir, nodes, n_shards, tweak_sync: Box::new(|_| {}), tweak_recovery: Box::new(|_| {}) })
     }
 
     /// Proposes the genesis committee (weight 1 each) and starts every sync-service; waits
@@ -168,6 +170,7 @@ impl Cluster {
         c.recovery.retry_initial_ms = 50;
         c.recovery.retry_max_ms = 500;
         c.recovery.peer_timeout_ms = 3000;
+        (self.tweak_recovery)(&mut c);
         c
     }
 

@@ -3,7 +3,14 @@
 //! until owners of a quorum of shards confirmed, certify) and read it back (any `k` verified
 //! slivers, fastest owners first).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use ferry_proto::v1::{self as pb, sync_service_client::SyncServiceClient};
 use futures::{StreamExt, stream::FuturesUnordered};
@@ -60,11 +67,21 @@ pub enum ClientError {
     },
 }
 
+/// Called as slivers are sent: (bytes sent so far, bytes to send in all).
+pub type ProgressFn = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
 /// Stores and reads blobs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BlobClient {
     control_plane: ControlPlane,
     timeout: Duration,
+    progress: Option<ProgressFn>,
+}
+
+impl std::fmt::Debug for BlobClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlobClient({:?})", self.control_plane)
+    }
 }
 
 fn sync_client(address: &str, timeout: Duration) -> Result<SyncServiceClient<Channel>, String> {
@@ -75,7 +92,13 @@ fn sync_client(address: &str, timeout: Duration) -> Result<SyncServiceClient<Cha
 impl BlobClient {
     /// A client over the control plane, with a per-request timeout.
     pub fn new(control_plane: ControlPlane, timeout: Duration) -> Self {
-        BlobClient { control_plane, timeout }
+        BlobClient { control_plane, timeout, progress: None }
+    }
+
+    /// Reports store progress to `progress` (for a progress bar on large files).
+    pub fn with_progress(mut self, progress: ProgressFn) -> Self {
+        self.progress = Some(progress);
+        self
     }
 
     /// Stores a blob and returns its id once certified. Storing the same bytes again is
@@ -110,6 +133,8 @@ impl BlobClient {
             by_owner.entry(owner).or_default().push(ShardIndex(i as u32));
         }
         let mut tasks = FuturesUnordered::new();
+        let total: u64 = encoded.slivers.iter().map(|s| s.len() as u64).sum();
+        let sent = Arc::new(AtomicU64::new(0));
         for (owner, shards) in by_owner {
             let Some(member) = committee.member(owner) else { continue };
             let address = member.sync_address.clone();
@@ -117,14 +142,20 @@ impl BlobClient {
             let metadata = encoded.metadata.to_proto();
             let slivers: Vec<(ShardIndex, Vec<u8>)> = shards.iter().map(|s| (*s, encoded.slivers[s.as_usize()].clone())).collect();
             let timeout = self.timeout;
+            let (sent, progress) = (sent.clone(), self.progress.clone());
             tasks.push(async move {
                 let result: Result<Option<pb::StorageConfirmation>, String> = async {
                     let mut client = sync_client(&address, timeout)?;
                     client.store_metadata(pb::StoreMetadataRequest { blob_id: id.0.to_vec(), metadata: Some(metadata) }).await.map_err(|s| s.message().to_string())?;
                     let mut confirmation = None;
                     for (shard, data) in slivers {
+                        let len = data.len() as u64;
                         let r = client.store_sliver(pb::StoreSliverRequest { blob_id: id.0.to_vec(), shard: shard.0, data }).await.map_err(|s| s.message().to_string())?;
                         confirmation = r.into_inner().confirmation.or(confirmation);
+                        let now = sent.fetch_add(len, Ordering::Relaxed) + len;
+                        if let Some(p) = &progress {
+                            p(now, total);
+                        }
                     }
                     Ok(confirmation)
                 }
