@@ -16,6 +16,7 @@ test: setup
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) nextest run --workspace --no-fail-fast
 
+# clippy builds in check mode, which reruns RocksDB's build script once (about 20 minutes).
 lint: setup
 	$(CARGO) clippy --workspace --all-targets
 

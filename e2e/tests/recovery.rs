@@ -2,7 +2,7 @@
 //! gains shards at an epoch change) and the regressions around it.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::{sync::{Arc, Mutex}, time::Instant};
+use std::sync::{Arc, Mutex};
 
 use ferry_e2e::{Cluster, WAIT, describe};
 use ferry_proto::v1 as pb;
@@ -76,26 +76,16 @@ async fn a_recovering_node_fills_gained_shards_by_shard_sync_and_attests_once() 
     }
     assert!(node.counter.current() > 0, "shard syncs are running");
 
-    // Timeline of (running syncs, blobs recovered): blob recovery must never progress while
-    // the count is above zero.
-    let timeline: Arc<Mutex<Vec<(Instant, &'static str, u64)>>> = Arc::default();
-    let mut counts = node.counter.subscribe();
+    // Every status snapshot recovery publishes, which carries its own view of the
+    // running-sync count: blob recovery must never progress while that count is above zero
+    // or unknown.
+    let timeline: Arc<Mutex<Vec<(Option<u32>, u64)>>> = Arc::default();
     let mut progress = cluster.nodes[3].recovery.as_ref().unwrap().recovery.subscribe();
-    let t1 = timeline.clone();
-    let counter_task = tokio::spawn(async move {
-        loop {
-            let n = *counts.borrow_and_update();
-            t1.lock().unwrap().push((Instant::now(), "syncs", u64::from(n)));
-            if counts.changed().await.is_err() {
-                return;
-            }
-        }
-    });
-    let t2 = timeline.clone();
+    let t = timeline.clone();
     let progress_task = tokio::spawn(async move {
         loop {
             let s = progress.borrow_and_update().clone();
-            t2.lock().unwrap().push((Instant::now(), "recovered", s.blobs_recovered));
+            t.lock().unwrap().push((s.running_syncs, s.blobs_recovered));
             if progress.changed().await.is_err() {
                 return;
             }
@@ -109,23 +99,16 @@ async fn a_recovering_node_fills_gained_shards_by_shard_sync_and_attests_once() 
     tokio::time::timeout(WAIT, watch.wait_for(|s| s.waiting_for_syncs || s.blobs_recovered > 0)).await.unwrap().unwrap();
 
     cluster.wait_all_active(3, 1).await.unwrap();
-    counter_task.abort();
     progress_task.abort();
 
     // Rule 3: no blob was recovered while a shard sync was running.
     let timeline = timeline.lock().unwrap().clone();
-    let mut syncs = u64::MAX;
     let mut recovered = 0;
-    for (_, what, value) in &timeline {
-        match *what {
-            "syncs" => syncs = *value,
-            _ => {
-                if *value > recovered {
-                    assert_eq!(syncs, 0, "blob recovery progressed to {value} while {syncs} shard syncs ran; timeline {timeline:?}");
-                }
-                recovered = recovered.max(*value);
-            }
+    for (syncs, value) in &timeline {
+        if *value > recovered {
+            assert_eq!(*syncs, Some(0), "blob recovery progressed to {value} while shard syncs were {syncs:?}; timeline {timeline:?}");
         }
+        recovered = recovered.max(*value);
     }
     let status = recovery_status(&cluster, 3).await;
     assert!(status.blobs_recovered > 0, "kept shards were filled by blob recovery: {status:?}");

@@ -89,6 +89,15 @@ impl Work {
     }
 }
 
+/// Aborts a task when dropped (the loop's helper tasks end with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Node recovery and its published status.
 pub struct Recovery {
     me: NodeId,
@@ -175,6 +184,29 @@ impl Recovery {
 
     /// Runs recovery for the life of the process.
     pub async fn run(self: Arc<Self>) {
+        // The status shows the running-sync count as it is now, wherever the loop is.
+        let mirror = {
+            let this = self.clone();
+            let mut rx = self.sync_state.clone();
+            tokio::spawn(async move {
+                loop {
+                    let state = rx.borrow_and_update().clone();
+                    this.update(|s| {
+                        s.running_syncs = state.as_ref().map(|st| st.running_syncs);
+                        let busy = s.phase != pb::RecoveryPhase::Idle as i32 && s.phase != pb::RecoveryPhase::Done as i32;
+                        // Unknown means waiting, whatever the loop was doing; a count above
+                        // zero means waiting only when there is work.
+                        if state.is_none() || (busy && state.as_ref().is_some_and(|st| st.running_syncs > 0)) {
+                            s.waiting_for_syncs = true;
+                        }
+                    });
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let _mirror = AbortOnDrop(mirror);
         let mut rx = self.sync_state.clone();
         let mut backoff = Duration::from_millis(self.tuning.retry_initial_ms);
         loop {
@@ -500,9 +532,11 @@ impl Recovery {
                 failed.remove(&blob);
                 // Progress is visible per blob, not only per page.
                 let (recovered, fetched) = (cursor.blobs_recovered, cursor.bytes_fetched);
+                let running = self.sync_state.borrow().as_ref().map(|st| st.running_syncs);
                 self.update(|s| {
                     s.blobs_recovered = recovered;
                     s.bytes_fetched = fetched;
+                    s.running_syncs = running;
                 });
             }
             Ok((blob, Err(e))) => {

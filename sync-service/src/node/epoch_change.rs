@@ -226,14 +226,16 @@ pub async fn apply_committee(node: &Arc<Node>, committee: &Committee, previous: 
             s.apply_transition(&new_state, &store_updates)
         })
         .await?;
-    drop(guard);
-    info!(epoch, path = ?d.path, %status, gained = ?d.gained.iter().map(|g| g.shard.0).collect::<Vec<_>>(), lost = ?d.lost.iter().map(|s| s.0).collect::<Vec<_>>(), "applied epoch change");
-
+    // Start the syncs (and so raise the running-sync count) before the new state is
+    // published when the guard drops: no subscriber ever sees the gained shards with a count
+    // of zero. The tasks wait for the lock before their first write.
     for (shard, record) in &updates {
         if record.status == ShardStatus::ActiveSync {
             shard_sync::spawn_shard_sync(node, *shard);
         }
     }
+    drop(guard);
+    info!(epoch, path = ?d.path, %status, gained = ?d.gained.iter().map(|g| g.shard.0).collect::<Vec<_>>(), lost = ?d.lost.iter().map(|s| s.0).collect::<Vec<_>>(), "applied epoch change");
     node.mirror_status().await;
     attestation::attest_if_ready(node).await;
     Ok(())
