@@ -199,8 +199,14 @@ async fn grpcurl_lists_describes_and_calls_the_service_through_reflection() {
     assert!(ok && check.contains("SERVING"), "{check}");
 }
 
+/// Finds a program on PATH, or in Python's scripts directory (where pip puts grpcurl when
+/// that directory is not on PATH).
 fn which(name: &str) -> Result<std::path::PathBuf, ()> {
-    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.exists())).ok_or(())
+    let mut dirs: Vec<std::path::PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    if let Ok(out) = std::process::Command::new("python3").args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]).output() {
+        dirs.push(String::from_utf8_lossy(&out.stdout).trim().into());
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.exists()).ok_or(())
 }
 
 fn signed_request(key: &NodeKeypair, requester: &NodeId, shard: u32, epoch: u64) -> pb::StreamShardRequest {
