@@ -461,6 +461,7 @@ impl Recovery {
         let committee = self.committee(work.target_epoch).await?.ok_or(RecoveryError::Superseded)?;
         let limit = Arc::new(Semaphore::new(self.tuning.max_concurrent_blobs));
         let mut tasks: JoinSet<(BlobId, Result<blob_recovery::Recovered, blob_recovery::BlobRecoveryError>)> = JoinSet::new();
+        let mut present = 0u64;
         for p in presence {
             let Ok(blob) = BlobId::from_bytes(&p.blob_id) else { continue };
             // Only shards whose cursor has not passed this blob, and that are in the work.
@@ -473,6 +474,7 @@ impl Recovery {
                 .collect();
             if wanted.is_empty() {
                 failed.remove(&blob);
+                present += 1;
                 continue;
             }
             // Rule 3 holds per blob too: no new blob recovery while shard syncs run or paused.
@@ -498,6 +500,7 @@ impl Recovery {
         while let Some(done) = tasks.join_next().await {
             self.record_result(done, cursor, failed, clock);
         }
+        self.update(|s| s.blobs_present += present);
         if let Some(last) = last {
             for (shard, c) in cursor.shards.iter_mut() {
                 if work.shards.contains(shard) && c.is_none_or(|c| c < last) {

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::{
-    node::{Node, NodeError, NodeView, attestation, shard_sync},
+    node::{Node, NodeView, attestation, shard_sync},
     store::StoreError,
 };
 
@@ -28,27 +28,6 @@ pub const MAX_CHECK_BLOBS: usize = 1024;
 
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
-}
-
-impl From<NodeErrorStatus> for Status {
-    fn from(e: NodeErrorStatus) -> Status {
-        internal(e.0)
-    }
-}
-
-/// Wrapper turning node errors into `INTERNAL` statuses.
-pub struct NodeErrorStatus(NodeError);
-
-impl From<StoreError> for NodeErrorStatus {
-    fn from(e: StoreError) -> Self {
-        NodeErrorStatus(e.into())
-    }
-}
-
-impl From<NodeError> for NodeErrorStatus {
-    fn from(e: NodeError) -> Self {
-        NodeErrorStatus(e)
-    }
 }
 
 fn blob_id(bytes: &[u8]) -> Result<BlobId, Status> {
