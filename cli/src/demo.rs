@@ -190,6 +190,10 @@ async fn scenario(cluster: &mut LocalCluster, options: &DemoOptions) -> anyhow::
     if mine.len() != 1 || mine[0].attested_by != "recovery-service" {
         failures.push(format!("{victim_id} should have exactly one attestation by recovery-service, has {}", mine.len()));
     }
+    let epoch_done = cp.current().await? == Some(EpochPhase::Done(1));
+    if !epoch_done {
+        failures.push("epoch 1 is not done".to_string());
+    }
     let report = crate::status::collect(&cp).await?;
     println!();
     print!("{}", crate::status::render(&report));
@@ -207,7 +211,7 @@ async fn scenario(cluster: &mut LocalCluster, options: &DemoOptions) -> anyhow::
         ("gained shards filled by shard sync", !gained.is_empty() && failures.iter().all(|f| !f.contains("gained"))),
         ("every shard of the recovered node holds every blob", failures.iter().all(|f| !f.contains("holds"))),
         ("exactly one attestation by recovery-service", failures.iter().all(|f| !f.contains("attestation"))),
-        ("epoch 1 done", true),
+        ("epoch 1 done", epoch_done),
         ("every blob reads back byte-identical", read_ok == blobs.len()),
     ];
     for (what, ok) in checks {

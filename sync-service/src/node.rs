@@ -150,11 +150,14 @@ impl Drop for TransitionGuard<'_> {
     fn drop(&mut self) {
         // Refresh the published view from the store after every transition.
         let store = self.node.store.clone();
-        if let (Ok(state), Ok(shards)) = (store.node_state(), store.shard_records()) {
-            self.node.view.send_if_modified(|v| {
-                let new = NodeView { state, shards };
-                if *v == new { false } else { *v = new; true }
-            });
+        match (store.node_state(), store.shard_records()) {
+            (Ok(state), Ok(shards)) => {
+                self.node.view.send_if_modified(|v| {
+                    let new = NodeView { state, shards };
+                    if *v == new { false } else { *v = new; true }
+                });
+            }
+            (Err(e), _) | (_, Err(e)) => tracing::error!(error = %e, "cannot reload node state after a transition; the published view is stale"),
         }
     }
 }

@@ -65,10 +65,11 @@ pub async fn resume_work(node: &Arc<Node>) {
             shard_sync::spawn_shard_sync(node, *shard);
         }
     }
-    if let Ok(Some(EpochPhase::Done(e))) = node.control_plane.current().await {
-        if e == view.epoch() {
-            schedule_locked_drop(node, e);
-        }
+    match node.control_plane.current().await {
+        Ok(Some(EpochPhase::Done(e))) if e == view.epoch() => schedule_locked_drop(node, e),
+        Ok(_) => {}
+        // The next Done event (or restart) schedules the drop instead.
+        Err(e) => warn!(error = %e, "cannot read the epoch phase; locked shards are dropped at the next Done event"),
     }
     node.mirror_status().await;
     attestation::attest_if_ready(node).await;
