@@ -7,7 +7,12 @@ use std::{path::PathBuf, time::{Duration, Instant}};
 
 use anyhow::{Context, bail};
 use ferry_proto::v1::{self as pb, recovery_service_client::RecoveryServiceClient, sync_service_client::SyncServiceClient};
-use ferry_shared::{client::BlobClient, control_plane::EpochPhase, types::{BlobId, NodeStatus, ShardStatus}};
+use ferry_shared::{
+    client::BlobClient,
+    control_plane::EpochPhase,
+    grpc::{Connector, TracedChannel},
+    types::{BlobId, NodeId, NodeStatus, ShardStatus},
+};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::{
@@ -63,6 +68,7 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<()> {
         // Pace shard streams so the syncs are long enough to watch recovery wait for them.
         sync_extra: "[stream]\nmax_bytes_per_sec = 400000\n[epoch]\nlocked_shard_grace_ms = 2000\n".into(),
         recovery_extra: String::new(),
+        tls: true,
     };
     say("starting a local cluster: etcd + 4 nodes (sync-service + recovery-service each), 8 shards");
     let mut cluster = LocalCluster::up(&up).await?;
@@ -78,7 +84,8 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<()> {
 
 async fn scenario(cluster: &mut LocalCluster, options: &DemoOptions) -> anyhow::Result<()> {
     let cp = cluster.control_plane().await?;
-    let client = BlobClient::new(cp.clone(), Duration::from_secs(10));
+    let connector = cluster.connector()?;
+    let client = BlobClient::new(cp.clone(), connector.clone(), Duration::from_secs(10));
     let mut rng = StdRng::seed_from_u64(42);
     let started = Instant::now();
     let mut blobs: Vec<(BlobId, Vec<u8>)> = Vec::new();
@@ -101,11 +108,11 @@ async fn scenario(cluster: &mut LocalCluster, options: &DemoOptions) -> anyhow::
     cluster.wipe_node(victim)?;
     cluster.start_node(victim)?;
     cluster.wait_healthy(victim).await?;
-    let recovery_addr = format!("http://127.0.0.1:{}", cluster.nodes[victim].recovery_port);
-    let sync_addr = format!("http://127.0.0.1:{}", cluster.nodes[victim].sync_port);
-    let mut recovery = connect_recovery(&recovery_addr).await?;
+    let recovery_addr = format!("127.0.0.1:{}", cluster.nodes[victim].recovery_port);
+    let sync_addr = format!("127.0.0.1:{}", cluster.nodes[victim].sync_port);
+    let mut recovery = connect_recovery(&connector, &recovery_addr, &victim_id).await?;
     recovery.pause_recovery(pb::PauseRecoveryRequest {}).await?;
-    let mut sync = SyncServiceClient::connect(sync_addr).await?;
+    let mut sync = SyncServiceClient::new(connector.channel(&sync_addr, &victim_id, Some(Duration::from_secs(10)))?);
     let s = sync.get_status(pb::GetStatusRequest {}).await?.into_inner();
     let status = NodeStatus::from_proto(s.node_status, s.recovery_epoch)?;
     say(format!("{victim_id} is {status}; its recovery is paused (like Ceph's norecover)"));
@@ -194,7 +201,7 @@ async fn scenario(cluster: &mut LocalCluster, options: &DemoOptions) -> anyhow::
     if !epoch_done {
         failures.push("epoch 1 is not done".to_string());
     }
-    let report = crate::status::collect(&cp).await?;
+    let report = crate::status::collect(&cp, &connector).await?;
     println!();
     print!("{}", crate::status::render(&report));
     let mut read_ok = 0;
@@ -223,11 +230,12 @@ async fn scenario(cluster: &mut LocalCluster, options: &DemoOptions) -> anyhow::
     Ok(())
 }
 
-async fn connect_recovery(addr: &str) -> anyhow::Result<RecoveryServiceClient<tonic::transport::Channel>> {
+async fn connect_recovery(connector: &Connector, addr: &str, node: &NodeId) -> anyhow::Result<RecoveryServiceClient<TracedChannel>> {
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut client = RecoveryServiceClient::new(connector.channel(addr, node, Some(Duration::from_secs(5)))?);
     loop {
-        match RecoveryServiceClient::connect(addr.to_string()).await {
-            Ok(c) => return Ok(c),
+        match client.get_recovery_status(pb::GetRecoveryStatusRequest {}).await {
+            Ok(_) => return Ok(client),
             Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
             Err(e) => return Err(e).with_context(|| format!("connect to recovery-service at {addr}")),
         }

@@ -1,7 +1,8 @@
 //! ferryctl as a library: the local cluster ([`local`]), cluster status ([`status`]), epoch
-//! planning ([`epoch`]) and the demo scenario ([`demo`]). The `ferryctl` binary is a thin
+//! planning ([`epoch`]), the demo scenario ([`demo`]) and the benchmarks ([`bench`]). The `ferryctl` binary is a thin
 //! command-line layer over these; the end-to-end tests drive the same code.
 
+pub mod bench;
 pub mod demo;
 pub mod epoch;
 pub mod local;

@@ -1,7 +1,9 @@
 //! A local cluster on 127.0.0.1: one etcd (Debian's `etcd-server`) and, per node, a
 //! sync-service and a recovery-service process with generated keys and configs. Everything
-//! lives under one directory: `cluster.json` (ports, pids), `etcd/`, `nodes/<id>/` (key,
-//! configs, stores) and `logs/`. Processes are real and detached; `down` stops them all.
+//! lives under one directory: `cluster.json` (ports, pids), `etcd/`, `tls/` (a development CA,
+//! a certificate per node and one for `ferryctl`), `nodes/<id>/` (key, configs, stores) and
+//! `logs/`. Nodes talk mutual TLS unless the cluster was made with `--plaintext`. Processes are
+//! real and detached; `down` stops them all.
 
 use std::{
     path::{Path, PathBuf},
@@ -15,7 +17,9 @@ use ferry_shared::{
     config::ControlPlaneConfig,
     control_plane::ControlPlane,
     crypto::NodeKeypair,
+    grpc::Connector,
     testing::free_port,
+    tls::{self, TlsConfig},
     types::NodeId,
 };
 use serde::{Deserialize, Serialize};
@@ -36,6 +40,10 @@ pub struct LocalNode {
     pub recovery_port: u16,
     /// recovery-service health port.
     pub recovery_health_port: u16,
+    /// sync-service metrics port.
+    pub sync_metrics_port: u16,
+    /// recovery-service metrics port.
+    pub recovery_metrics_port: u16,
     /// sync-service pid, when started.
     pub sync_pid: Option<u32>,
     /// recovery-service pid, when started.
@@ -59,9 +67,14 @@ pub struct LocalCluster {
     pub n_shards: u32,
     /// Where the service binaries are.
     pub bin_dir: PathBuf,
+    /// Whether the nodes use mutual TLS (certificates under `tls/`).
+    pub tls: bool,
     /// The nodes.
     pub nodes: Vec<LocalNode>,
 }
+
+/// The client identity `ferryctl` uses towards a local cluster.
+pub const CLIENT_NAME: &str = "ferryctl";
 
 /// Options of [`LocalCluster::up`].
 #[derive(Debug, Clone)]
@@ -78,6 +91,8 @@ pub struct UpOptions {
     pub sync_extra: String,
     /// Extra TOML appended to every recovery-service config.
     pub recovery_extra: String,
+    /// Mutual TLS between nodes and clients (default); false runs plaintext.
+    pub tls: bool,
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -142,6 +157,19 @@ impl LocalCluster {
         format!("http://127.0.0.1:{}", self.etcd_port)
     }
 
+    /// The directory with the cluster's CA and certificates.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.join("tls")
+    }
+
+    /// Client channels as `ferryctl` (its client certificate), or plaintext.
+    pub fn connector(&self) -> anyhow::Result<Connector> {
+        if !self.tls {
+            return Ok(Connector::plaintext());
+        }
+        Ok(Connector::new(TlsConfig::from_dir(&self.tls_dir(), CLIENT_NAME).load(None)?))
+    }
+
     /// A control-plane client.
     pub async fn control_plane(&self) -> anyhow::Result<ControlPlane> {
         Ok(ControlPlane::connect_etcd(&[self.etcd_endpoint()], &self.name).await?)
@@ -183,6 +211,7 @@ impl LocalCluster {
             etcd_pid: None,
             n_shards: options.shards,
             bin_dir: options.bin_dir.canonicalize()?,
+            tls: options.tls,
             nodes: (0..options.nodes)
                 .map(|i| {
                     Ok(LocalNode {
@@ -191,6 +220,8 @@ impl LocalCluster {
                         sync_health_port: free_port(),
                         recovery_port: free_port(),
                         recovery_health_port: free_port(),
+                        sync_metrics_port: free_port(),
+                        recovery_metrics_port: free_port(),
                         sync_pid: None,
                         recovery_pid: None,
                     })
@@ -211,6 +242,10 @@ impl LocalCluster {
         self.start_etcd()?;
         self.save()?;
         let cp = self.wait_for_etcd().await?;
+        if self.tls {
+            let ids: Vec<NodeId> = self.nodes.iter().map(|n| n.id.clone()).collect();
+            tls::write_dev_pki(&self.tls_dir(), &ids, CLIENT_NAME)?;
+        }
         let mut members = Vec::new();
         for i in 0..self.nodes.len() {
             let dir = self.node_dir(i);
@@ -264,20 +299,30 @@ impl LocalCluster {
         let dir = self.node_dir(i);
         let cp = ControlPlaneConfig { etcd_endpoints: vec![self.etcd_endpoint()], cluster: self.name.clone() };
         let cp_toml = format!("[control_plane]\netcd_endpoints = [\"{}\"]\ncluster = \"{}\"\n", cp.etcd_endpoints[0], cp.cluster);
+        let tls = if self.tls { TlsConfig::from_dir(&self.tls_dir(), n.id.as_str()) } else { TlsConfig::plaintext() };
+        let tls_toml = format!(
+            "[tls]\nenabled = {}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            tls.enabled,
+            tls.ca_file.display(),
+            tls.cert_file.display(),
+            tls.key_file.display()
+        );
         let sync = format!(
-            "node_id = \"{id}\"\nkey_file = \"{key}\"\nlisten = \"127.0.0.1:{p}\"\nhealth_listen = \"127.0.0.1:{h}\"\n{cp_toml}\n[store]\npath = \"{store}\"\n{sync_extra}\n",
+            "node_id = \"{id}\"\nkey_file = \"{key}\"\nlisten = \"127.0.0.1:{p}\"\nhealth_listen = \"127.0.0.1:{h}\"\nmetrics_listen = \"127.0.0.1:{m}\"\n{cp_toml}\n{tls_toml}\n[store]\npath = \"{store}\"\n{sync_extra}\n",
             id = n.id,
             key = dir.join("node.key").display(),
             p = n.sync_port,
             h = n.sync_health_port,
+            m = n.sync_metrics_port,
             store = dir.join("sync-store").display(),
         );
         let recovery = format!(
-            "node_id = \"{id}\"\nkey_file = \"{key}\"\nlisten = \"127.0.0.1:{p}\"\nhealth_listen = \"127.0.0.1:{h}\"\nsync_service = \"127.0.0.1:{s}\"\nstore_path = \"{store}\"\n{cp_toml}\n{recovery_extra}\n",
+            "node_id = \"{id}\"\nkey_file = \"{key}\"\nlisten = \"127.0.0.1:{p}\"\nhealth_listen = \"127.0.0.1:{h}\"\nmetrics_listen = \"127.0.0.1:{m}\"\nsync_service = \"127.0.0.1:{s}\"\nstore_path = \"{store}\"\n{cp_toml}\n{tls_toml}\n{recovery_extra}\n",
             id = n.id,
             key = dir.join("node.key").display(),
             p = n.recovery_port,
             h = n.recovery_health_port,
+            m = n.recovery_metrics_port,
             s = n.sync_port,
             store = dir.join("recovery-store").display(),
         );
@@ -318,7 +363,7 @@ impl LocalCluster {
         let n = &self.nodes[i];
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(channel) = ferry_shared::grpc::channel(&format!("127.0.0.1:{}", n.sync_health_port), Some(Duration::from_secs(2))) {
+            if let Ok(channel) = ferry_shared::grpc::health_channel(&format!("127.0.0.1:{}", n.sync_health_port), Duration::from_secs(2)) {
                 let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
                 let req = tonic_health::pb::HealthCheckRequest { service: "ferry.v1.SyncService".into() };
                 if let Ok(r) = client.check(req).await
@@ -328,7 +373,13 @@ impl LocalCluster {
                 }
             }
             if n.sync_pid.is_some_and(|p| !pid_alive(p)) {
-                bail!("sync-service of {} exited; see {}", n.id, self.dir.join(format!("logs/{}-sync-service.log", n.id)).display());
+                let log = self.dir.join(format!("logs/{}-sync-service.log", n.id));
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                // The fatal error starts at the last `Error:` line, with its causes; a backtrace
+                // may follow.
+                let from = text.rfind("Error:").unwrap_or(text.len().saturating_sub(300));
+                let error: Vec<&str> = text.get(from..).unwrap_or("").lines().take_while(|l| !l.contains("backtrace")).map(str::trim).filter(|l| !l.is_empty()).collect();
+                bail!("sync-service of {} exited; see {} ({})", n.id, log.display(), error.join(" "));
             }
             if Instant::now() > deadline {
                 bail!("sync-service of {} not ready within 30 s; see {}", n.id, self.dir.join(format!("logs/{}-sync-service.log", n.id)).display());

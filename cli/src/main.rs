@@ -6,8 +6,16 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use ferry_proto::v1::{self as pb, recovery_service_client::RecoveryServiceClient};
-use ferry_shared::{Member, client::BlobClient, control_plane::ControlPlane, crypto::NodeKeypair, grpc, types::{BlobId, NodeId}};
-use ferryctl::{demo, epoch, local::{LocalCluster, UpOptions}, status};
+use ferry_shared::{
+    Committee, Member,
+    client::BlobClient,
+    control_plane::ControlPlane,
+    crypto::NodeKeypair,
+    grpc::Connector,
+    tls::{ClusterCa, TlsConfig},
+    types::{BlobId, NodeId},
+};
+use ferryctl::{bench, demo, epoch, local::{LocalCluster, UpOptions}, status};
 
 #[derive(Parser, Debug)]
 #[command(name = "ferryctl", version, about = "Operate a Ferry cluster: blobs, epochs, status, local clusters.")]
@@ -21,6 +29,16 @@ struct Cli {
     /// Cluster name under /ferry/ in etcd (with --etcd).
     #[arg(long, global = true, default_value = "ferry", env = "FERRY_CLUSTER")]
     cluster: String,
+    /// Directory with `ca.pem` and this client's certificate (`<tls-name>.pem`, `.key`), as
+    /// written by `ferryctl certs`. Default: the local cluster's `tls/`.
+    #[arg(long, global = true, env = "FERRY_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Name of the client certificate in --tls-dir.
+    #[arg(long, global = true, default_value = "ferryctl", env = "FERRY_TLS_NAME")]
+    tls_name: String,
+    /// Talk plaintext to nodes (only for clusters configured with `tls.enabled = false`).
+    #[arg(long, global = true)]
+    plaintext: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,6 +51,23 @@ enum Command {
         /// Output file (must not exist).
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Writes a cluster CA and certificates for nodes and clients (PEM files in --out).
+    #[command(after_help = "A node certificate names <node>.node.ferry, which peers verify; a client certificate\nnames <name>.client.ferry. An existing ca.pem/ca.key in --out is reused, so nodes can\nbe added later. Keep ca.key out of the cluster.\n\nExample:\n  ferryctl certs --out secrets --node ferry-0 --node ferry-1 --san '*.ferry-peers.ferry.svc.cluster.local' --client ferryctl")]
+    Certs {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Node ids to issue certificates for.
+        #[arg(long)]
+        node: Vec<String>,
+        /// Extra DNS names or IP addresses for every node certificate (for tools that verify
+        /// by address, such as grpcurl without -servername).
+        #[arg(long)]
+        san: Vec<String>,
+        /// Client names to issue certificates for.
+        #[arg(long)]
+        client: Vec<String>,
     },
     /// Stores a file as a blob and prints its id once certified.
     #[command(after_help = "Example:\n  ferryctl store ./photo.jpg")]
@@ -82,6 +117,32 @@ enum Command {
         /// Node id, e.g. node-2.
         node: String,
     },
+    /// Benchmarks shard sync against per-blob recovery and the machine's limits on local
+    /// clusters; prints a table (and writes JSON with --json).
+    #[command(after_help = "Example:\n  ferryctl bench --json bench.json   # about 4 minutes with the defaults")]
+    Bench {
+        /// Working directory for the benchmark clusters (deleted first).
+        #[arg(long, default_value = ".ferry-bench")]
+        bench_dir: PathBuf,
+        /// Where sync-service and recovery-service are (default: next to ferryctl).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Blobs at scale 1.
+        #[arg(long, default_value_t = 100)]
+        blobs: usize,
+        /// Bytes per blob.
+        #[arg(long, default_value_t = 32 * 1024)]
+        blob_size: usize,
+        /// Shards (n) of the 4-node clusters.
+        #[arg(long, default_value_t = 8)]
+        shards: u32,
+        /// Data scales to compare (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        scales: Vec<usize>,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Runs the whole scenario on a fresh local cluster and prints a report.
     #[command(after_help = "Example:\n  ferryctl demo --bin-dir target/debug")]
     Demo {
@@ -99,6 +160,16 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum EpochCommand {
+    /// Publishes the first committee (epoch 0) of a new cluster.
+    #[command(after_help = "Example:\n  ferryctl --etcd http://etcd:2379 epoch genesis --shards 16 \\\n    --member ferry-0=<pubkey-hex>@ferry-0.ferry-peers:7400,ferry-0.ferry-peers:7410 ...")]
+    Genesis {
+        /// Number of shards (fixed for the cluster's life).
+        #[arg(long)]
+        shards: u32,
+        /// A member: ID=PUBKEY_HEX@SYNC_ADDR,RECOVERY_ADDR (weight 1).
+        #[arg(long, required = true)]
+        member: Vec<String>,
+    },
     /// Plans the next epoch from member changes and, with --yes, applies it.
     #[command(after_help = "Examples:\n  ferryctl epoch next --weight node-3=3\n  ferryctl epoch next --remove-node node-1 --yes\n  ferryctl epoch next --add-node node-4=<pubkey-hex>@127.0.0.1:7500,127.0.0.1:7510 --yes")]
     Next {
@@ -173,6 +244,27 @@ fn default_bin_dir() -> anyhow::Result<PathBuf> {
     Ok(exe.parent().context("ferryctl has no parent directory")?.to_path_buf())
 }
 
+/// How `ferryctl` reaches nodes: --plaintext, --tls-dir, or the local cluster's certificates.
+fn connector(cli: &Cli) -> anyhow::Result<Connector> {
+    if cli.plaintext {
+        return Ok(Connector::plaintext());
+    }
+    if let Some(dir) = &cli.tls_dir {
+        return Ok(Connector::new(TlsConfig::from_dir(dir, &cli.tls_name).load(None)?));
+    }
+    if cli.etcd.is_some() {
+        bail!("nodes speak mutual TLS: pass --tls-dir with ca.pem and {}.pem/.key (ferryctl certs), or --plaintext for a plaintext cluster", cli.tls_name);
+    }
+    LocalCluster::load(&cli.dir)?.connector()
+}
+
+fn parse_member(spec: &str, flag: &str) -> anyhow::Result<Member> {
+    let (id, rest) = parse_kv(spec, flag)?;
+    let (key, addrs) = rest.split_once('@').with_context(|| format!("{flag} must look like ID=PUBKEY@SYNC_ADDR,RECOVERY_ADDR"))?;
+    let (sync, recovery) = addrs.split_once(',').with_context(|| format!("{flag} needs both addresses: SYNC_ADDR,RECOVERY_ADDR"))?;
+    Ok(Member { node_id: NodeId::new(id)?, public_key: key.into(), sync_address: sync.into(), recovery_address: recovery.into(), weight: 1 })
+}
+
 async fn control_plane(cli: &Cli) -> anyhow::Result<ControlPlane> {
     match &cli.etcd {
         Some(e) => Ok(ControlPlane::connect_etcd(std::slice::from_ref(e), &cli.cluster).await?),
@@ -187,6 +279,7 @@ fn parse_kv<'a>(s: &'a str, what: &str) -> anyhow::Result<(&'a str, &'a str)> {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    ferry_shared::tls::install_crypto_provider();
     if let Err(e) = run(cli).await {
         eprintln!("ferryctl: {e:#}");
         std::process::exit(1);
@@ -205,7 +298,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Store { file } => {
             let data = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-            let mut client = BlobClient::new(control_plane(&cli).await?, Duration::from_secs(30));
+            let mut client = BlobClient::new(control_plane(&cli).await?, connector(&cli)?, Duration::from_secs(30));
             if data.len() >= PROGRESS_FROM_BYTES {
                 client = client.with_progress(std::sync::Arc::new(progress_bar));
             }
@@ -217,15 +310,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Read { blob_id, output } => {
             let id: BlobId = blob_id.parse()?;
-            let client = BlobClient::new(control_plane(&cli).await?, Duration::from_secs(30));
+            let client = BlobClient::new(control_plane(&cli).await?, connector(&cli)?, Duration::from_secs(30));
             let data = client.read(&id).await?;
             std::fs::write(output, &data).with_context(|| format!("cannot write {}", output.display()))?;
             eprintln!("wrote {} bytes to {}", data.len(), output.display());
         }
         Command::Status { json, watch } => {
             let cp = control_plane(&cli).await?;
+            let connector = connector(&cli)?;
             loop {
-                let report = status::collect(&cp).await?;
+                let report = status::collect(&cp, &connector).await?;
                 if *json {
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 } else {
@@ -244,10 +338,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let cp = control_plane(&cli).await?;
             let mut changes = epoch::MemberChanges::default();
             for a in add_node {
-                let (id, rest) = parse_kv(a, "--add-node")?;
-                let (key, addrs) = rest.split_once('@').context("--add-node must look like ID=PUBKEY@SYNC_ADDR,RECOVERY_ADDR")?;
-                let (sync, recovery) = addrs.split_once(',').context("--add-node needs both addresses: SYNC_ADDR,RECOVERY_ADDR")?;
-                changes.add.push(Member { node_id: NodeId::new(id)?, public_key: key.into(), sync_address: sync.into(), recovery_address: recovery.into(), weight: 1 });
+                changes.add.push(parse_member(a, "--add-node")?);
             }
             for r in remove_node {
                 changes.remove.push(NodeId::new(r.as_str())?);
@@ -263,6 +354,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("epoch {} started", plan.next.epoch);
             } else {
                 println!("(dry run: add --yes to apply)");
+            }
+        }
+        Command::Epoch(EpochCommand::Genesis { shards, member }) => {
+            let members = member.iter().map(|m| parse_member(m, "--member")).collect::<anyhow::Result<Vec<_>>>()?;
+            let genesis = Committee::genesis(*shards, members)?;
+            let cp = control_plane(&cli).await?;
+            if cp.current().await?.is_some() {
+                bail!("the cluster already has a committee; use `ferryctl epoch next` to change it");
+            }
+            cp.propose_epoch(&genesis).await?;
+            println!("epoch 0 published: {} shards over {} nodes", genesis.n_shards, genesis.members.len());
+        }
+        Command::Certs { out, node, san, client } => {
+            if node.is_empty() && client.is_empty() {
+                bail!("nothing to issue: pass --node and/or --client");
+            }
+            let ca = if out.join("ca.key").exists() {
+                ClusterCa::load(out)?
+            } else {
+                let ca = ClusterCa::generate()?;
+                ca.write(out)?;
+                println!("wrote {} and {} (keep the key out of the cluster)", out.join("ca.pem").display(), out.join("ca.key").display());
+                ca
+            };
+            for n in node {
+                let id = NodeId::new(n.as_str())?;
+                if out.join(format!("{id}.pem")).exists() {
+                    bail!("{} exists; refusing to overwrite a certificate", out.join(format!("{id}.pem")).display());
+                }
+                ca.issue_node(&id, san)?.write(out, id.as_str())?;
+                println!("wrote {id}.pem and {id}.key (names {})", ferry_shared::tls::node_server_name(&id));
+            }
+            for c in client {
+                if out.join(format!("{c}.pem")).exists() {
+                    bail!("{} exists; refusing to overwrite a certificate", out.join(format!("{c}.pem")).display());
+                }
+                ca.issue_client(c)?.write(out, c)?;
+                println!("wrote {c}.pem and {c}.key (names {c}{})", ferry_shared::tls::CLIENT_SUFFIX);
             }
         }
         Command::Attestations { epoch } => {
@@ -283,7 +412,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let cp = control_plane(&cli).await?;
             let committee = cp.current_committee().await?.context("the cluster has no committee; is it up?")?;
             let member = committee.member(&NodeId::new(node.as_str())?).with_context(|| format!("{node} is not a member of the current committee"))?;
-            let mut client = RecoveryServiceClient::new(grpc::channel(&member.recovery_address, Some(Duration::from_secs(10))).map_err(|s| anyhow::anyhow!(s.message().to_string()))?);
+            let channel = connector(&cli)?.channel(&member.recovery_address, &member.node_id, Some(Duration::from_secs(10))).map_err(|s| anyhow::anyhow!(s.message().to_string()))?;
+            let mut client = RecoveryServiceClient::new(channel);
             if pause {
                 client.pause_recovery(pb::PauseRecoveryRequest {}).await?;
             } else {
@@ -299,11 +429,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(b) => b.clone(),
                 None => default_bin_dir()?,
             };
-            let options = UpOptions { nodes: *nodes, shards: *shards, dir: cli.dir.clone(), bin_dir, sync_extra: String::new(), recovery_extra: String::new() };
+            let options = UpOptions { nodes: *nodes, shards: *shards, dir: cli.dir.clone(), bin_dir, sync_extra: String::new(), recovery_extra: String::new(), tls: !cli.plaintext };
             let cluster = LocalCluster::up(&options).await?;
-            println!("cluster up in {}: etcd {}", cluster.dir.display(), cluster.etcd_endpoint());
+            println!("cluster up in {}: etcd {}, {}", cluster.dir.display(), cluster.etcd_endpoint(), if cluster.tls { format!("mutual TLS (certificates in {})", cluster.tls_dir().display()) } else { "PLAINTEXT".into() });
             for n in &cluster.nodes {
-                println!("  {} sync 127.0.0.1:{} (health {}) recovery 127.0.0.1:{}", n.id, n.sync_port, n.sync_health_port, n.recovery_port);
+                println!(
+                    "  {} sync 127.0.0.1:{} (health {}, metrics {}) recovery 127.0.0.1:{} (metrics {})",
+                    n.id, n.sync_port, n.sync_health_port, n.sync_metrics_port, n.recovery_port, n.recovery_metrics_port
+                );
             }
         }
         Command::Cluster(ClusterCommand::Down) => {
@@ -324,6 +457,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             println!("{node}: {action:?} done");
+        }
+        Command::Bench { bench_dir, bin_dir, blobs, blob_size, shards, scales, json } => {
+            let bin_dir = match bin_dir {
+                Some(b) => b.clone(),
+                None => default_bin_dir()?,
+            };
+            let options = bench::BenchOptions { dir: bench_dir.clone(), bin_dir, blobs: *blobs, blob_size: *blob_size, shards: *shards, scales: scales.clone() };
+            let report = bench::run(&options).await?;
+            print!("{}", bench::render(&report));
+            if let Some(path) = json {
+                std::fs::write(path, bench::to_json(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
+                eprintln!("wrote {}", path.display());
+            }
         }
         Command::Demo { demo_dir, bin_dir, blobs } => {
             let bin_dir = match bin_dir {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use ferry_proto::v1::{self as pb, recovery_service_client::RecoveryServiceClient, sync_service_client::SyncServiceClient};
-use ferry_shared::{control_plane::ControlPlane, grpc, types::ShardStatus};
+use ferry_shared::{control_plane::ControlPlane, grpc::Connector, types::ShardStatus};
 use serde::Serialize;
 
 /// One node's status.
@@ -81,13 +81,13 @@ pub struct ClusterReport {
 }
 
 /// Collects the status of every member of the current committee.
-pub async fn collect(cp: &ControlPlane) -> anyhow::Result<ClusterReport> {
+pub async fn collect(cp: &ControlPlane, connector: &Connector) -> anyhow::Result<ClusterReport> {
     let phase = cp.current().await?.ok_or_else(|| anyhow::anyhow!("the cluster has no committee; is it up?"))?;
     let committee = cp.current_committee().await?.ok_or_else(|| anyhow::anyhow!("no committee"))?;
     let mut nodes = Vec::new();
     for m in &committee.members {
         let status = async {
-            let mut c = SyncServiceClient::new(grpc::channel(&m.sync_address, Some(Duration::from_secs(3))).map_err(|e| e.message().to_string())?);
+            let mut c = SyncServiceClient::new(connector.channel(&m.sync_address, &m.node_id, Some(Duration::from_secs(3))).map_err(|e| e.message().to_string())?);
             let s = c.get_status(pb::GetStatusRequest {}).await.map_err(|e| e.message().to_string())?.into_inner();
             let node_status = ferry_shared::types::NodeStatus::from_proto(s.node_status, s.recovery_epoch).map(|n| n.to_string()).unwrap_or_else(|e| e.to_string());
             Ok::<_, String>(SyncReport {
@@ -108,7 +108,7 @@ pub async fn collect(cp: &ControlPlane) -> anyhow::Result<ClusterReport> {
         }
         .await;
         let recovery = async {
-            let mut c = RecoveryServiceClient::new(grpc::channel(&m.recovery_address, Some(Duration::from_secs(3))).map_err(|e| e.message().to_string())?);
+            let mut c = RecoveryServiceClient::new(connector.channel(&m.recovery_address, &m.node_id, Some(Duration::from_secs(3))).map_err(|e| e.message().to_string())?);
             let s = c.get_recovery_status(pb::GetRecoveryStatusRequest {}).await.map_err(|e| e.message().to_string())?.into_inner();
             Ok::<_, String>(RecoveryReport {
                 phase: pb::RecoveryPhase::try_from(s.phase).map(|p| p.as_str_name().trim_start_matches("RECOVERY_PHASE_").to_lowercase()).unwrap_or_default(),

@@ -1,7 +1,8 @@
 //! Test harness for Ferry's multi-node tests: a real etcd ([`EtcdProcess`]), and per node a
 //! real sync-service (RocksDB store, gRPC on a loopback port) and optionally a
-//! recovery-service, started in this process. Waits are bounded and driven by the services'
-//! own watch channels, and every timeout says what it waited for.
+//! recovery-service, started in this process. Nodes talk mutual TLS with certificates from a
+//! throw-away CA (set [`Cluster::tls`] false before starting for plaintext). Waits are bounded
+//! and driven by the services' own watch channels, and every timeout says what it waited for.
 
 use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
 
@@ -15,7 +16,9 @@ use ferry_shared::{
     config::ControlPlaneConfig,
     control_plane::{ControlPlane, EpochPhase},
     crypto::NodeKeypair,
+    grpc::{Connector, TracedChannel},
     testing::{EtcdProcess, free_port},
+    tls::{self, TlsConfig},
     types::{BlobId, NodeId, NodeStatus, ShardIndex, ShardStatus},
 };
 use ferry_sync_service::{SyncServiceHandle, config::SyncConfig, node::NodeView};
@@ -87,12 +90,19 @@ pub struct Cluster {
     pub tweak_sync: Box<dyn Fn(&mut SyncConfig) + Send + Sync>,
     /// Adjusts every recovery-service config before start.
     pub tweak_recovery: Box<dyn Fn(&mut RecoveryConfig) + Send + Sync>,
+    /// Mutual TLS (default true); certificates for every node and for [`CLIENT`] are in
+    /// [`Cluster::tls_dir`].
+    pub tls: bool,
 }
+
+/// The client identity tests use for data-plane and operator calls.
+pub const CLIENT: &str = "ferryctl";
 
 impl Cluster {
     /// Starts etcd and prepares `n_nodes` nodes (keys, ports, directories); starts nothing else.
     pub async fn new(n_nodes: usize, n_shards: u32) -> anyhow::Result<Cluster> {
-        ferry_shared::telemetry::init("ferry-e2e", ferry_shared::telemetry::LogFormat::Text);
+        ferry_shared::tls::install_crypto_provider();
+        drop(ferry_shared::telemetry::init("ferry-e2e", ferry_shared::telemetry::LogFormat::Text));
         let etcd = EtcdProcess::start().await.context("start etcd")?;
         let name = "test".to_string();
         let control_plane = ControlPlane::connect_etcd(&[etcd.endpoint.clone()], &name).await?;
@@ -117,7 +127,34 @@ impl Cluster {
                 recovery: None,
             });
         }
-        Ok(Cluster { etcd, control_plane, name, dir, nodes, n_shards, tweak_sync: Box::new(|_| {}), tweak_recovery: Box::new(|_| {}) })
+        let ids: Vec<NodeId> = nodes.iter().map(|n| n.id.clone()).collect();
+        tls::write_dev_pki(&dir.path().join("tls"), &ids, CLIENT)?;
+        Ok(Cluster { etcd, control_plane, name, dir, nodes, n_shards, tweak_sync: Box::new(|_| {}), tweak_recovery: Box::new(|_| {}), tls: true })
+    }
+
+    /// Where the CA and certificates are (`ca.pem`, `<name>.pem`, `<name>.key`).
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.path().join("tls")
+    }
+
+    /// The TLS settings of party `name` (a node id or [`CLIENT`]).
+    pub fn tls_config(&self, name: &str) -> TlsConfig {
+        if self.tls { TlsConfig::from_dir(&self.tls_dir(), name) } else { TlsConfig::plaintext() }
+    }
+
+    /// Client channels with the certificate of `name` (a node id or [`CLIENT`]).
+    pub fn connector_as(&self, name: &str) -> anyhow::Result<Connector> {
+        Ok(Connector::new(self.tls_config(name).load(None)?))
+    }
+
+    /// A channel to node `i`'s sync-service, presenting `name`'s certificate.
+    pub fn sync_channel_as(&self, i: usize, name: &str) -> anyhow::Result<TracedChannel> {
+        Ok(self.connector_as(name)?.channel(&format!("127.0.0.1:{}", self.nodes[i].sync_port), &self.nodes[i].id, Some(Duration::from_secs(30)))?)
+    }
+
+    /// A channel to node `i`'s recovery-service, presenting `name`'s certificate.
+    pub fn recovery_channel_as(&self, i: usize, name: &str) -> anyhow::Result<TracedChannel> {
+        Ok(self.connector_as(name)?.channel(&format!("127.0.0.1:{}", self.nodes[i].recovery_port), &self.nodes[i].id, Some(Duration::from_secs(30)))?)
     }
 
     /// Proposes the genesis committee (weight 1 each) and starts every sync-service; waits
@@ -143,6 +180,8 @@ impl Cluster {
             key_file: n.key_file.clone(),
             listen: ([127, 0, 0, 1], n.sync_port).into(),
             health_listen: ([127, 0, 0, 1], n.sync_health_port).into(),
+            metrics_listen: ([127, 0, 0, 1], 0).into(),
+            tls: self.tls_config(n.id.as_str()),
             control_plane: ControlPlaneConfig { etcd_endpoints: vec![self.etcd.endpoint.clone()], cluster: self.name.clone() },
             ..SyncConfig::default()
         };
@@ -162,6 +201,8 @@ impl Cluster {
             key_file: n.key_file.clone(),
             listen: ([127, 0, 0, 1], n.recovery_port).into(),
             health_listen: ([127, 0, 0, 1], n.recovery_health_port).into(),
+            metrics_listen: ([127, 0, 0, 1], 0).into(),
+            tls: self.tls_config(n.id.as_str()),
             sync_service: format!("127.0.0.1:{}", n.sync_port),
             control_plane: ControlPlaneConfig { etcd_endpoints: vec![self.etcd.endpoint.clone()], cluster: self.name.clone() },
             store_path: n.recovery_dir.clone(),
@@ -216,9 +257,10 @@ impl Cluster {
         Ok(())
     }
 
-    /// A blob client.
+    /// A blob client (with the [`CLIENT`] certificate).
     pub fn client(&self) -> BlobClient {
-        BlobClient::new(self.control_plane.clone(), Duration::from_secs(10))
+        let connector = self.connector_as(CLIENT).unwrap_or_else(|e| panic!("test client TLS material: {e:#}"));
+        BlobClient::new(self.control_plane.clone(), connector, Duration::from_secs(10))
     }
 
     /// Stores `count` random blobs of 0 to `max_len` bytes (seeded); returns them.
@@ -287,9 +329,14 @@ impl Cluster {
         wait_until(&format!("epoch {epoch} Done"), || async { Ok(self.control_plane.current().await? == Some(EpochPhase::Done(epoch))) }).await
     }
 
-    /// A gRPC client to node `i`'s sync-service.
-    pub async fn sync_client(&self, i: usize) -> anyhow::Result<SyncServiceClient<tonic::transport::Channel>> {
-        Ok(SyncServiceClient::connect(format!("http://127.0.0.1:{}", self.nodes[i].sync_port)).await?)
+    /// A gRPC client to node `i`'s sync-service, as [`CLIENT`].
+    pub async fn sync_client(&self, i: usize) -> anyhow::Result<SyncServiceClient<TracedChannel>> {
+        self.sync_client_as(i, CLIENT).await
+    }
+
+    /// A gRPC client to node `i`'s sync-service, presenting `name`'s certificate.
+    pub async fn sync_client_as(&self, i: usize, name: &str) -> anyhow::Result<SyncServiceClient<TracedChannel>> {
+        Ok(SyncServiceClient::new(self.sync_channel_as(i, name)?).max_decoding_message_size(ferry_shared::grpc::MAX_MESSAGE_BYTES))
     }
 
     /// All slivers of a shard on node `i`, in order.
@@ -324,6 +371,6 @@ where
 }
 
 /// `GetStatus` of a sync-service.
-pub async fn status(client: &mut SyncServiceClient<tonic::transport::Channel>) -> anyhow::Result<pb::GetStatusResponse> {
+pub async fn status(client: &mut SyncServiceClient<TracedChannel>) -> anyhow::Result<pb::GetStatusResponse> {
     Ok(client.get_status(pb::GetStatusRequest {}).await?.into_inner())
 }

@@ -91,3 +91,27 @@ async fn a_local_cluster_from_up_to_down() {
         std::panic::resume_unwind(panic);
     }
 }
+
+#[test]
+fn certs_writes_a_ca_and_certificates_that_name_their_identity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("secrets");
+    let out_s = out.display().to_string();
+    let (ok, stdout, stderr) = ferryctl(tmp.path(), &["certs", "--out", &out_s, "--node", "ferry-0", "--node", "ferry-1", "--san", "*.ferry-peers.ferry.svc", "--client", "ops"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("ferry-0.node.ferry") && stdout.contains("ops.client.ferry"), "{stdout}");
+    for f in ["ca.pem", "ca.key", "ferry-0.pem", "ferry-0.key", "ferry-1.pem", "ferry-1.key", "ops.pem", "ops.key"] {
+        assert!(out.join(f).exists(), "{f} written");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(out.join("ferry-0.key")).unwrap().permissions().mode() & 0o777, 0o600, "private keys are not world-readable");
+    let node = ferry_shared::tls::TlsConfig::from_dir(&out, "ferry-1").load(Some(&ferry_shared::NodeId::new("ferry-1").unwrap())).unwrap();
+    assert!(node.is_some(), "a node certificate loads as that node");
+    // A later run reuses the CA to add a node, and refuses to overwrite.
+    let ca_before = std::fs::read(out.join("ca.pem")).unwrap();
+    assert!(ferryctl(tmp.path(), &["certs", "--out", &out_s, "--node", "ferry-2"]).0);
+    assert_eq!(std::fs::read(out.join("ca.pem")).unwrap(), ca_before, "the CA is reused");
+    assert_one_line_error(ferryctl(tmp.path(), &["certs", "--out", &out_s, "--node", "ferry-2"]), "refusing to overwrite");
+    assert_one_line_error(ferryctl(tmp.path(), &["certs", "--out", &out_s, "--node", "Bad_Id"]), "FERRY-TYPE");
+    assert_one_line_error(ferryctl(tmp.path(), &["certs", "--out", &out_s]), "nothing to issue");
+}

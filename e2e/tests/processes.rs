@@ -23,12 +23,12 @@ fn bin_dir() -> PathBuf {
 }
 
 async fn up(dir: &std::path::Path, sync_extra: &str) -> LocalCluster {
-    let options = UpOptions { nodes: 4, shards: 8, dir: dir.to_path_buf(), bin_dir: bin_dir(), sync_extra: sync_extra.into(), recovery_extra: "[recovery]\nretry_initial_ms = 50\nretry_max_ms = 500\n".into() };
+    let options = UpOptions { nodes: 4, shards: 8, dir: dir.to_path_buf(), bin_dir: bin_dir(), sync_extra: sync_extra.into(), recovery_extra: "[recovery]\nretry_initial_ms = 50\nretry_max_ms = 500\n".into(), tls: true };
     LocalCluster::up(&options).await.unwrap()
 }
 
-async fn store_blobs(cp: &ControlPlane, n: usize, seed: u64) -> Vec<(BlobId, Vec<u8>)> {
-    let client = BlobClient::new(cp.clone(), Duration::from_secs(10));
+async fn store_blobs(cluster: &LocalCluster, cp: &ControlPlane, n: usize, seed: u64) -> Vec<(BlobId, Vec<u8>)> {
+    let client = BlobClient::new(cp.clone(), cluster.connector().unwrap(), Duration::from_secs(10));
     let mut rng = StdRng::seed_from_u64(seed);
     let mut out = Vec::new();
     for _ in 0..n {
@@ -40,7 +40,9 @@ async fn store_blobs(cp: &ControlPlane, n: usize, seed: u64) -> Vec<(BlobId, Vec
 }
 
 async fn status(cluster: &LocalCluster, i: usize) -> Option<pb::GetStatusResponse> {
-    let mut c = SyncServiceClient::connect(format!("http://127.0.0.1:{}", cluster.nodes[i].sync_port)).await.ok()?;
+    let n = &cluster.nodes[i];
+    let channel = cluster.connector().ok()?.channel(&format!("127.0.0.1:{}", n.sync_port), &n.id, Some(Duration::from_secs(5))).ok()?;
+    let mut c = SyncServiceClient::new(channel);
     c.get_status(pb::GetStatusRequest {}).await.ok().map(|r| r.into_inner())
 }
 
@@ -66,8 +68,8 @@ fn all_active(epoch: u64) -> impl Fn(&pb::GetStatusResponse) -> bool {
     move |s| s.epoch == epoch && s.node_status == pb::NodeStatus::Active as i32 && s.shards.iter().filter(|r| r.status != pb::ShardStatus::LockedToMove as i32).all(|r| r.status == pb::ShardStatus::Active as i32)
 }
 
-async fn check_reads(cp: &ControlPlane, blobs: &[(BlobId, Vec<u8>)]) {
-    let client = BlobClient::new(cp.clone(), Duration::from_secs(10));
+async fn check_reads(cluster: &LocalCluster, cp: &ControlPlane, blobs: &[(BlobId, Vec<u8>)]) {
+    let client = BlobClient::new(cp.clone(), cluster.connector().unwrap(), Duration::from_secs(10));
     for (id, data) in blobs {
         assert_eq!(&client.read(id).await.unwrap(), data, "blob {id}");
     }
@@ -93,7 +95,7 @@ async fn sigkill_of_the_previous_owner_mid_stream_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = up(dir.path(), "[stream]\nmax_bytes_per_sec = 50000\n[shard_sync]\nbatch_items = 4\ninitial_backoff_ms = 50\nmax_backoff_ms = 500\n").await;
         let cp = cluster.control_plane().await.unwrap();
-        let blobs = store_blobs(&cp, 80, seed).await;
+        let blobs = store_blobs(&cluster, &cp, 80, seed).await;
         let plan = epoch::plan(&cp, &MemberChanges { weights: vec![(cluster.nodes[0].id.clone(), 3)], ..Default::default() }).await.unwrap();
         let sources: Vec<NodeId> = plan.moves.iter().filter(|m| m.to == cluster.nodes[0].id).map(|m| m.from.clone()).collect();
         cp.propose_epoch(&plan.next).await.unwrap();
@@ -112,7 +114,7 @@ async fn sigkill_of_the_previous_owner_mid_stream_loses_nothing() {
         for r in s.shards.iter().filter(|r| r.sync.is_some()) {
             assert_eq!(r.sliver_count, blobs.len() as u64, "seed {seed}: shard {} complete", r.shard);
         }
-        check_reads(&cp, &blobs).await;
+        check_reads(&cluster, &cp, &blobs).await;
         let nodes: Vec<NodeId> = cluster.nodes.iter().map(|n| n.id.clone()).collect();
         assert_one_attestation_each(&cp, 1, &nodes).await;
         cluster.down().unwrap();
@@ -125,7 +127,7 @@ async fn sigkill_of_the_recovering_node_mid_recovery_still_completes_once() {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = up(dir.path(), "").await;
         let cp = cluster.control_plane().await.unwrap();
-        let blobs = store_blobs(&cp, 150, seed).await;
+        let blobs = store_blobs(&cluster, &cp, 150, seed).await;
         let victim = 3;
         cluster.wipe_node(victim).unwrap();
         cluster.start_node(victim).unwrap();
@@ -146,7 +148,7 @@ async fn sigkill_of_the_recovering_node_mid_recovery_still_completes_once() {
             assert!(Instant::now() < deadline, "epoch 1 did not finish");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        check_reads(&cp, &blobs).await;
+        check_reads(&cluster, &cp, &blobs).await;
         let nodes: Vec<NodeId> = cluster.nodes.iter().map(|n| n.id.clone()).collect();
         assert_one_attestation_each(&cp, 1, &nodes).await;
         cluster.down().unwrap();
@@ -158,7 +160,7 @@ async fn an_epoch_change_while_a_node_is_down_brings_it_back_on_the_catch_up_pat
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = up(dir.path(), "").await;
     let cp = cluster.control_plane().await.unwrap();
-    let mut blobs = store_blobs(&cp, 40, 31).await;
+    let mut blobs = store_blobs(&cluster, &cp, 40, 31).await;
     cluster.kill_node(2).unwrap();
     for (epoch, w) in [(1u64, 2u64), (2, 3)] {
         let plan = epoch::plan(&cp, &MemberChanges { weights: vec![(cluster.nodes[0].id.clone(), w)], ..Default::default() }).await.unwrap();
@@ -171,13 +173,13 @@ async fn an_epoch_change_while_a_node_is_down_brings_it_back_on_the_catch_up_pat
             assert!(Instant::now() < deadline, "epoch {epoch} did not finish");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        blobs.extend(store_blobs(&cp, 10, 40 + epoch).await);
+        blobs.extend(store_blobs(&cluster, &cp, 10, 40 + epoch).await);
     }
     cluster.start_node(2).unwrap();
     cluster.wait_healthy(2).await.unwrap();
     wait_status(&cluster, 2, "caught up and Active at epoch 2", all_active(2)).await;
     let a = cp.attestation(2, &cluster.nodes[2].id).await.unwrap().expect("node 2 attests epoch 2");
     assert_eq!(a.attested_by, "recovery-service", "the catch-up path attests through recovery");
-    check_reads(&cp, &blobs).await;
+    check_reads(&cluster, &cp, &blobs).await;
     cluster.down().unwrap();
 }

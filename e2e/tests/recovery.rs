@@ -93,7 +93,7 @@ async fn a_recovering_node_fills_gained_shards_by_shard_sync_and_attests_once() 
     });
 
     // Resume while the syncs still run: recovery must wait for them.
-    let mut rclient = ferry_proto::v1::recovery_service_client::RecoveryServiceClient::connect(format!("http://127.0.0.1:{}", cluster.nodes[3].recovery_port)).await.unwrap();
+    let mut rclient = ferry_proto::v1::recovery_service_client::RecoveryServiceClient::new(cluster.recovery_channel_as(3, ferry_e2e::CLIENT).unwrap());
     rclient.resume_recovery(pb::ResumeRecoveryRequest {}).await.unwrap();
     let mut watch = cluster.nodes[3].recovery.as_ref().unwrap().recovery.subscribe();
     tokio::time::timeout(WAIT, watch.wait_for(|s| s.waiting_for_syncs || s.blobs_recovered > 0)).await.unwrap().unwrap();

@@ -140,8 +140,7 @@ async fn a_previous_owner_gone_for_good_leaves_the_shard_to_blob_recovery() {
 
     // The operator brings the source back and retries the sync through SyncAdmin.
     cluster.start_sync(source).await.unwrap();
-    let addr = format!("http://127.0.0.1:{}", cluster.nodes[0].sync_port);
-    let mut admin = pb::sync_admin_client::SyncAdminClient::connect(addr).await.unwrap();
+    let mut admin = pb::sync_admin_client::SyncAdminClient::new(cluster.sync_channel_as(0, ferry_e2e::CLIENT).unwrap());
     let previous = admin.set_sync_concurrency(pb::SetSyncConcurrencyRequest { max_concurrent_syncs: 2 }).await.unwrap().into_inner().previous;
     assert_eq!(previous, 4);
     let err = admin.set_sync_concurrency(pb::SetSyncConcurrencyRequest { max_concurrent_syncs: 0 }).await.unwrap_err();
@@ -185,14 +184,36 @@ async fn grpcurl_lists_describes_and_calls_the_service_through_reflection() {
         let out = std::process::Command::new(&grpcurl).args(args).output().unwrap();
         (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
     };
-    let (ok, list) = run(&["-plaintext", &addr, "list"]);
+    // The service port speaks mutual TLS: the CA, a client certificate, and the node identity
+    // the server's certificate must name.
+    let tls = cluster.tls_dir();
+    let ca = tls.join("ca.pem").display().to_string();
+    let (client_cert, client_key) = (tls.join("ferryctl.pem").display().to_string(), tls.join("ferryctl.key").display().to_string());
+    let (node_cert, node_key) = (tls.join("node-0.pem").display().to_string(), tls.join("node-0.key").display().to_string());
+    let as_client = ["-cacert", &ca, "-cert", &client_cert, "-key", &client_key, "-servername", "node-0.node.ferry"];
+    let with = |extra: &[&str], rest: &[&str]| run(&[extra, rest].concat());
+    let (ok, list) = with(&as_client, &[&addr, "list"]);
     assert!(ok && list.contains("ferry.v1.SyncService") && list.contains("ferry.v1.SyncAdmin") && list.contains("grpc.health.v1.Health"), "{list}");
-    let (ok, describe) = run(&["-plaintext", &addr, "describe", "ferry.v1.SyncService.StreamShard"]);
+    let (ok, describe) = with(&as_client, &[&addr, "describe", "ferry.v1.SyncService.StreamShard"]);
     assert!(ok && describe.contains("Streams a whole shard"), "doc comments reach grpcurl: {describe}");
-    let (ok, status) = run(&["-plaintext", &addr, "ferry.v1.SyncService/GetStatus"]);
+    let (ok, status) = with(&as_client, &[&addr, "ferry.v1.SyncService/GetStatus"]);
     assert!(ok && status.contains("\"nodeId\": \"node-0\"") && status.contains("NODE_STATUS_ACTIVE"), "{status}");
-    let (_, watch) = run(&["-plaintext", "-max-time", "2", &addr, "ferry.v1.SyncService/WatchSyncState"]);
+    // GetStatus is public: TLS without a client certificate is enough.
+    let (ok, status) = run(&["-cacert", &ca, "-servername", "node-0.node.ferry", &addr, "ferry.v1.SyncService/GetStatus"]);
+    assert!(ok && status.contains("node-0"), "{status}");
+    // The sync-state stream is for the node itself: a client certificate is refused ...
+    let (ok, refused) = with(&as_client, &["-max-time", "5", &addr, "ferry.v1.SyncService/WatchSyncState"]);
+    assert!(!ok && refused.contains("PermissionDenied"), "{refused}");
+    // ... and the node's own certificate gets the stream at once.
+    let as_node = ["-cacert", &ca, "-cert", &node_cert, "-key", &node_key, "-servername", "node-0.node.ferry"];
+    let (_, watch) = with(&as_node, &["-max-time", "2", &addr, "ferry.v1.SyncService/WatchSyncState"]);
     assert!(watch.contains("ownedShards"), "the sync-state stream emits at once: {watch}");
+    // A server name the certificate does not carry fails verification; plaintext gets nowhere.
+    let (ok, wrong) = run(&["-cacert", &ca, "-servername", "node-1.node.ferry", &addr, "list"]);
+    assert!(!ok, "node-0's certificate must not pass as node-1's: {wrong}");
+    let (ok, _) = run(&["-plaintext", "-max-time", "5", &addr, "list"]);
+    assert!(!ok, "the service port refuses plaintext");
+    // The health port stays plaintext, for kubelet probes.
     let (ok, check) = run(&["-plaintext", &health, "grpc.health.v1.Health/Check"]);
     assert!(ok && check.contains("SERVING"), "{check}");
 }
@@ -208,17 +229,7 @@ fn which(name: &str) -> Result<std::path::PathBuf, ()> {
 }
 
 fn signed_request(key: &NodeKeypair, requester: &NodeId, shard: u32, epoch: u64) -> pb::StreamShardRequest {
-    let intent = StreamShardIntent { shard: ShardIndex(shard), epoch, start: None, requester, timestamp_ms: crypto::now_ms(), include_metadata: false, limit: 0 };
-    pb::StreamShardRequest {
-        shard,
-        epoch,
-        start_blob_id: vec![],
-        requester: requester.to_string(),
-        timestamp_ms: intent.timestamp_ms,
-        include_metadata: false,
-        signature: key.sign(&intent.message()),
-        limit: 0,
-    }
+    StreamShardIntent { shard: ShardIndex(shard), epoch, start: None, requester, timestamp_ms: crypto::now_ms(), include_metadata: false, limit: 0 }.sign(key)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -227,9 +238,11 @@ async fn stream_shard_refuses_non_owners_forgeries_replays_and_bad_input() {
     let c0 = cluster.start_genesis().await.unwrap();
     cluster.store_random_blobs(5, 100, 4).await.unwrap();
     let server_shard = c0.shards_of(&cluster.nodes[1].id)[0];
-    let mut client = cluster.sync_client(1).await.unwrap();
     let key2 = NodeKeypair::load(&cluster.nodes[2].key_file).unwrap();
     let id2 = cluster.nodes[2].id.clone();
+    // Each request comes over a channel with the requester's own certificate.
+    let mut client = cluster.sync_client_as(1, id2.as_str()).await.unwrap();
+    let mut owner_client = cluster.sync_client_as(1, cluster.nodes[1].id.as_str()).await.unwrap();
 
     // Node 2 does not own node 1's shard.
     let err = client.stream_shard(signed_request(&key2, &id2, server_shard.0, 0)).await.unwrap_err();
@@ -241,7 +254,7 @@ async fn stream_shard_refuses_non_owners_forgeries_replays_and_bad_input() {
     assert!(err.message().contains("does not verify"));
     // The owner's request works once; its replay is refused.
     let owner_req = signed_request(&NodeKeypair::load(&cluster.nodes[1].key_file).unwrap(), &cluster.nodes[1].id, server_shard.0, 0);
-    let mut stream = client.stream_shard(owner_req.clone()).await.unwrap().into_inner();
+    let mut stream = owner_client.stream_shard(owner_req.clone()).await.unwrap().into_inner();
     let mut n = 0;
     let mut ended = false;
     while let Some(item) = stream.message().await.unwrap() {
@@ -253,7 +266,7 @@ async fn stream_shard_refuses_non_owners_forgeries_replays_and_bad_input() {
     }
     assert_eq!(n, 5);
     assert!(ended, "a complete stream ends with the end marker");
-    let err = client.stream_shard(owner_req).await.unwrap_err();
+    let err = owner_client.stream_shard(owner_req).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("replayed"));
     // A future epoch: the server has not processed it.
@@ -320,7 +333,7 @@ async fn a_reader_that_stops_reading_does_not_grow_server_memory() {
     }
     let shard = c0.shards_of(&cluster.nodes[1].id)[0];
     let owner_key = NodeKeypair::load(&cluster.nodes[1].key_file).unwrap();
-    let mut grpc = cluster.sync_client(1).await.unwrap();
+    let mut grpc = cluster.sync_client_as(1, cluster.nodes[1].id.as_str()).await.unwrap();
     let rss_before = rss_bytes();
     let mut stream = grpc.stream_shard(signed_request(&owner_key, &cluster.nodes[1].id, shard.0, 0)).await.unwrap().into_inner();
     assert!(stream.message().await.unwrap().is_some());
@@ -342,4 +355,35 @@ async fn a_reader_that_stops_reading_does_not_grow_server_memory() {
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok()).map(|kb| kb * 1024).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn editing_the_config_file_changes_live_settings_without_a_restart() {
+    let mut cluster = Cluster::new(4, 4).await.unwrap();
+    cluster.start_genesis().await.unwrap();
+    let config = cluster.sync_config(0);
+    // A ConfigMap-style directory: the file is a symlink into `..data`, swapped atomically.
+    let dir = cluster.dir.path().join("config-0");
+    std::fs::create_dir_all(dir.join("..v1")).unwrap();
+    std::fs::write(dir.join("..v1/sync-service.toml"), ferry_shared::config::to_toml(&config).unwrap()).unwrap();
+    std::os::unix::fs::symlink("..v1", dir.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/sync-service.toml", dir.join("sync-service.toml")).unwrap();
+    let node = cluster.nodes[0].node().unwrap().clone();
+    let _watch = ferry_sync_service::apply_config_changes(&node, &dir.join("sync-service.toml")).unwrap();
+    assert_eq!(node.sync_limit.limit(), 4);
+
+    let mut edited = config.clone();
+    edited.shard_sync.max_concurrent_syncs = 7;
+    edited.stream.max_bytes_per_sec = 123_456;
+    std::fs::create_dir_all(dir.join("..v2")).unwrap();
+    std::fs::write(dir.join("..v2/sync-service.toml"), ferry_shared::config::to_toml(&edited).unwrap()).unwrap();
+    std::os::unix::fs::symlink("..v2", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    let watched = node.clone();
+    ferry_e2e::wait_until("the edited config is applied", || {
+        let node = watched.clone();
+        async move { Ok(node.sync_limit.limit() == 7 && node.stream_rate.load(std::sync::atomic::Ordering::Relaxed) == 123_456) }
+    })
+    .await
+    .unwrap();
 }

@@ -14,12 +14,11 @@ use ferry_proto::v1::{self as pb, sync_service_client::SyncServiceClient};
 use ferry_shared::{
     Committee,
     erasure::{self, BlobMetadata},
-    grpc,
+    grpc::{self, Connector, TracedChannel},
     types::{BlobId, NodeId, ShardIndex},
 };
 use futures::{StreamExt, stream::FuturesUnordered};
 use thiserror::Error;
-use tonic::transport::Channel;
 use tracing::debug;
 
 /// Why a blob could not be recovered now (it is retried later).
@@ -57,36 +56,38 @@ pub struct Recovered {
     pub bytes_fetched: u64,
 }
 
-/// Clients to peers' sync-services, created lazily and reused.
+/// Clients to peers' sync-services, created lazily and reused. With TLS, each channel checks
+/// that the server is the node the committee lists at that address.
 pub struct Peers {
     me: NodeId,
-    own: Channel,
+    own: TracedChannel,
+    connector: Connector,
     timeout: Duration,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<HashMap<(NodeId, String), TracedChannel>>,
 }
 
 impl Peers {
-    /// Peer clients for node `me`, whose own sync-service is at `own`.
-    pub fn new(me: NodeId, own: Channel, timeout: Duration) -> Self {
-        Peers { me, own, timeout, channels: Mutex::new(HashMap::new()) }
+    /// Peer clients for node `me`, whose own sync-service is reached over `own`.
+    pub fn new(me: NodeId, own: TracedChannel, connector: Connector, timeout: Duration) -> Self {
+        Peers { me, own, connector, timeout, channels: Mutex::new(HashMap::new()) }
     }
 
     /// A client to this node's own sync-service.
-    pub fn own(&self) -> SyncServiceClient<Channel> {
+    pub fn own(&self) -> SyncServiceClient<TracedChannel> {
         SyncServiceClient::new(self.own.clone()).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES).max_encoding_message_size(grpc::MAX_MESSAGE_BYTES)
     }
 
-    fn client(&self, committee: &Committee, node: &NodeId) -> Option<SyncServiceClient<Channel>> {
+    fn client(&self, committee: &Committee, node: &NodeId) -> Option<SyncServiceClient<TracedChannel>> {
         if node == &self.me {
             return Some(self.own());
         }
-        let address = committee.member(node)?.sync_address.clone();
+        let key = (node.clone(), committee.member(node)?.sync_address.clone());
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        let channel = match channels.get(&address) {
+        let channel = match channels.get(&key) {
             Some(c) => c.clone(),
             None => {
-                let c = grpc::channel(&address, Some(self.timeout)).ok()?;
-                channels.insert(address, c.clone());
+                let c = self.connector.channel(&key.1, node, Some(self.timeout)).ok()?;
+                channels.insert(key, c.clone());
                 c
             }
         };

@@ -6,6 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use ferry_shared::{
     config::{ConfigError, ControlPlaneConfig, Validate, invalid},
     telemetry::LogFormat,
+    tls::TlsConfig,
     types::NodeId,
 };
 use serde::{Deserialize, Serialize};
@@ -25,6 +26,11 @@ pub struct RecoveryConfig {
     pub listen: SocketAddr,
     /// Plaintext gRPC health listen address, for probes.
     pub health_listen: SocketAddr,
+    /// Prometheus metrics (`GET /metrics`, plain HTTP) listen address.
+    pub metrics_listen: SocketAddr,
+    /// Mutual TLS on `listen`, towards this node's sync-service and towards peers (on by
+    /// default; the node's certificate, as sync-service uses).
+    pub tls: TlsConfig,
     /// Address of this node's own sync-service.
     pub sync_service: String,
     /// Log format.
@@ -75,6 +81,8 @@ impl Default for RecoveryConfig {
             key_file: PathBuf::from("node.key"),
             listen: SocketAddr::from(([127, 0, 0, 1], 7410)),
             health_listen: SocketAddr::from(([127, 0, 0, 1], 7411)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 7412)),
+            tls: TlsConfig::default(),
             sync_service: "127.0.0.1:7400".into(),
             log_format: LogFormat::Text,
             control_plane: ControlPlaneConfig::default(),
@@ -94,6 +102,10 @@ impl Validate for RecoveryConfig {
         if self.listen == self.health_listen {
             return Err(invalid("health_listen", "must differ from `listen`"));
         }
+        if self.metrics_listen == self.listen || self.metrics_listen == self.health_listen {
+            return Err(invalid("metrics_listen", "must differ from `listen` and `health_listen`"));
+        }
+        self.tls.validate("tls")?;
         let r = &self.recovery;
         for (field, value) in [("recovery.max_concurrent_blobs", r.max_concurrent_blobs as u64), ("recovery.scan_page", r.scan_page as u64), ("recovery.peer_timeout_ms", r.peer_timeout_ms)] {
             if value == 0 {

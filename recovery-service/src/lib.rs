@@ -5,6 +5,7 @@
 
 pub mod blob_recovery;
 pub mod config;
+pub mod metrics;
 pub mod node_recovery;
 pub mod server;
 pub mod store;
@@ -14,12 +15,19 @@ use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
 use ferry_proto::v1::recovery_service_server::RecoveryServiceServer;
-use ferry_shared::{serving, control_plane::ControlPlane, crypto::NodeKeypair, grpc, types::NodeId};
+use ferry_shared::{
+    control_plane::ControlPlane,
+    crypto::NodeKeypair,
+    grpc::Connector,
+    metrics::{RpcMetricsLayer, start_metrics_server},
+    serving, telemetry,
+    types::NodeId,
+};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::{blob_recovery::Peers, config::RecoveryConfig, node_recovery::Recovery, server::RecoveryServer, store::RecoveryStore};
+use crate::{blob_recovery::Peers, config::RecoveryConfig, metrics::RecoveryMetrics, node_recovery::Recovery, server::RecoveryServer, store::RecoveryStore};
 
 /// A running recovery-service.
 pub struct RecoveryServiceHandle {
@@ -29,6 +37,8 @@ pub struct RecoveryServiceHandle {
     pub addr: SocketAddr,
     /// Plaintext health address.
     pub health_addr: SocketAddr,
+    /// Prometheus metrics address.
+    pub metrics_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -55,6 +65,9 @@ pub async fn start(config: RecoveryConfig) -> anyhow::Result<RecoveryServiceHand
 pub async fn start_with(config: RecoveryConfig, control_plane: ControlPlane) -> anyhow::Result<RecoveryServiceHandle> {
     let me = NodeId::new(config.node_id.clone())?;
     let key = NodeKeypair::load(&config.key_file)?;
+    let tls = config.tls.load(Some(&me)).context("TLS material")?;
+    let metrics = RecoveryMetrics::new().context("metrics registry")?;
+    let connector = Connector::new(tls.clone());
     let store_path = config.store_path.clone();
     let store = tokio::task::spawn_blocking(move || RecoveryStore::open(&store_path)).await??;
     let paused = store.paused()?;
@@ -63,28 +76,37 @@ pub async fn start_with(config: RecoveryConfig, control_plane: ControlPlane) -> 
     let addr = listener.local_addr()?;
     let health_addr = health_listener.local_addr()?;
 
-    let own = grpc::channel(&config.sync_service, None).map_err(|s| anyhow::anyhow!("sync_service address: {}", s.message()))?;
+    // The node's own sync-service must prove it is this node.
+    let own = connector.channel(&config.sync_service, &me, None).map_err(|s| anyhow::anyhow!("sync_service address: {}", s.message()))?;
     let (sync_state, follower) = sync_state::follow(own.clone());
-    let peers = Arc::new(Peers::new(me.clone(), own, config.recovery.peer_timeout()));
-    let recovery = Recovery::new(me.clone(), key, control_plane, store, peers, sync_state, config.recovery.clone(), paused);
+    let peers = Arc::new(Peers::new(me.clone(), own, connector, config.recovery.peer_timeout()));
+    let recovery = Recovery::new(me.clone(), key, control_plane, store, peers, sync_state, config.recovery.clone(), paused, metrics.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<RecoveryServiceServer<RecoveryServer>>().await;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let health_server = serving::spawn_health_server(health_listener, health_service.clone(), shutdown_rx.clone())?;
+    let (metrics_addr, metrics_server) = start_metrics_server(config.metrics_listen, metrics.registry.clone(), shutdown_rx.clone()).await.with_context(|| format!("bind {}", config.metrics_listen))?;
+    let mut builder = tonic::transport::Server::builder();
+    match &tls {
+        Some(tls) => builder = builder.tls_config(tls.server_config()).context("TLS server configuration")?,
+        None => warn!("TLS is disabled (tls.enabled = false): callers are not authenticated and anyone who can reach this port can pause recovery"),
+    }
     let main_server = {
         let mut shutdown = shutdown_rx.clone();
-        tonic::transport::Server::builder()
+        builder
+            .trace_fn(telemetry::grpc_server_span("recovery-service", me.to_string()))
+            .layer(RpcMetricsLayer::new(metrics.rpc.clone()))
             .add_service(health_service)
             .add_service(serving::reflection_v1()?)
             .add_service(serving::reflection_v1alpha()?)
-            .add_service(RecoveryServiceServer::new(RecoveryServer::new(recovery.clone())))
+            .add_service(RecoveryServiceServer::new(RecoveryServer::new(recovery.clone(), me.clone(), tls.is_some())))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 let _ = shutdown.wait_for(|s| *s).await;
             })
     };
     let mut loop_task = tokio::spawn(recovery.clone().run());
-    info!(%addr, %health_addr, node = %me, "recovery-service listening");
+    info!(%addr, %health_addr, %metrics_addr, node = %me, tls = tls.is_some(), "recovery-service listening");
     let mut shutdown = shutdown_rx;
     let task = tokio::spawn(async move {
         let mut loop_done = false;
@@ -105,9 +127,11 @@ pub async fn start_with(config: RecoveryConfig, control_plane: ControlPlane) -> 
         let _ = follower.await;
         health_server.abort();
         let _ = health_server.await;
+        metrics_server.abort();
+        let _ = metrics_server.await;
         result
     });
-    Ok(RecoveryServiceHandle { recovery, addr, health_addr, shutdown: shutdown_tx, task })
+    Ok(RecoveryServiceHandle { recovery, addr, health_addr, metrics_addr, shutdown: shutdown_tx, task })
 }
 
 /// Runs until `signal` resolves.

@@ -25,6 +25,7 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::{
     blob_recovery::{self, Peers},
     config::RecoveryTuning,
+    metrics::RecoveryMetrics,
     store::{Cursor, FailedBlob, RecoveryStore, RecoveryStoreError},
     sync_state::{self, SyncStateRx},
 };
@@ -110,6 +111,7 @@ pub struct Recovery {
     status: watch::Sender<pb::RecoveryStatus>,
     paused: watch::Sender<bool>,
     committees: std::sync::Mutex<HashMap<Epoch, Arc<Committee>>>,
+    metrics: RecoveryMetrics,
 }
 
 struct PassClock {
@@ -119,7 +121,8 @@ struct PassClock {
 
 impl Recovery {
     /// Sets up recovery; [`Recovery::run`] drives it.
-    pub fn new(me: NodeId, key: NodeKeypair, control_plane: ControlPlane, store: RecoveryStore, peers: Arc<Peers>, sync_state: SyncStateRx, tuning: RecoveryTuning, paused: bool) -> Arc<Self> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(me: NodeId, key: NodeKeypair, control_plane: ControlPlane, store: RecoveryStore, peers: Arc<Peers>, sync_state: SyncStateRx, tuning: RecoveryTuning, paused: bool, metrics: RecoveryMetrics) -> Arc<Self> {
         let status = pb::RecoveryStatus { phase: pb::RecoveryPhase::Idle as i32, paused, ..Default::default() };
         Arc::new(Recovery {
             me,
@@ -132,6 +135,7 @@ impl Recovery {
             status: watch::channel(status).0,
             paused: watch::channel(paused).0,
             committees: std::sync::Mutex::new(HashMap::new()),
+            metrics,
         })
     }
 
@@ -224,7 +228,7 @@ impl Recovery {
                 let _ = rx.changed().await;
                 continue;
             };
-            let span = info_span!("node_recovery", node = %self.me, target = work.target_epoch, node_recovery = work.node_recovery);
+            let span = info_span!("node_recovery", ferry.service = "recovery-service", ferry.node = %self.me, target = work.target_epoch, node_recovery = work.node_recovery);
             match self.run_work(&work).instrument(span).await {
                 Ok(()) => backoff = Duration::from_millis(self.tuning.retry_initial_ms),
                 Err(RecoveryError::Superseded | RecoveryError::Unknown) => {}
@@ -252,6 +256,7 @@ impl Recovery {
         loop {
             let mut rx = self.sync_state.clone();
             let phase_before = self.status().phase;
+            let waiting_since = Instant::now();
             let state = sync_state::wait_for_no_syncs(&mut rx, || {
                 info!("waiting for shard syncs to finish before recovering blobs");
                 self.update(|s| {
@@ -262,6 +267,7 @@ impl Recovery {
             })
             .await
             .ok_or(RecoveryError::Unknown)?;
+            self.metrics.sync_wait_seconds.inc_by(waiting_since.elapsed().as_secs_f64());
             self.update(|s| {
                 s.waiting_for_syncs = false;
                 s.running_syncs = Some(state.running_syncs);
@@ -492,10 +498,14 @@ impl Recovery {
             };
             let peers = self.peers.clone();
             let committee = committee.clone();
-            tasks.spawn(async move {
-                let _permit = permit;
-                (blob, blob_recovery::recover_blob(&peers, &committee, blob, &wanted).await)
-            });
+            let span = info_span!("recover_blob", blob = %blob, shards = wanted.len());
+            tasks.spawn(
+                async move {
+                    let _permit = permit;
+                    (blob, blob_recovery::recover_blob(&peers, &committee, blob, &wanted).await)
+                }
+                .instrument(span),
+            );
         }
         while let Some(done) = tasks.join_next().await {
             self.record_result(done, cursor, failed, clock);
@@ -509,6 +519,7 @@ impl Recovery {
             }
             cursor.blobs_scanned += certified.len() as u64;
         }
+        self.metrics.blobs_scanned.inc_by(certified.len() as u64);
         self.persist(cursor, failed, clock).await
     }
 
@@ -529,6 +540,8 @@ impl Recovery {
     fn record_result(&self, done: Result<(BlobId, Result<blob_recovery::Recovered, blob_recovery::BlobRecoveryError>), tokio::task::JoinError>, cursor: &mut Cursor, failed: &mut BTreeMap<BlobId, FailedBlob>, clock: &mut PassClock) {
         match done {
             Ok((blob, Ok(r))) => {
+                self.metrics.blobs_recovered.inc();
+                self.metrics.bytes_fetched.inc_by(r.bytes_fetched);
                 cursor.blobs_recovered += 1;
                 cursor.bytes_fetched += r.bytes_fetched;
                 clock.last_progress = Instant::now();
@@ -543,6 +556,7 @@ impl Recovery {
                 });
             }
             Ok((blob, Err(e))) => {
+                self.metrics.blobs_failed.inc();
                 warn!(%blob, error = %e, "blob recovery failed; retried later");
                 let entry = failed.entry(blob).or_insert(FailedBlob { attempts: 0, last_error: String::new(), first_failed_ms: now_ms() });
                 entry.attempts += 1;
@@ -584,6 +598,7 @@ impl Recovery {
             let record = AttestationRecord::sign(&self.key, self.me.clone(), e, "recovery-service", evidence);
             let stored = match self.control_plane.attest(&record).await? {
                 AttestOutcome::Created { flipped_to_done } => {
+                    self.metrics.attestations.inc();
                     info!(epoch = e, flipped_to_done, "attested epoch-sync-done after recovery");
                     record
                 }

@@ -1,11 +1,16 @@
 //! recovery-service's gRPC API: status, a progress stream, the attestation log, and
-//! pause/resume.
+//! pause/resume. With TLS on, pause and resume need this node's certificate or an operator's
+//! client certificate; the read-only calls are open to any TLS client.
 
 use std::{pin::Pin, sync::Arc};
 
 use ferry_proto::v1::{self as pb, recovery_service_server::RecoveryService};
 use futures::Stream;
 use tokio_stream::{StreamExt, wrappers::WatchStream};
+use ferry_shared::{
+    tls::{self, PeerIdentity},
+    types::NodeId,
+};
 use tonic::{Request, Response, Status};
 
 use crate::node_recovery::Recovery;
@@ -14,12 +19,27 @@ use crate::node_recovery::Recovery;
 #[derive(Clone)]
 pub struct RecoveryServer {
     recovery: Arc<Recovery>,
+    me: NodeId,
+    tls: bool,
 }
 
 impl RecoveryServer {
-    /// Serves `recovery`.
-    pub fn new(recovery: Arc<Recovery>) -> Self {
-        RecoveryServer { recovery }
+    /// Serves `recovery` for node `me`; `tls` says whether callers are authenticated.
+    pub fn new(recovery: Arc<Recovery>, me: NodeId, tls: bool) -> Self {
+        RecoveryServer { recovery, me, tls }
+    }
+
+    /// Operator calls: this node itself or a client certificate.
+    fn authorize_operator<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if !self.tls {
+            return Ok(());
+        }
+        match tls::caller(request)? {
+            Some(PeerIdentity::Client(_)) => Ok(()),
+            Some(PeerIdentity::Node(id)) if id == self.me => Ok(()),
+            Some(other) => Err(Status::permission_denied(format!("{other} may not pause or resume recovery on node {}", self.me))),
+            None => Err(Status::unauthenticated("this call needs a client certificate issued by the cluster CA")),
+        }
     }
 }
 
@@ -53,12 +73,14 @@ impl RecoveryService for RecoveryServer {
         Ok(Response::new(pb::ListAttestationsResponse { attestations }))
     }
 
-    async fn pause_recovery(&self, _request: Request<pb::PauseRecoveryRequest>) -> Result<Response<pb::PauseRecoveryResponse>, Status> {
+    async fn pause_recovery(&self, request: Request<pb::PauseRecoveryRequest>) -> Result<Response<pb::PauseRecoveryResponse>, Status> {
+        self.authorize_operator(&request)?;
         self.recovery.set_paused(true).await.map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::PauseRecoveryResponse {}))
     }
 
-    async fn resume_recovery(&self, _request: Request<pb::ResumeRecoveryRequest>) -> Result<Response<pb::ResumeRecoveryResponse>, Status> {
+    async fn resume_recovery(&self, request: Request<pb::ResumeRecoveryRequest>) -> Result<Response<pb::ResumeRecoveryResponse>, Status> {
+        self.authorize_operator(&request)?;
         self.recovery.set_paused(false).await.map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::ResumeRecoveryResponse {}))
     }

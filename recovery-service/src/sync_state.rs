@@ -8,14 +8,14 @@ use std::time::Duration;
 use ferry_proto::v1::{self as pb, sync_service_client::SyncServiceClient};
 use rand::Rng;
 use tokio::sync::watch;
-use tonic::transport::Channel;
+use ferry_shared::grpc::TracedChannel;
 use tracing::{debug, info, warn};
 
 /// The last sync state seen, or `None` while the stream is down.
 pub type SyncStateRx = watch::Receiver<Option<pb::SyncState>>;
 
 /// Spawns the follower; the returned receiver starts as `None` (unknown).
-pub fn follow(channel: Channel) -> (SyncStateRx, tokio::task::JoinHandle<()>) {
+pub fn follow(channel: TracedChannel) -> (SyncStateRx, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(None);
     let task = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);

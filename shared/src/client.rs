@@ -15,14 +15,12 @@ use std::{
 use ferry_proto::v1::{self as pb, sync_service_client::SyncServiceClient};
 use futures::{StreamExt, stream::FuturesUnordered};
 use thiserror::Error;
-use tonic::transport::Channel;
-
 use crate::{
     committee::Committee,
     control_plane::{BlobRecord, Certificate, Confirmation, ControlPlane, ControlPlaneError},
     crypto,
     erasure::{self, BlobMetadata, EncodedBlob, ErasureError},
-    grpc,
+    grpc::{self, Connector, TracedChannel},
     types::{BlobId, NodeId, ShardIndex},
 };
 
@@ -74,6 +72,7 @@ pub type ProgressFn = Arc<dyn Fn(u64, u64) + Send + Sync>;
 #[derive(Clone)]
 pub struct BlobClient {
     control_plane: ControlPlane,
+    connector: Connector,
     timeout: Duration,
     progress: Option<ProgressFn>,
 }
@@ -84,15 +83,16 @@ impl std::fmt::Debug for BlobClient {
     }
 }
 
-fn sync_client(address: &str, timeout: Duration) -> Result<SyncServiceClient<Channel>, String> {
-    let channel = grpc::channel(address, Some(timeout)).map_err(|s| s.message().to_string())?;
+fn sync_client(connector: &Connector, address: &str, node: &NodeId, timeout: Duration) -> Result<SyncServiceClient<TracedChannel>, String> {
+    let channel = connector.channel(address, node, Some(timeout)).map_err(|s| s.message().to_string())?;
     Ok(SyncServiceClient::new(channel).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES).max_encoding_message_size(grpc::MAX_MESSAGE_BYTES))
 }
 
 impl BlobClient {
-    /// A client over the control plane, with a per-request timeout.
-    pub fn new(control_plane: ControlPlane, timeout: Duration) -> Self {
-        BlobClient { control_plane, timeout, progress: None }
+    /// A client over the control plane that reaches nodes through `connector` (mutual TLS with
+    /// a client certificate in production), with a per-request timeout.
+    pub fn new(control_plane: ControlPlane, connector: Connector, timeout: Duration) -> Self {
+        BlobClient { control_plane, connector, timeout, progress: None }
     }
 
     /// Reports store progress to `progress` (for a progress bar on large files).
@@ -143,9 +143,10 @@ impl BlobClient {
             let slivers: Vec<(ShardIndex, Vec<u8>)> = shards.iter().map(|s| (*s, encoded.slivers[s.as_usize()].clone())).collect();
             let timeout = self.timeout;
             let (sent, progress) = (sent.clone(), self.progress.clone());
+            let connector = self.connector.clone();
             tasks.push(async move {
                 let result: Result<Option<pb::StorageConfirmation>, String> = async {
-                    let mut client = sync_client(&address, timeout)?;
+                    let mut client = sync_client(&connector, &address, &owner, timeout)?;
                     client.store_metadata(pb::StoreMetadataRequest { blob_id: id.0.to_vec(), metadata: Some(metadata) }).await.map_err(|s| s.message().to_string())?;
                     let mut confirmation = None;
                     for (shard, data) in slivers {
@@ -205,12 +206,13 @@ impl BlobClient {
         for shard in 0..committee.n_shards {
             let shard = ShardIndex(shard);
             let Some(member) = committee.owner(shard).and_then(|o| committee.member(o)) else { continue };
-            let address = member.sync_address.clone();
+            let (address, node) = (member.sync_address.clone(), member.node_id.clone());
             let timeout = self.timeout;
             let blob = *id;
+            let connector = self.connector.clone();
             tasks.push(async move {
                 let r = async {
-                    let mut c = sync_client(&address, timeout)?;
+                    let mut c = sync_client(&connector, &address, &node, timeout)?;
                     c.get_sliver(pb::GetSliverRequest { blob_id: blob.0.to_vec(), shard: shard.0 }).await.map(|r| r.into_inner().data).map_err(|s| s.message().to_string())
                 }
                 .await;
@@ -240,7 +242,7 @@ impl BlobClient {
         let mut errors = Vec::new();
         for member in &committee.members {
             let result = async {
-                let mut c = sync_client(&member.sync_address, self.timeout)?;
+                let mut c = sync_client(&self.connector, &member.sync_address, &member.node_id, self.timeout)?;
                 let proto = c.get_metadata(pb::GetMetadataRequest { blob_id: id.0.to_vec() }).await.map_err(|s| s.message().to_string())?.into_inner().metadata.ok_or("empty metadata")?;
                 let m = BlobMetadata::from_proto(&proto).map_err(|e| e.to_string())?;
                 m.verify_id(id).map_err(|e| e.to_string())?;

@@ -150,6 +150,20 @@ impl StreamShardIntent<'_> {
         out.extend_from_slice(&self.limit.to_be_bytes());
         out
     }
+
+    /// The wire request for this intent, signed with the requester's `key`.
+    pub fn sign(&self, key: &NodeKeypair) -> ferry_proto::v1::StreamShardRequest {
+        ferry_proto::v1::StreamShardRequest {
+            shard: self.shard.0,
+            epoch: self.epoch,
+            start_blob_id: self.start.map(|b| b.0.to_vec()).unwrap_or_default(),
+            requester: self.requester.to_string(),
+            timestamp_ms: self.timestamp_ms,
+            include_metadata: self.include_metadata,
+            signature: key.sign(&self.message()),
+            limit: self.limit,
+        }
+    }
 }
 
 /// What one owned shard holds, as evidence in an attestation.

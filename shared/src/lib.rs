@@ -1,6 +1,7 @@
 //! What both Ferry services (and `ferryctl`) need: domain types, the committee and shard
 //! assignment, the epoch diff, the erasure code and blob metadata, node keys and signatures,
-//! configuration loading, telemetry set-up and the control-plane client.
+//! configuration loading and its live reload, mutual TLS, telemetry and metrics set-up and the
+//! control-plane client.
 
 pub mod client;
 pub mod committee;
@@ -10,10 +11,13 @@ pub mod crypto;
 pub mod diff;
 pub mod erasure;
 pub mod grpc;
+pub mod config_watch;
 pub mod lifecycle;
+pub mod metrics;
 pub mod serving;
 pub mod telemetry;
 pub mod testing;
+pub mod tls;
 pub mod types;
 
 pub use committee::{Committee, Member};

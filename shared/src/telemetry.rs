@@ -1,10 +1,13 @@
 //! Telemetry set-up shared by every Ferry binary: a `tracing` subscriber writing to stderr,
-//! filtered by `RUST_LOG` (default `info`), as text or JSON lines.
-//!
-//! The OpenTelemetry (OTLP) exporter plugs in here as one more layer when
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set; until then that variable is reported and ignored.
+//! filtered by `RUST_LOG` (default `info`), as text or JSON lines; OpenTelemetry export over
+//! OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set; and W3C trace context carried in gRPC
+//! metadata, injected by every Ferry client ([`TraceContextInjector`]) and picked up by every
+//! Ferry server ([`grpc_server_span`]), so one trace follows a recovery across processes.
 
+use opentelemetry::{propagation::{Extractor, Injector}, trace::TracerProvider as _};
+use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use serde::{Deserialize, Serialize};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 /// Log output format.
@@ -18,19 +21,107 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber for `service`. Safe to call more than once (later calls
-/// are no-ops), so tests that start several services in one process can all call it.
-pub fn init(service: &str, format: LogFormat) {
+/// Keeps the trace exporter alive; dropping it flushes the spans still buffered.
+#[must_use = "dropping the guard stops trace export"]
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            if let Err(e) = provider.shutdown() {
+                eprintln!("trace export did not shut down cleanly: {e}");
+            }
+        }
+    }
+}
+
+/// Installs the global subscriber for `service`, with OTLP export when
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set (standard `OTEL_*` variables apply). Safe to call more
+/// than once (later calls change nothing), so tests that start several services in one
+/// process can all call it.
+pub fn init(service: &str, format: LogFormat) -> TelemetryGuard {
+    let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        Ok(endpoint) if !endpoint.is_empty() => match otlp_provider(service) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("OTLP export to {endpoint} is off: {e}");
+                None
+            }
+        },
+        _ => None,
+    };
+    init_with_provider(service, format, provider)
+}
+
+fn otlp_provider(service: &str) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    use opentelemetry_otlp::WithExportConfig as _;
+    let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().with_protocol(opentelemetry_otlp::Protocol::Grpc).build()?;
+    Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(Resource::builder().with_service_name(service.to_string()).build()).build())
+}
+
+/// [`init`] with a given tracer provider (tests pass one with an in-memory exporter).
+pub fn init_with_provider(service: &str, format: LogFormat, provider: Option<SdkTracerProvider>) -> TelemetryGuard {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
+    let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service.to_string())));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
     let result = match format {
         LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr).with_target(false)).try_init(),
         LogFormat::Json => registry.with(fmt::layer().json().with_writer(std::io::stderr)).try_init(),
     };
     if result.is_ok() {
-        if let Ok(endpoint) = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
-            tracing::warn!(%endpoint, "OTLP export is not built into this version; traces stay local");
+        tracing::debug!(service, export = provider.is_some(), "telemetry initialised");
+        TelemetryGuard { provider }
+    } else {
+        // Another subscriber was installed first; it owns export.
+        TelemetryGuard { provider: None }
+    }
+}
+
+/// Puts the current span's trace context into outgoing gRPC metadata (`traceparent`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TraceContextInjector;
+
+struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (tonic::metadata::MetadataKey::from_bytes(key.as_bytes()), value.parse()) {
+            self.0.insert(key, value);
         }
-        tracing::debug!(service, "telemetry initialised");
+    }
+}
+
+impl tonic::service::Interceptor for TraceContextInjector {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let context = tracing::Span::current().context();
+        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&context, &mut MetadataInjector(request.metadata_mut())));
+        Ok(request)
+    }
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// For `tonic::transport::Server::trace_fn`: one span per call, named after the method,
+/// continuing the caller's trace when the request carries W3C trace context.
+pub fn grpc_server_span(service: &'static str, node: String) -> impl Fn(&http::Request<()>) -> tracing::Span + Clone + Send + Sync + 'static {
+    move |request: &http::Request<()>| {
+        let method = request.uri().path().to_string();
+        let span = tracing::info_span!("grpc.server", otel.name = %method, otel.kind = "server", rpc.method = %method, ferry.service = service, ferry.node = %node);
+        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
+        // No subscriber with OpenTelemetry: nothing to continue.
+        let _ = span.set_parent(parent);
+        span
     }
 }

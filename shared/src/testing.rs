@@ -52,10 +52,24 @@ fn reserve(port: u16) -> bool {
     false
 }
 
-/// A free TCP port on 127.0.0.1: the kernel picks one (bind to port 0), and an exclusive
-/// reservation file under `<tmp>/ferry-ports/` keeps concurrently running test processes from
-/// using the same port for [`RESERVATION_TTL`] (10 minutes).
+/// A free TCP port on 127.0.0.1, below the kernel's ephemeral range, with an exclusive
+/// reservation file under `<tmp>/ferry-ports/` that keeps concurrently running test processes
+/// from using the same port for [`RESERVATION_TTL`] (10 minutes).
+///
+/// Ports come from below the ephemeral range because a restarted service binds its port again:
+/// a port the kernel handed out (bind to 0) may meanwhile be the local end of some outgoing
+/// connection, and the restart would fail with "address in use".
 pub fn free_port() -> u16 {
+    use rand::Rng;
+    let low = ephemeral_low().clamp(12_000, 32_768);
+    let mut rng = rand::thread_rng();
+    for _ in 0..PORT_ATTEMPTS {
+        let port = rng.gen_range(10_000..low);
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() && reserve(port) {
+            return port;
+        }
+    }
+    // Fall back to a port the kernel picks.
     let mut last = 0;
     for _ in 0..PORT_ATTEMPTS {
         let Ok(listener) = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)) else { continue };
@@ -67,6 +81,14 @@ pub fn free_port() -> u16 {
         }
     }
     last
+}
+
+/// The first port of the kernel's ephemeral range (32768 if it cannot be read).
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// How long [`EtcdProcess::start`] waits for etcd to serve.

@@ -6,6 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use ferry_shared::{
     config::{ConfigError, ControlPlaneConfig, Validate, invalid},
     telemetry::LogFormat,
+    tls::TlsConfig,
     types::NodeId,
 };
 use serde::{Deserialize, Serialize};
@@ -25,6 +26,10 @@ pub struct SyncConfig {
     pub listen: SocketAddr,
     /// Plaintext gRPC health (and reflection) listen address, for kubelet probes.
     pub health_listen: SocketAddr,
+    /// Prometheus metrics (`GET /metrics`, plain HTTP) listen address.
+    pub metrics_listen: SocketAddr,
+    /// Mutual TLS on `listen` and towards peers (on by default).
+    pub tls: TlsConfig,
     /// Log format.
     pub log_format: LogFormat,
     /// Control plane.
@@ -46,6 +51,8 @@ impl Default for SyncConfig {
             key_file: PathBuf::from("node.key"),
             listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
             health_listen: SocketAddr::from(([127, 0, 0, 1], 7401)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 7402)),
+            tls: TlsConfig::default(),
             log_format: LogFormat::Text,
             control_plane: ControlPlaneConfig::default(),
             store: StoreConfig::default(),
@@ -82,7 +89,8 @@ impl Default for StoreConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ShardSyncConfig {
-    /// Shard syncs that may run at once (changeable at run time through `SyncAdmin`). Default 4.
+    /// Shard syncs that may run at once. Default 4. Changeable at run time through `SyncAdmin`
+    /// or by editing the config file (applied live).
     pub max_concurrent_syncs: u32,
     /// Attempts before a sync fails for good and its shard goes to blob recovery. Default 8.
     pub max_attempts: u32,
@@ -151,7 +159,8 @@ pub struct StreamConfig {
     /// 10 000 000.
     pub max_items: u64,
     /// Bandwidth cap of each outgoing shard stream in bytes per second, so moving shards does
-    /// not starve client traffic; 0 = unlimited (default).
+    /// not starve client traffic; 0 = unlimited (default). Applied live when the config file
+    /// changes, to streams already running too.
     pub max_bytes_per_sec: u64,
 }
 
@@ -183,6 +192,10 @@ impl Validate for SyncConfig {
         if self.listen == self.health_listen {
             return Err(invalid("health_listen", "must differ from `listen`"));
         }
+        if self.metrics_listen == self.listen || self.metrics_listen == self.health_listen {
+            return Err(invalid("metrics_listen", "must differ from `listen` and `health_listen`"));
+        }
+        self.tls.validate("tls")?;
         let s = &self.shard_sync;
         for (field, value) in [
             ("shard_sync.max_concurrent_syncs", s.max_concurrent_syncs as u64),

@@ -3,15 +3,22 @@
 //! change, and publishes the running-sync count that recovery-service follows.
 
 pub mod config;
+pub mod metrics;
 pub mod node;
 pub mod server;
 pub mod store;
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, path::Path, sync::{Arc, atomic::Ordering}, time::Duration};
 
 use anyhow::Context;
 use ferry_proto::v1::{sync_admin_server::SyncAdminServer, sync_service_server::SyncServiceServer};
-use ferry_shared::{serving, control_plane::ControlPlane, grpc::MAX_MESSAGE_BYTES};
+use ferry_shared::{
+    config_watch,
+    control_plane::ControlPlane,
+    grpc::MAX_MESSAGE_BYTES,
+    metrics::{RpcMetricsLayer, start_metrics_server},
+    serving, telemetry,
+};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
@@ -30,6 +37,8 @@ pub struct SyncServiceHandle {
     pub addr: SocketAddr,
     /// Address of the plaintext health server.
     pub health_addr: SocketAddr,
+    /// Address of the Prometheus metrics endpoint.
+    pub metrics_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -89,12 +98,35 @@ pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyh
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<SyncServiceServer<SyncServer>>().await;
     let health_server = serving::spawn_health_server(health_listener, health_service.clone(), shutdown_rx.clone())?;
+    let (metrics_addr, metrics_server) = start_metrics_server(node.config.metrics_listen, node.metrics.registry.clone(), shutdown_rx.clone())
+        .await
+        .with_context(|| format!("bind {}", node.config.metrics_listen))?;
+    {
+        // The gauge mirrors the running-sync counter.
+        let gauge = node.metrics.running_syncs.clone();
+        let mut counts = node.counter.subscribe();
+        node.spawn_background(async move {
+            loop {
+                gauge.set(i64::from(*counts.borrow_and_update()));
+                if counts.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
 
     epoch_change::startup(&node).await.context("start-up reconciliation")?;
     let server = SyncServer::new(node.clone(), shutdown_rx.clone());
+    let mut builder = tonic::transport::Server::builder();
+    match &node.tls {
+        Some(tls) => builder = builder.tls_config(tls.server_config()).context("TLS server configuration")?,
+        None => warn!("TLS is disabled (tls.enabled = false): peers are not authenticated and anyone who can reach this port can call every method"),
+    }
     let main_server = {
         let mut shutdown = shutdown_rx.clone();
-        tonic::transport::Server::builder()
+        builder
+            .trace_fn(telemetry::grpc_server_span("sync-service", node.id.to_string()))
+            .layer(RpcMetricsLayer::new(node.metrics.rpc.clone()))
             .add_service(health_service)
             .add_service(serving::reflection_v1()?)
             .add_service(serving::reflection_v1alpha()?)
@@ -115,7 +147,7 @@ pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyh
             }
         })
     };
-    info!(%addr, %health_addr, node = %node.id, "sync-service listening");
+    info!(%addr, %health_addr, %metrics_addr, node = %node.id, tls = node.tls.is_some(), "sync-service listening");
     let mut follower = tokio::spawn(epoch_change::run_follower(node.clone()));
     let task_node = node.clone();
     let mut shutdown = shutdown_rx;
@@ -142,6 +174,7 @@ pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyh
         }
         readiness.abort();
         health_server.abort();
+        metrics_server.abort();
         task_node.abort_all_syncs();
         task_node.stop_background().await;
         let _ = readiness.await;
@@ -150,12 +183,47 @@ pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyh
         info!("sync-service stopped");
         result
     });
-    Ok(SyncServiceHandle { node, addr, health_addr, shutdown: shutdown_tx, task })
+    Ok(SyncServiceHandle { node, addr, health_addr, metrics_addr, shutdown: shutdown_tx, task })
 }
 
-/// Runs until `signal` resolves, then shuts down gracefully.
-pub async fn run_until(config: SyncConfig, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// Applies the settings that may change while running when `config_file` changes:
+/// `shard_sync.max_concurrent_syncs` and `stream.max_bytes_per_sec`. Others are logged as
+/// needing a restart. Returns the guard that keeps the watch alive.
+pub fn apply_config_changes(node: &Arc<Node>, config_file: &Path) -> anyhow::Result<config_watch::ConfigWatchGuard> {
+    let (mut changes, guard) = config_watch::watch_config::<SyncConfig>(config_file, config::ENV_PREFIX, node.config.clone())?;
+    let node = node.clone();
+    tokio::spawn(async move {
+        let mut applied = node.config.clone();
+        while changes.changed().await.is_ok() {
+            let new = changes.borrow_and_update().clone();
+            if new.shard_sync.max_concurrent_syncs != applied.shard_sync.max_concurrent_syncs {
+                let previous = node.sync_limit.set_limit(new.shard_sync.max_concurrent_syncs as usize);
+                info!(previous, now = new.shard_sync.max_concurrent_syncs, "shard sync concurrency changed by the config file");
+            }
+            if new.stream.max_bytes_per_sec != applied.stream.max_bytes_per_sec {
+                node.stream_rate.store(new.stream.max_bytes_per_sec, Ordering::Relaxed);
+                info!(now = new.stream.max_bytes_per_sec, "shard stream bandwidth cap changed by the config file");
+            }
+            let mut rest_new = new.clone();
+            rest_new.shard_sync.max_concurrent_syncs = applied.shard_sync.max_concurrent_syncs;
+            rest_new.stream.max_bytes_per_sec = applied.stream.max_bytes_per_sec;
+            if rest_new != applied {
+                warn!("the config file changed settings that apply only after a restart");
+            }
+            applied = new;
+        }
+    });
+    Ok(guard)
+}
+
+/// Runs until `signal` resolves, then shuts down gracefully. With `config_file`, changes of
+/// the live settings in it are applied while running.
+pub async fn run_until(config: SyncConfig, config_file: Option<&Path>, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
     let handle = start(config).await?;
+    let _watch = match config_file {
+        Some(file) => Some(apply_config_changes(&handle.node, file)?),
+        None => None,
+    };
     let shutdown = handle.shutdown.clone();
     let mut task = handle.task;
     tokio::select! {

@@ -26,6 +26,7 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", ferry_shared::config::to_toml(&config)?);
         return Ok(());
     }
-    ferry_shared::telemetry::init("sync-service", config.log_format);
-    ferry_sync_service::run_until(config, ferry_shared::serving::shutdown_signal()).await.context("sync-service")
+    ferry_shared::tls::install_crypto_provider();
+    let _telemetry = ferry_shared::telemetry::init("sync-service", config.log_format);
+    ferry_sync_service::run_until(config, args.config.as_deref(), ferry_shared::serving::shutdown_signal()).await.context("sync-service")
 }

@@ -12,12 +12,15 @@ pub mod epoch_change;
 pub mod shard_sync;
 pub mod sync_counter;
 
-use std::{collections::{BTreeMap, HashMap}, sync::{Arc, Mutex as StdMutex}};
+use std::{collections::{BTreeMap, HashMap}, sync::{Arc, Mutex as StdMutex, atomic::AtomicU64}};
 
+use anyhow::Context as _;
 use ferry_shared::{
     Committee,
     control_plane::{ControlPlane, ControlPlaneError, NodeRecord},
     crypto::{self, NodeKeypair},
+    grpc::Connector,
+    tls::TlsMaterial,
     types::{Epoch, NodeId, NodeStatus, ShardIndex, ShardStatus},
 };
 use thiserror::Error;
@@ -25,6 +28,7 @@ use tokio::sync::{Mutex, watch};
 
 use crate::{
     config::SyncConfig,
+    metrics::SyncMetrics,
     store::{NodeState, ShardRecord, ShardStore, StoreError},
 };
 use shard_sync::SyncLimiter;
@@ -118,6 +122,14 @@ pub struct Node {
     pub counter: SyncCounter,
     /// Limits how many shard syncs transfer at once; resizable at run time.
     pub sync_limit: SyncLimiter,
+    /// Per-stream bandwidth cap of served shard streams (bytes/s, 0 = none); changeable live.
+    pub stream_rate: AtomicU64,
+    /// This node's TLS material; `None` only when plaintext is configured explicitly.
+    pub tls: Option<Arc<TlsMaterial>>,
+    /// Client channels to peers (mutual TLS when `tls` is set).
+    pub connector: Connector,
+    /// Prometheus metrics.
+    pub metrics: SyncMetrics,
     view: watch::Sender<NodeView>,
     transition_lock: Mutex<()>,
     sync_tasks: StdMutex<HashMap<ShardIndex, tokio::task::AbortHandle>>,
@@ -167,6 +179,8 @@ impl Node {
     pub async fn open(config: SyncConfig, control_plane: ControlPlane) -> anyhow::Result<Arc<Self>> {
         let id = NodeId::new(config.node_id.clone())?;
         let key = NodeKeypair::load(&config.key_file)?;
+        let tls = config.tls.load(Some(&id)).context("TLS material")?;
+        let metrics = SyncMetrics::new().context("metrics registry")?;
         let store_config = config.store.clone();
         let store = tokio::task::spawn_blocking(move || ShardStore::open(&store_config)).await??;
         let limit = config.shard_sync.max_concurrent_syncs;
@@ -177,6 +191,10 @@ impl Node {
             control_plane,
             counter: SyncCounter::default(),
             sync_limit: SyncLimiter::new(limit as usize),
+            stream_rate: AtomicU64::new(config.stream.max_bytes_per_sec),
+            connector: Connector::new(tls.clone()),
+            tls,
+            metrics,
             view: watch::channel(NodeView::default()).0,
             transition_lock: Mutex::new(()),
             sync_tasks: StdMutex::new(HashMap::new()),

@@ -3,13 +3,19 @@
 //!
 //! Every request is validated before anything is allocated or stored: ids and shard indices
 //! are parsed into checked types, slivers and metadata are verified, page sizes are capped.
+//!
+//! With TLS on, every call is checked against the caller's verified certificate identity
+//! ([`Access`]): `StreamShard` only for the node the committee makes the shard's owner, sliver
+//! reads and writes for committee members and clients, the sync-state stream and the recovery
+//! calls for this node itself, `SyncAdmin` for this node and operator clients.
 
-use std::{collections::HashMap, pin::Pin, sync::{Arc, Mutex}, time::Duration};
+use std::{collections::HashMap, pin::Pin, sync::{Arc, Mutex, atomic::Ordering}, time::Duration};
 
 use ferry_proto::v1::{self as pb, sync_admin_server::SyncAdmin, sync_service_server::SyncService};
 use ferry_shared::{
     crypto::{self, StreamShardIntent},
     erasure::BlobMetadata,
+    tls::{self, PeerIdentity},
     types::{BlobId, NodeId, NodeStatus, ShardIndex, ShardStatus},
 };
 use futures::Stream;
@@ -57,6 +63,19 @@ impl ReplayGuard {
     }
 }
 
+/// Who may make a call (with TLS on; a plaintext node lets everyone, and warns at start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// A committee member of the current epoch, or a client certificate.
+    MemberOrClient,
+    /// This node's own certificate (its recovery-service).
+    SelfOnly,
+    /// This node or an operator's client certificate.
+    SelfOrClient,
+    /// The node named in the request (checked by the caller against the committee).
+    Node,
+}
+
 /// The sync-service gRPC implementation.
 #[derive(Clone)]
 pub struct SyncServer {
@@ -71,6 +90,23 @@ impl SyncServer {
     pub fn new(node: Arc<Node>, shutdown: watch::Receiver<bool>) -> Self {
         let permits = node.config.stream.max_concurrent_streams;
         SyncServer { node, stream_permits: Arc::new(Semaphore::new(permits)), replay: Arc::new(ReplayGuard::default()), shutdown }
+    }
+
+    /// Checks the caller's certificate against `access`; returns the verified identity (`None`
+    /// on a plaintext node).
+    fn authorize<T>(&self, request: &Request<T>, access: Access) -> Result<Option<PeerIdentity>, Status> {
+        if self.node.tls.is_none() {
+            return Ok(None);
+        }
+        let caller = tls::caller(request)?.ok_or_else(|| Status::unauthenticated("this call needs a client certificate issued by the cluster CA"))?;
+        let allowed = match (&caller, access) {
+            (_, Access::Node) => matches!(caller, PeerIdentity::Node(_)),
+            (PeerIdentity::Client(_), Access::MemberOrClient | Access::SelfOrClient) => true,
+            (PeerIdentity::Client(_), Access::SelfOnly) => false,
+            (PeerIdentity::Node(id), Access::SelfOnly | Access::SelfOrClient) => id == &self.node.id,
+            (PeerIdentity::Node(id), Access::MemberOrClient) => id == &self.node.id || self.node.view().committee().is_some_and(|c| c.is_member(id)),
+        };
+        if allowed { Ok(Some(caller)) } else { Err(Status::permission_denied(format!("{caller} may not make this call on node {}", self.node.id))) }
     }
 
     fn committee_shard(&self, view: &NodeView, raw: u32) -> Result<ShardIndex, Status> {
@@ -123,6 +159,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[tonic::async_trait]
 impl SyncService for SyncServer {
     async fn store_metadata(&self, request: Request<pb::StoreMetadataRequest>) -> Result<Response<pb::StoreMetadataResponse>, Status> {
+        self.authorize(&request, Access::MemberOrClient)?;
         let req = request.into_inner();
         let id = blob_id(&req.blob_id)?;
         let proto = req.metadata.ok_or_else(|| Status::invalid_argument("metadata is required"))?;
@@ -143,6 +180,7 @@ impl SyncService for SyncServer {
     }
 
     async fn store_sliver(&self, request: Request<pb::StoreSliverRequest>) -> Result<Response<pb::StoreSliverResponse>, Status> {
+        self.authorize(&request, Access::MemberOrClient)?;
         let req = request.into_inner();
         let id = blob_id(&req.blob_id)?;
         let view = self.node.view();
@@ -194,6 +232,7 @@ impl SyncService for SyncServer {
     }
 
     async fn get_sliver(&self, request: Request<pb::GetSliverRequest>) -> Result<Response<pb::GetSliverResponse>, Status> {
+        self.authorize(&request, Access::MemberOrClient)?;
         let req = request.into_inner();
         let id = blob_id(&req.blob_id)?;
         let view = self.node.view();
@@ -221,7 +260,14 @@ impl SyncService for SyncServer {
     type StreamShardStream = BoxStream<pb::ShardItem>;
 
     async fn stream_shard(&self, request: Request<pb::StreamShardRequest>) -> Result<Response<Self::StreamShardStream>, Status> {
+        let caller = self.authorize(&request, Access::Node)?;
         let req = request.into_inner();
+        if let Some(PeerIdentity::Node(id)) = &caller {
+            // The signature proves the key; the certificate must prove the same node.
+            if id.as_str() != req.requester {
+                return Err(Status::permission_denied(format!("node {id} may not stream shards on behalf of {:?}", req.requester)));
+            }
+        }
         let (shard, start) = self.authorize_stream(&req)?;
         let cfg = self.node.config.stream.clone();
         // The permit moves into the producer, so it bounds streams for their whole life.
@@ -236,6 +282,9 @@ impl SyncService for SyncServer {
         let requester = req.requester.clone();
         let mut shutdown = self.shutdown.clone();
         info!(shard = shard.0, %requester, start = ?start, "serving shard stream");
+        let node = self.node.clone();
+        let label = shard.0.to_string();
+        let (streamed_items, streamed_bytes) = (node.metrics.streamed_items.with_label_values(&[label.as_str()]), node.metrics.streamed_bytes.with_label_values(&[label.as_str()]));
         self.node.spawn_background(async move {
             let _permit = permit;
             let mut cursor = start;
@@ -285,9 +334,13 @@ impl SyncService for SyncServer {
                     }
                     sent += 1;
                     sent_bytes += item_len;
-                    if cfg.max_bytes_per_sec > 0 {
+                    streamed_items.inc();
+                    streamed_bytes.inc_by(item_len);
+                    // Read per item so a live config change applies to running streams too.
+                    let rate = node.stream_rate.load(Ordering::Relaxed);
+                    if rate > 0 {
                         // Pace the stream: sleep until the bytes sent fit the configured rate.
-                        let due = started + Duration::from_secs_f64(sent_bytes as f64 / cfg.max_bytes_per_sec as f64);
+                        let due = started + Duration::from_secs_f64(sent_bytes as f64 / rate as f64);
                         tokio::time::sleep_until(due).await;
                     }
                     if sent >= limit {
@@ -308,7 +361,8 @@ impl SyncService for SyncServer {
 
     type WatchSyncStateStream = BoxStream<pb::SyncState>;
 
-    async fn watch_sync_state(&self, _request: Request<pb::WatchSyncStateRequest>) -> Result<Response<Self::WatchSyncStateStream>, Status> {
+    async fn watch_sync_state(&self, request: Request<pb::WatchSyncStateRequest>) -> Result<Response<Self::WatchSyncStateStream>, Status> {
+        self.authorize(&request, Access::SelfOnly)?;
         let node = self.node.clone();
         let views = node.subscribe();
         let counts = node.counter.subscribe();
@@ -394,6 +448,7 @@ impl SyncService for SyncServer {
     }
 
     async fn check_blobs(&self, request: Request<pb::CheckBlobsRequest>) -> Result<Response<pb::CheckBlobsResponse>, Status> {
+        self.authorize(&request, Access::MemberOrClient)?;
         let req = request.into_inner();
         if req.blob_ids.len() > MAX_CHECK_BLOBS {
             return Err(Status::invalid_argument(format!("at most {MAX_CHECK_BLOBS} blob ids per request, got {}", req.blob_ids.len())));
@@ -424,6 +479,7 @@ impl SyncService for SyncServer {
     }
 
     async fn mark_shards_recovered(&self, request: Request<pb::MarkShardsRecoveredRequest>) -> Result<Response<pb::MarkShardsRecoveredResponse>, Status> {
+        self.authorize(&request, Access::SelfOnly)?;
         let req = request.into_inner();
         let activated = {
             let guard = self.node.transition().await;
@@ -467,7 +523,8 @@ impl SyncService for SyncServer {
         Ok(Response::new(pb::MarkShardsRecoveredResponse { activated }))
     }
 
-    async fn get_shard_evidence(&self, _request: Request<pb::GetShardEvidenceRequest>) -> Result<Response<pb::GetShardEvidenceResponse>, Status> {
+    async fn get_shard_evidence(&self, request: Request<pb::GetShardEvidenceRequest>) -> Result<Response<pb::GetShardEvidenceResponse>, Status> {
+        self.authorize(&request, Access::SelfOnly)?;
         let view = self.node.view();
         let evidence = attestation::evidence(&self.node, &view).await.map_err(internal)?;
         let evidence = evidence.ok_or_else(|| Status::failed_precondition("not every owned shard is ACTIVE yet"))?;
@@ -481,6 +538,7 @@ impl SyncService for SyncServer {
     }
 
     async fn complete_recovery(&self, request: Request<pb::CompleteRecoveryRequest>) -> Result<Response<pb::CompleteRecoveryResponse>, Status> {
+        self.authorize(&request, Access::SelfOnly)?;
         let epoch = request.into_inner().epoch;
         {
             let guard = self.node.transition().await;
@@ -527,6 +585,7 @@ fn sync_state(node: &Node, view: &NodeView, running: u32) -> pb::SyncState {
 #[tonic::async_trait]
 impl SyncAdmin for SyncServer {
     async fn retry_shard_sync(&self, request: Request<pb::RetryShardSyncRequest>) -> Result<Response<pb::RetryShardSyncResponse>, Status> {
+        self.authorize(&request, Access::SelfOrClient)?;
         let raw = request.into_inner().shard;
         {
             let guard = self.node.transition().await;
@@ -551,6 +610,7 @@ impl SyncAdmin for SyncServer {
     }
 
     async fn set_sync_concurrency(&self, request: Request<pb::SetSyncConcurrencyRequest>) -> Result<Response<pb::SetSyncConcurrencyResponse>, Status> {
+        self.authorize(&request, Access::SelfOrClient)?;
         let n = request.into_inner().max_concurrent_syncs;
         if n == 0 || n > 1024 {
             return Err(Status::invalid_argument("max_concurrent_syncs must be between 1 and 1024"));

@@ -69,7 +69,10 @@ async fn try_attest(node: &Arc<Node>) -> Result<(), NodeError> {
     }
     let record = AttestationRecord::sign(&node.key, node.id.clone(), epoch, "sync-service", evidence);
     match node.control_plane.attest(&record).await? {
-        AttestOutcome::Created { flipped_to_done } => info!(epoch, flipped_to_done, "attested epoch-sync-done"),
+        AttestOutcome::Created { flipped_to_done } => {
+            node.metrics.attestations.inc();
+            info!(epoch, flipped_to_done, "attested epoch-sync-done");
+        }
         AttestOutcome::AlreadyPresent(_) => {}
     }
     Ok(())

@@ -159,10 +159,12 @@ async fn run(node: &Arc<Node>, shard: ShardIndex) {
                     return;
                 }
                 warn!(error = %msg, attempt = progress.attempts, backoff_ms = backoff.as_millis() as u64, "shard sync attempt failed; retrying");
+                node.metrics.sync_retries.inc();
                 record_error(node, shard, &msg).await;
             }
             Err(AttemptError::Local(e)) => {
                 warn!(error = %e, "shard sync attempt failed locally; retrying");
+                node.metrics.sync_retries.inc();
                 record_error(node, shard, &e.to_string()).await;
             }
         }
@@ -218,6 +220,7 @@ async fn record_error(node: &Arc<Node>, shard: ShardIndex, msg: &str) {
 }
 
 async fn fail_for_good(node: &Arc<Node>, shard: ShardIndex, msg: &str) {
+    node.metrics.sync_failures.inc();
     let msg = msg.to_string();
     update_syncing(node, shard, "mark the shard for blob recovery", move |r| {
         r.status = ShardStatus::ActiveRecover;
@@ -234,6 +237,7 @@ async fn fail_for_good(node: &Arc<Node>, shard: ShardIndex, msg: &str) {
 async fn write_batch(node: &Arc<Node>, shard: ShardIndex, gained_epoch: u64, items: Vec<SliverWrite>, pending: Vec<BlobId>, progress: SyncProgress, finish: Option<ShardStatus>) -> Result<(), AttemptError> {
     let _t = node.transition().await;
     let n = items.len() as u64;
+    let bytes: u64 = items.iter().map(|i| i.data.len() as u64).sum();
     let wrote = node
         .store
         .call(move |s| {
@@ -251,6 +255,9 @@ async fn write_batch(node: &Arc<Node>, shard: ShardIndex, gained_epoch: u64, ite
         return Err(AttemptError::Superseded);
     }
     node.bump_live(shard, n);
+    let label = shard.0.to_string();
+    node.metrics.synced_slivers.with_label_values(&[label.as_str()]).inc_by(n);
+    node.metrics.synced_bytes.with_label_values(&[label.as_str()]).inc_by(bytes);
     Ok(())
 }
 
@@ -264,7 +271,8 @@ async fn attempt(node: &Arc<Node>, shard: ShardIndex, start: &SyncProgress) -> R
         .member(&source)
         .ok_or_else(|| AttemptError::Fatal(format!("previous owner {source} left the committee")))?
         .clone();
-    let mut client = SyncServiceClient::new(grpc::channel(&source_member.sync_address, None).map_err(|s| AttemptError::Fatal(s.message().to_string()))?)
+    let channel = node.connector.channel(&source_member.sync_address, &source, None).map_err(|s| AttemptError::Fatal(s.message().to_string()))?;
+    let mut client = SyncServiceClient::new(channel)
         .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES);
     let resume_from = match start.cursor {
@@ -278,17 +286,7 @@ async fn attempt(node: &Arc<Node>, shard: ShardIndex, start: &SyncProgress) -> R
         // The cursor is the largest possible id: the transfer is complete.
         return complete(node, shard, start.clone()).await;
     }
-    let intent = StreamShardIntent { shard, epoch: current.epoch, start: resume_from, requester: &node.id, timestamp_ms: crypto::now_ms(), include_metadata: true, limit: 0 };
-    let request = pb::StreamShardRequest {
-        shard: shard.0,
-        epoch: current.epoch,
-        start_blob_id: resume_from.map(|b| b.0.to_vec()).unwrap_or_default(),
-        requester: node.id.to_string(),
-        timestamp_ms: intent.timestamp_ms,
-        include_metadata: true,
-        signature: node.key.sign(&intent.message()),
-        limit: 0,
-    };
+    let request = StreamShardIntent { shard, epoch: current.epoch, start: resume_from, requester: &node.id, timestamp_ms: crypto::now_ms(), include_metadata: true, limit: 0 }.sign(&node.key);
     let mut stream = match tokio::time::timeout(cfg.item_timeout(), client.stream_shard(request)).await {
         Err(_) => return Err(AttemptError::Retryable(format!("{source} did not answer within {:?}", cfg.item_timeout()))),
         Ok(Err(status)) => return Err(classify(&status)),
@@ -412,6 +410,7 @@ async fn complete(node: &Arc<Node>, shard: ShardIndex, mut progress: SyncProgres
     progress.cursor = None;
     let status = if progress.pending == 0 { ShardStatus::Active } else { ShardStatus::ActiveRecover };
     info!(blobs = progress.blobs_done, bytes = progress.bytes_done, pending = progress.pending, ?status, "shard sync finished");
+    node.metrics.sync_completed.inc();
     write_batch(node, shard, progress.gained_epoch, Vec::new(), missing, progress, Some(status)).await?;
     node.mirror_status().await;
     super::attestation::attest_if_ready(node).await;

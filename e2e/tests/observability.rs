@@ -1,0 +1,123 @@
+//! Tracing and metrics against running services: one trace follows a blob recovery from
+//! recovery-service through its own sync-service to the peers it fetches from, and the
+//! Prometheus endpoints count what shard sync and recovery did.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::{collections::HashMap, net::SocketAddr};
+
+use ferry_e2e::Cluster;
+use ferry_shared::{
+    metrics::{self, sample},
+    telemetry::{self, LogFormat},
+    types::NodeStatus,
+};
+use opentelemetry::Value;
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+
+fn attr(span: &SpanData, key: &str) -> Option<String> {
+    span.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| match &kv.value {
+        Value::String(s) => s.as_str().to_string(),
+        other => other.to_string(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_trace_spans_recovery_service_its_sync_service_and_a_peer() {
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+    let _telemetry = telemetry::init_with_provider("ferry-e2e", LogFormat::Text, Some(provider.clone()));
+
+    let mut cluster = Cluster::new(4, 8).await.unwrap();
+    cluster.start_genesis().await.unwrap();
+    for i in 0..4 {
+        cluster.start_recovery(i).await.unwrap();
+    }
+    cluster.store_random_blobs(8, 2000, 21).await.unwrap();
+    // Node 3 loses its data and recovers every blob from its peers.
+    cluster.stop_recovery(3).await.unwrap();
+    cluster.stop_sync(3).await.unwrap();
+    cluster.wipe(3).unwrap();
+    cluster.start_sync(3).await.unwrap();
+    cluster.wait_view(3, "RecoveryInProgress after the wipe", |v| matches!(v.status(), NodeStatus::RecoveryInProgress(_))).await.unwrap();
+    exporter.reset();
+    cluster.start_recovery(3).await.unwrap();
+    cluster.wait_all_active(3, 0).await.unwrap();
+    provider.force_flush().unwrap();
+
+    let spans = exporter.get_finished_spans().unwrap();
+    let mut traces: HashMap<_, Vec<&SpanData>> = HashMap::new();
+    for span in &spans {
+        traces.entry(span.span_context.trace_id()).or_default().push(span);
+    }
+    let server_of = |s: &SpanData| (attr(s, "ferry.service"), attr(s, "ferry.node"), s.name.to_string());
+    let complete = traces.values().find(|trace| {
+        let recovery = trace.iter().any(|s| s.name == "recover_blob");
+        let local = trace.iter().any(|s| server_of(s) == (Some("sync-service".into()), Some("node-3".into()), "/ferry.v1.SyncService/StoreSliver".into()));
+        let peer = trace.iter().any(|s| {
+            let (service, node, name) = server_of(s);
+            service.as_deref() == Some("sync-service") && node.as_deref() != Some("node-3") && name == "/ferry.v1.SyncService/GetSliver"
+        });
+        recovery && local && peer
+    });
+    let Some(trace) = complete else {
+        let names: Vec<String> = spans.iter().map(|s| format!("{} {:?}/{:?}", s.name, attr(s, "ferry.service"), attr(s, "ferry.node"))).collect();
+        panic!("no trace holds recover_blob, node-3's StoreSliver and a peer's GetSliver; {} spans: {names:?}", spans.len());
+    };
+    // The server spans continue the caller's trace: none is a root of its own. (Sharing the
+    // trace id at all is only possible through the propagated context.)
+    for s in trace.iter().filter(|s| attr(s, "ferry.service").as_deref() == Some("sync-service")) {
+        assert_ne!(s.parent_span_id, opentelemetry::trace::SpanId::INVALID, "server span {} is a root", s.name);
+    }
+    let nodes: std::collections::BTreeSet<String> = trace.iter().filter_map(|s| attr(s, "ferry.node")).collect();
+    println!("one recovery trace: {} spans across nodes {nodes:?}", trace.len());
+    assert!(nodes.len() >= 2, "the trace crosses nodes: {nodes:?}");
+
+    // The same recovery, counted: every blob recovered, bytes fetched, slivers stored locally.
+    let recovery3 = scrape(cluster.nodes[3].recovery.as_ref().unwrap().metrics_addr).await;
+    assert_eq!(sample(&recovery3, "ferry_recovery_blobs_recovered_total", &[]), 8.0, "{recovery3}");
+    assert!(sample(&recovery3, "ferry_recovery_bytes_fetched_total", &[]) > 0.0);
+    assert_eq!(sample(&recovery3, "ferry_recovery_attestations_total", &[]), 0.0, "no attestation at epoch 0");
+    let sync3 = scrape(cluster.nodes[3].sync.as_ref().unwrap().metrics_addr).await;
+    assert!(sample(&sync3, "ferry_rpc_duration_seconds_count", &["method=\"/ferry.v1.SyncService/StoreSliver\"", "code=\"OK\""]) >= 8.0, "{sync3}");
+}
+
+async fn scrape(addr: SocketAddr) -> String {
+    metrics::scrape(addr).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_count_shard_sync_streaming_recovery_and_rpcs() {
+    let mut cluster = Cluster::new(4, 8).await.unwrap();
+    cluster.start_genesis().await.unwrap();
+    for i in 0..4 {
+        cluster.start_recovery(i).await.unwrap();
+    }
+    let blobs = cluster.store_random_blobs(12, 3000, 8).await.unwrap();
+    // Node 0 gains shards at epoch 1 and fills them by shard sync.
+    let committee = cluster.committee().await.unwrap();
+    let members = committee.members.iter().map(|m| { let mut m = m.clone(); if m.node_id == cluster.nodes[0].id { m.weight = 3; } m }).collect();
+    let next = cluster.next_epoch(members).await.unwrap();
+    let gained = next.shards_of(&cluster.nodes[0].id).len() - committee.shards_of(&cluster.nodes[0].id).len();
+    assert!(gained > 0);
+    cluster.wait_all_active(0, 1).await.unwrap();
+    cluster.wait_done(1).await.unwrap();
+
+    let node0 = scrape(cluster.nodes[0].sync.as_ref().unwrap().metrics_addr).await;
+    assert!(sample(&node0, "ferry_sync_completed_total", &[]) >= gained as f64, "{node0}");
+    assert_eq!(sample(&node0, "ferry_sync_slivers_total", &[]), (gained * blobs.len()) as f64, "every gained sliver came by shard sync");
+    assert!(sample(&node0, "ferry_sync_bytes_total", &[]) > 0.0);
+    assert_eq!(sample(&node0, "ferry_sync_running", &[]), 0.0);
+    assert_eq!(sample(&node0, "ferry_attestations_total", &[]), 1.0, "one attestation for epoch 1");
+    let mut streamed = 0.0;
+    let mut stream_rpcs = 0.0;
+    for i in 1..4 {
+        let text = scrape(cluster.nodes[i].sync.as_ref().unwrap().metrics_addr).await;
+        streamed += sample(&text, "ferry_stream_items_total", &[]);
+        stream_rpcs += sample(&text, "ferry_rpc_duration_seconds_count", &["method=\"/ferry.v1.SyncService/StreamShard\"", "code=\"OK\""]);
+    }
+    assert_eq!(streamed, (gained * blobs.len()) as f64, "the previous owners served exactly the gained slivers");
+    assert!(stream_rpcs >= gained as f64, "StreamShard calls are timed until their streams end: {stream_rpcs}");
+    // Shard sync filled the gained shards, so blob recovery had nothing to do.
+    let recovery0 = scrape(cluster.nodes[0].recovery.as_ref().unwrap().metrics_addr).await;
+    assert!(recovery0.contains("ferry_recovery_blobs_recovered_total 0"), "{recovery0}");
+}
