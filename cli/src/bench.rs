@@ -158,7 +158,8 @@ struct FillSpec {
     method: &'static str,
     tls: bool,
     scale: usize,
-    /// Per-stream bandwidth cap (bytes/s), 0 = none.
+    /// Per-stream bandwidth cap (bytes/s), 0 = none. Paced runs also write small batches,
+    /// so progress is persisted (and a kill can land) throughout the stream.
     rate: u64,
     disturb: Disturb,
 }
@@ -302,8 +303,9 @@ async fn fill(options: &BenchOptions, spec: &FillSpec, keep: bool) -> anyhow::Re
         }
         std::fs::remove_dir_all(&dir)?;
     }
+    let batch_items = if spec.rate > 0 { 8 } else { 64 };
     let sync_extra = format!(
-        "[shard_sync]\nfill_gained_by = \"{}\"\ninitial_backoff_ms = 50\nmax_backoff_ms = 500\n[stream]\nmax_bytes_per_sec = {}\n[epoch]\nlocked_shard_grace_ms = 600000\n",
+        "[shard_sync]\nfill_gained_by = \"{}\"\ninitial_backoff_ms = 50\nmax_backoff_ms = 500\nbatch_items = {batch_items}\n[stream]\nmax_bytes_per_sec = {}\n[epoch]\nlocked_shard_grace_ms = 600000\n",
         spec.method, spec.rate
     );
     let up = UpOptions {
@@ -477,11 +479,11 @@ async fn loopback_throughput(total: usize, tls_dir: Option<&Path>) -> anyhow::Re
             Some(acceptor) => {
                 let stream = acceptor.accept(socket).await?;
                 let started = Instant::now();
-                (read_to_end_counting(stream, total).await?, started)
+                (read_to_end_counting(stream).await?, started)
             }
             None => {
                 let started = Instant::now();
-                (read_to_end_counting(socket, total).await?, started)
+                (read_to_end_counting(socket).await?, started)
             }
         };
         Ok::<_, std::io::Error>((got, started.elapsed()))
@@ -503,17 +505,17 @@ async fn loopback_throughput(total: usize, tls_dir: Option<&Path>) -> anyhow::Re
     Ok(got as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64())
 }
 
-async fn read_to_end_counting(mut stream: impl tokio::io::AsyncRead + Unpin, total: usize) -> std::io::Result<usize> {
+/// Reads until the writer closes (EOF or TLS close_notify); the byte count.
+async fn read_to_end_counting(mut stream: impl tokio::io::AsyncRead + Unpin) -> std::io::Result<usize> {
     let mut buf = vec![0u8; 256 * 1024];
     let mut got = 0usize;
-    while got < total {
+    loop {
         let n = stream.read(&mut buf).await?;
         if n == 0 {
-            break;
+            return Ok(got);
         }
         got += n;
     }
-    Ok(got)
 }
 
 /// Writes `total` bytes in 64 KiB writes, then closes the write side.

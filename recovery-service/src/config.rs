@@ -47,7 +47,7 @@ pub struct RecoveryConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RecoveryTuning {
-    /// Blobs recovered at once. Default 8.
+    /// Blobs recovered at once. Default 8. Applied live when the config file changes.
     pub max_concurrent_blobs: usize,
     /// Registry page size of a scan. Default 256.
     pub scan_page: usize,

@@ -11,11 +11,12 @@ pub mod server;
 pub mod store;
 pub mod sync_state;
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, path::Path, sync::Arc};
 
 use anyhow::Context;
 use ferry_proto::v1::recovery_service_server::RecoveryServiceServer;
 use ferry_shared::{
+    config_watch,
     control_plane::ControlPlane,
     crypto::NodeKeypair,
     grpc::Connector,
@@ -134,9 +135,39 @@ pub async fn start_with(config: RecoveryConfig, control_plane: ControlPlane) -> 
     Ok(RecoveryServiceHandle { recovery, addr, health_addr, metrics_addr, shutdown: shutdown_tx, task })
 }
 
-/// Runs until `signal` resolves.
-pub async fn run_until(config: RecoveryConfig, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// Applies `recovery.max_concurrent_blobs` while running when `config_file` changes; other
+/// changed settings are logged as needing a restart. Returns the guard that keeps the watch.
+pub fn apply_config_changes(recovery: &Arc<Recovery>, initial: RecoveryConfig, config_file: &Path) -> anyhow::Result<config_watch::ConfigWatchGuard> {
+    let (mut changes, guard) = config_watch::watch_config::<RecoveryConfig>(config_file, config::ENV_PREFIX, initial.clone())?;
+    let recovery = recovery.clone();
+    tokio::spawn(async move {
+        let mut applied = initial;
+        while changes.changed().await.is_ok() {
+            let new = changes.borrow_and_update().clone();
+            if new.recovery.max_concurrent_blobs != applied.recovery.max_concurrent_blobs {
+                let previous = recovery.set_max_concurrent_blobs(new.recovery.max_concurrent_blobs);
+                info!(previous, now = new.recovery.max_concurrent_blobs, "blob recovery concurrency changed by the config file");
+            }
+            let mut rest = new.clone();
+            rest.recovery.max_concurrent_blobs = applied.recovery.max_concurrent_blobs;
+            if rest != applied {
+                warn!("the config file changed settings that apply only after a restart");
+            }
+            applied = new;
+        }
+    });
+    Ok(guard)
+}
+
+/// Runs until `signal` resolves. With `config_file`, live settings in it are applied when it
+/// changes.
+pub async fn run_until(config: RecoveryConfig, config_file: Option<&Path>, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let initial = config.clone();
     let handle = start(config).await?;
+    let _watch = match config_file {
+        Some(file) => Some(apply_config_changes(&handle.recovery, initial, file)?),
+        None => None,
+    };
     let shutdown = handle.shutdown.clone();
     let mut task = handle.task;
     tokio::select! {

@@ -28,5 +28,5 @@ async fn main() -> anyhow::Result<()> {
     }
     ferry_shared::tls::install_crypto_provider();
     let _telemetry = ferry_shared::telemetry::init("recovery-service", config.log_format);
-    ferry_recovery_service::run_until(config, ferry_shared::serving::shutdown_signal()).await.context("recovery-service")
+    ferry_recovery_service::run_until(config, args.config.as_deref(), ferry_shared::serving::shutdown_signal()).await.context("recovery-service")
 }

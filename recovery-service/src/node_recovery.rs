@@ -112,6 +112,8 @@ pub struct Recovery {
     paused: watch::Sender<bool>,
     committees: std::sync::Mutex<HashMap<Epoch, Arc<Committee>>>,
     metrics: RecoveryMetrics,
+    /// Blobs recovered at once; read per registry page, so a config change applies at the next page.
+    max_concurrent_blobs: std::sync::atomic::AtomicUsize,
 }
 
 struct PassClock {
@@ -124,6 +126,7 @@ impl Recovery {
     #[allow(clippy::too_many_arguments)]
     pub fn new(me: NodeId, key: NodeKeypair, control_plane: ControlPlane, store: RecoveryStore, peers: Arc<Peers>, sync_state: SyncStateRx, tuning: RecoveryTuning, paused: bool, metrics: RecoveryMetrics) -> Arc<Self> {
         let status = pb::RecoveryStatus { phase: pb::RecoveryPhase::Idle as i32, paused, ..Default::default() };
+        let max_blobs = tuning.max_concurrent_blobs;
         Arc::new(Recovery {
             me,
             key,
@@ -136,7 +139,13 @@ impl Recovery {
             paused: watch::channel(paused).0,
             committees: std::sync::Mutex::new(HashMap::new()),
             metrics,
+            max_concurrent_blobs: std::sync::atomic::AtomicUsize::new(max_blobs),
         })
+    }
+
+    /// Changes how many blobs are recovered at once (from the next registry page on).
+    pub fn set_max_concurrent_blobs(&self, n: usize) -> usize {
+        self.max_concurrent_blobs.swap(n.max(1), std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A receiver of every status change.
@@ -465,7 +474,7 @@ impl Recovery {
                 .blobs
         };
         let committee = self.committee(work.target_epoch).await?.ok_or(RecoveryError::Superseded)?;
-        let limit = Arc::new(Semaphore::new(self.tuning.max_concurrent_blobs));
+        let limit = Arc::new(Semaphore::new(self.max_concurrent_blobs.load(std::sync::atomic::Ordering::Relaxed).max(1)));
         let mut tasks: JoinSet<(BlobId, Result<blob_recovery::Recovered, blob_recovery::BlobRecoveryError>)> = JoinSet::new();
         let mut present = 0u64;
         for p in presence {
