@@ -4,7 +4,7 @@ CARGO ?= cargo
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 BIN := $(CARGO_TARGET_DIR)/debug
 
-.PHONY: setup build test demo clean lint
+.PHONY: setup build test demo bench clean lint
 
 setup:
 	@bash scripts/setup
@@ -22,6 +22,11 @@ lint: setup
 
 demo: build
 	$(BIN)/ferryctl demo --bin-dir $(BIN)
+
+# Shard sync against blob recovery and the machine's limits (about 2 minutes); the JSON report
+# lands in the ignored .ferry-bench/ directory.
+bench: build
+	$(BIN)/ferryctl bench --bin-dir $(BIN) --bench-dir .ferry-bench --json .ferry-bench/bench.json
 
 clean:
 	$(CARGO) clean

@@ -5,6 +5,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use tracing::Instrument as _;
 use ferry_proto::v1::{self as pb, recovery_service_client::RecoveryServiceClient};
 use ferry_shared::{
     Committee, Member,
@@ -280,7 +281,13 @@ fn parse_kv<'a>(s: &'a str, what: &str) -> anyhow::Result<(&'a str, &'a str)> {
 async fn main() {
     let cli = Cli::parse();
     ferry_shared::tls::install_crypto_provider();
-    if let Err(e) = run(cli).await {
+    // Quiet by default (RUST_LOG overrides); with OTEL_EXPORTER_OTLP_ENDPOINT set, each command
+    // is a trace root whose context every call to a node carries.
+    let telemetry = ferry_shared::telemetry::init_with_default_filter("ferryctl", ferry_shared::telemetry::LogFormat::Text, "warn");
+    let command = format!("{:?}", cli.command).split([' ', '(', '{']).next().unwrap_or("ferryctl").to_lowercase();
+    let result = run(cli).instrument(tracing::info_span!("ferryctl", command = %command)).await;
+    drop(telemetry); // flushes exported spans before exit
+    if let Err(e) = result {
         eprintln!("ferryctl: {e:#}");
         std::process::exit(1);
     }

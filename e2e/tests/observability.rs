@@ -12,6 +12,7 @@ use ferry_shared::{
     types::NodeStatus,
 };
 use opentelemetry::Value;
+use tracing::Instrument as _;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 
 fn attr(span: &SpanData, key: &str) -> Option<String> {
@@ -32,7 +33,24 @@ async fn one_trace_spans_recovery_service_its_sync_service_and_a_peer() {
     for i in 0..4 {
         cluster.start_recovery(i).await.unwrap();
     }
-    cluster.store_random_blobs(8, 2000, 21).await.unwrap();
+    cluster.store_random_blobs(7, 2000, 21).await.unwrap();
+    // A client's trace: one store, as ferryctl makes it, reaches every node that stores a sliver.
+    let client_span = tracing::info_span!("ferryctl", command = "store");
+    let client_trace = {
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        use opentelemetry::trace::TraceContextExt as _;
+        client_span.context().span().span_context().trace_id()
+    };
+    cluster.client().store(b"traced from the client").instrument(client_span).await.unwrap();
+    provider.force_flush().unwrap();
+    let stored_on: std::collections::BTreeSet<String> = exporter
+        .get_finished_spans()
+        .unwrap()
+        .iter()
+        .filter(|s| s.span_context.trace_id() == client_trace && s.name == "/ferry.v1.SyncService/StoreSliver")
+        .filter_map(|s| attr(s, "ferry.node"))
+        .collect();
+    assert_eq!(stored_on.len(), 4, "the client's trace continues on every node it stored on: {stored_on:?}");
     // Node 3 loses its data and recovers every blob from its peers.
     cluster.stop_recovery(3).await.unwrap();
     cluster.stop_sync(3).await.unwrap();

@@ -42,6 +42,12 @@ impl Drop for TelemetryGuard {
 /// than once (later calls change nothing), so tests that start several services in one
 /// process can all call it.
 pub fn init(service: &str, format: LogFormat) -> TelemetryGuard {
+    init_with_default_filter(service, format, "info")
+}
+
+/// [`init`] with another default log filter when `RUST_LOG` is unset (`ferryctl` uses `warn`,
+/// so its output stays the command's own).
+pub fn init_with_default_filter(service: &str, format: LogFormat, default_filter: &str) -> TelemetryGuard {
     let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
         Ok(endpoint) if !endpoint.is_empty() => match otlp_provider(service) {
             Ok(p) => Some(p),
@@ -52,7 +58,7 @@ pub fn init(service: &str, format: LogFormat) -> TelemetryGuard {
         },
         _ => None,
     };
-    init_with_provider(service, format, provider)
+    install(service, format, provider, default_filter)
 }
 
 fn otlp_provider(service: &str) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
@@ -63,8 +69,12 @@ fn otlp_provider(service: &str) -> Result<SdkTracerProvider, opentelemetry_otlp:
 
 /// [`init`] with a given tracer provider (tests pass one with an in-memory exporter).
 pub fn init_with_provider(service: &str, format: LogFormat, provider: Option<SdkTracerProvider>) -> TelemetryGuard {
+    install(service, format, provider, "info")
+}
+
+fn install(service: &str, format: LogFormat, provider: Option<SdkTracerProvider>, default_filter: &str) -> TelemetryGuard {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service.to_string())));
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let result = match format {
