@@ -99,6 +99,42 @@ async fn one_trace_spans_recovery_service_its_sync_service_and_a_peer() {
     assert!(sample(&sync3, "ferry_rpc_duration_seconds_count", &["method=\"/ferry.v1.SyncService/StoreSliver\"", "code=\"OK\""]) >= 8.0, "{sync3}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_epoch_proposal_trace_reaches_the_shard_syncs_and_their_sources() {
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+    let _telemetry = telemetry::init_with_provider("ferry-e2e", LogFormat::Text, Some(provider.clone()));
+    let mut cluster = Cluster::new(4, 8).await.unwrap();
+    cluster.start_genesis().await.unwrap();
+    cluster.store_random_blobs(10, 2000, 5).await.unwrap();
+    let committee = cluster.committee().await.unwrap();
+    let members = committee.members.iter().map(|m| { let mut m = m.clone(); if m.node_id == cluster.nodes[0].id { m.weight = 3; } m }).collect();
+    // What `ferryctl epoch next --yes` does, inside its command span.
+    let span = tracing::info_span!("ferryctl", command = "epoch");
+    let trace = {
+        use opentelemetry::trace::TraceContextExt as _;
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        span.context().span().span_context().trace_id()
+    };
+    cluster.next_epoch(members).instrument(span).await.unwrap();
+    cluster.wait_all_active(0, 1).await.unwrap();
+    // A span is exported when it and its children have closed; node 0's epoch change closes
+    // after its shard-sync tasks have returned, a moment after the shards turn Active.
+    let in_trace = || -> Vec<SpanData> { exporter.get_finished_spans().unwrap().into_iter().filter(|s| s.span_context.trace_id() == trace).collect() };
+    let epoch_nodes = |spans: &[SpanData]| -> std::collections::BTreeSet<String> { spans.iter().filter(|s| s.name == "epoch_change").filter_map(|s| attr(s, "ferry.node")).collect() };
+    let exported = exporter.clone();
+    ferry_e2e::wait_until("every node's epoch_change span is exported", || {
+        let spans: Vec<SpanData> = exported.get_finished_spans().unwrap().into_iter().filter(|s| s.span_context.trace_id() == trace).collect();
+        async move { Ok(epoch_nodes(&spans).len() == 4) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: every node's epoch change joins the proposer's trace, got {:?}", epoch_nodes(&in_trace())));
+    let spans = in_trace();
+    assert!(spans.iter().any(|s| s.name == "shard_sync" && attr(s, "node").as_deref() == Some("node-0")), "node 0's shard syncs are in the trace");
+    let sources: Vec<String> = spans.iter().filter(|s| s.name == "/ferry.v1.SyncService/StreamShard").filter_map(|s| attr(s, "ferry.node")).collect();
+    assert!(!sources.is_empty() && sources.iter().all(|n| n != "node-0"), "the previous owners' StreamShard spans are in the trace: {sources:?}");
+}
+
 async fn scrape(addr: SocketAddr) -> String {
     metrics::scrape(addr).await.unwrap()
 }

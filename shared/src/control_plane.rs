@@ -431,15 +431,28 @@ impl ControlPlane {
                 return Err(ControlPlaneError::EpochOrder { proposed: e, reason: format!("the current phase is {:?}; the next epoch can start only after the current one is done", c.phase) });
             }
         };
-        let puts = vec![
+        let mut puts = vec![
             (self.epoch_key(e), Self::encode(committee)),
             (current_key, Self::encode(&CurrentRecord { phase })),
         ];
+        // The proposer's trace, so every node's epoch change and shard syncs join it.
+        if let Some(traceparent) = crate::telemetry::current_traceparent() {
+            puts.push((self.trace_key(e), traceparent.into_bytes()));
+        }
         if self.kv.txn(vec![guard, Guard::Absent(self.epoch_key(e))], puts).await? {
             Ok(())
         } else {
             Err(ControlPlaneError::EpochOrder { proposed: e, reason: "another proposal changed the epoch concurrently".into() })
         }
+    }
+
+    fn trace_key(&self, epoch: Epoch) -> String {
+        self.key(&format!("traces/{epoch:020}"))
+    }
+
+    /// The W3C `traceparent` of whoever proposed `epoch`, if it was traced.
+    pub async fn epoch_traceparent(&self, epoch: Epoch) -> Result<Option<String>> {
+        Ok(self.kv.get(&self.trace_key(epoch)).await?.map(|v| String::from_utf8_lossy(&v.value).into_owned()))
     }
 
     fn blob_key(&self, id: &BlobId) -> String {

@@ -112,6 +112,25 @@ impl tonic::service::Interceptor for TraceContextInjector {
     }
 }
 
+/// The current span's W3C `traceparent`, to hand the trace to work that starts elsewhere (an
+/// epoch proposal stored in etcd and applied by every node). `None` without an active trace.
+pub fn current_traceparent() -> Option<String> {
+    let context = tracing::Span::current().context();
+    let mut carrier = std::collections::HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&context, &mut carrier));
+    carrier.remove("traceparent")
+}
+
+/// A span named `name` continuing the trace of `traceparent` (from [`current_traceparent`]).
+pub fn continue_trace(span: tracing::Span, traceparent: Option<&str>) -> tracing::Span {
+    if let Some(value) = traceparent {
+        let carrier: std::collections::HashMap<String, String> = [("traceparent".to_string(), value.to_string())].into();
+        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
+        let _ = span.set_parent(parent);
+    }
+    span
+}
+
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
 impl Extractor for HeaderExtractor<'_> {

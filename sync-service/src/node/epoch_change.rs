@@ -13,10 +13,11 @@ use ferry_shared::{
     Committee,
     control_plane::{ControlPlaneError, EpochEvent, EpochPhase, WatchedEpochEvent},
     diff::{self, FillPath, PreviousAssignment},
+    telemetry,
     types::{Epoch, NodeStatus, ShardIndex, ShardStatus},
 };
 use futures::StreamExt;
-use tracing::{info, warn};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use super::{Node, NodeError, attestation, shard_sync};
 use crate::{
@@ -157,7 +158,14 @@ async fn apply_event(node: &Arc<Node>, event: WatchedEpochEvent) -> Result<(), N
                 None => PreviousAssignment::Unknown,
             };
             node.check_key(&committee)?;
-            apply_committee(node, &committee, previous, event.revision).await
+            // Join the proposer's trace: this epoch change and the shard syncs it starts (and
+            // the peers they stream from) show up under the `ferryctl epoch next` that began it.
+            let traceparent = node.control_plane.epoch_traceparent(committee.epoch).await.unwrap_or_else(|e| {
+                debug!(error = %e, "no trace context for the epoch");
+                None
+            });
+            let span = telemetry::continue_trace(info_span!("epoch_change", ferry.service = "sync-service", ferry.node = %node.id, epoch = committee.epoch), traceparent.as_deref());
+            apply_committee(node, &committee, previous, event.revision).instrument(span).await
         }
         EpochEvent::Done(epoch) => {
             if epoch == node.view().epoch() {
