@@ -96,9 +96,15 @@ pub struct UpOptions {
 }
 
 fn pid_alive(pid: u32) -> bool {
-    // A zombie is dead for our purposes.
+    // A zombie is dead for our purposes, but only once its last thread has exited: the leader
+    // of a killed multi-threaded process turns zombie first, and its sockets stay open until
+    // the other threads are gone.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Ok(stat) => {
+            let zombie = stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'));
+            let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0);
+            !zombie || threads > 1
+        }
         Err(_) => false,
     }
 }

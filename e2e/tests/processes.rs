@@ -46,6 +46,25 @@ async fn status(cluster: &LocalCluster, i: usize) -> Option<pb::GetStatusRespons
     c.get_status(pb::GetStatusRequest {}).await.ok().map(|r| r.into_inner())
 }
 
+/// The last lines of node `i`'s service logs, for a failure message.
+fn log_tails(cluster: &LocalCluster, i: usize) -> String {
+    let mut out = String::new();
+    for service in ["sync-service", "recovery-service"] {
+        let path = cluster.dir.join(format!("logs/{}-{service}.log", cluster.nodes[i].id));
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        // A fatal error is printed with its causes, then a backtrace: show the error.
+        let tail = match text.rfind("Error:") {
+            Some(at) => text[at..].lines().take(12).collect::<Vec<_>>().join("\n"),
+            None => {
+                let lines: Vec<&str> = text.lines().collect();
+                lines[lines.len().saturating_sub(25)..].join("\n")
+            }
+        };
+        out.push_str(&format!("--- last lines of {}:\n{tail}\n", path.display()));
+    }
+    out
+}
+
 /// Polls a node's GetStatus (another process: no in-process signal to await) until `pred`.
 async fn wait_status(cluster: &LocalCluster, i: usize, what: &str, pred: impl Fn(&pb::GetStatusResponse) -> bool) -> pb::GetStatusResponse {
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -55,7 +74,7 @@ async fn wait_status(cluster: &LocalCluster, i: usize, what: &str, pred: impl Fn
                 return s;
             }
             if Instant::now() > deadline {
-                panic!("timed out waiting for node {i}: {what}; last status {s:?}");
+                panic!("timed out waiting for node {i}: {what}; last status {s:?}\n{}", log_tails(cluster, i));
             }
         } else if Instant::now() > deadline {
             panic!("timed out waiting for node {i}: {what}; node unreachable");

@@ -323,6 +323,8 @@ async fn the_data_plane_stores_only_verified_slivers_of_registered_blobs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reader_that_stops_reading_does_not_grow_server_memory() {
     let mut cluster = Cluster::new(4, 4).await.unwrap();
+    // A small block cache, so the measurement shows buffering, not the cache filling up.
+    cluster.tweak_sync = Box::new(|c| c.store.block_cache_mib = 4);
     let c0 = cluster.start_genesis().await.unwrap();
     // About 48 MiB in the streamed shard: 192 blobs with 256 KiB slivers (k = 2).
     let client = cluster.client();

@@ -24,7 +24,7 @@ use ferry_shared::{
     serving, telemetry,
     types::NodeId,
 };
-use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio::{sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
@@ -72,8 +72,8 @@ pub async fn start_with(config: RecoveryConfig, control_plane: ControlPlane) -> 
     let store_path = config.store_path.clone();
     let store = tokio::task::spawn_blocking(move || RecoveryStore::open(&store_path)).await??;
     let paused = store.paused()?;
-    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("bind {}", config.listen))?;
-    let health_listener = TcpListener::bind(config.health_listen).await.with_context(|| format!("bind {}", config.health_listen))?;
+    let listener = serving::bind_with_retry(config.listen).await.with_context(|| format!("bind {}", config.listen))?;
+    let health_listener = serving::bind_with_retry(config.health_listen).await.with_context(|| format!("bind {}", config.health_listen))?;
     let addr = listener.local_addr()?;
     let health_addr = health_listener.local_addr()?;
 

@@ -17,6 +17,12 @@ use crate::{telemetry::TraceContextInjector, tls::TlsMaterial, types::{NodeId, T
 /// Largest gRPC message Ferry sends or accepts (a sliver plus its metadata fits easily).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// HTTP/2 flow-control window of one stream a Ferry client receives (4 MiB).
+pub const STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+
+/// HTTP/2 flow-control window of one client connection (8 MiB).
+pub const CONNECTION_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+
 /// How long a client waits for a TCP connection to a peer.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -54,6 +60,10 @@ impl Connector {
             .map_err(|e| Status::invalid_argument(format!("bad peer address {address:?}: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
+            // Large enough windows that a shard stream keeps flowing while the receiver writes a
+            // batch; they bound what one stream can buffer.
+            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(20));
         if let Some(tls) = &self.tls {

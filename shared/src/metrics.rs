@@ -111,7 +111,7 @@ async fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<(
 
 /// Binds the metrics port and starts serving `registry` on it.
 pub async fn start_metrics_server(addr: SocketAddr, registry: Registry, shutdown: watch::Receiver<bool>) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = crate::serving::bind_with_retry(addr).await?;
     let local = listener.local_addr()?;
     Ok((local, spawn_metrics_server(listener, registry, shutdown)))
 }

@@ -30,6 +30,22 @@ pub fn spawn_health_server<H: Health>(listener: TcpListener, health: HealthServe
     })))
 }
 
+/// Binds `addr`, retrying for up to 10 s while it is still in use: a restarted process can
+/// race the sockets of the one it replaces (a killed process releases them only when its last
+/// thread has exited).
+pub async fn bind_with_retry(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match TcpListener::bind(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tokio::time::Instant::now() < deadline => {
+                tracing::warn!(%addr, "address still in use; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

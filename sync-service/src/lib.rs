@@ -19,7 +19,7 @@ use ferry_shared::{
     metrics::{RpcMetricsLayer, start_metrics_server},
     serving, telemetry,
 };
-use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio::{sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 
@@ -88,8 +88,8 @@ async fn connect_control_plane(config: &SyncConfig) -> anyhow::Result<ControlPla
 
 /// [`start`] with a given control plane.
 pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyhow::Result<SyncServiceHandle> {
-    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("bind {}", config.listen))?;
-    let health_listener = TcpListener::bind(config.health_listen).await.with_context(|| format!("bind {}", config.health_listen))?;
+    let listener = serving::bind_with_retry(config.listen).await.with_context(|| format!("bind {}", config.listen))?;
+    let health_listener = serving::bind_with_retry(config.health_listen).await.with_context(|| format!("bind {}", config.health_listen))?;
     let addr = listener.local_addr()?;
     let health_addr = health_listener.local_addr()?;
     let node = Node::open(config, control_plane).await?;
@@ -136,12 +136,14 @@ pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyh
                 let _ = shutdown.wait_for(|s| *s).await;
             })
     };
-    // Ready once the store is open and a committee is loaded.
+    // Ready once the store is open, a committee is loaded and epoch events are followed (so a
+    // node that reports ready does not miss the next epoch change for a moment).
     let readiness = {
         let node = node.clone();
         let mut views = node.subscribe();
+        let mut following = node.subscribe_following();
         tokio::spawn(async move {
-            if views.wait_for(|v| v.state.is_some()).await.is_ok() {
+            if views.wait_for(|v| v.state.is_some()).await.is_ok() && following.wait_for(|f| *f).await.is_ok() {
                 health.set_serving::<SyncServiceServer<SyncServer>>().await;
                 info!("ready");
             }

@@ -131,6 +131,8 @@ pub struct Node {
     /// Prometheus metrics.
     pub metrics: SyncMetrics,
     view: watch::Sender<NodeView>,
+    /// Whether the epoch follower's watch on the control plane is established (readiness).
+    following: watch::Sender<bool>,
     transition_lock: Mutex<()>,
     sync_tasks: StdMutex<HashMap<ShardIndex, tokio::task::AbortHandle>>,
     live: StdMutex<HashMap<ShardIndex, LiveSync>>,
@@ -196,6 +198,7 @@ impl Node {
             tls,
             metrics,
             view: watch::channel(NodeView::default()).0,
+            following: watch::channel(false).0,
             transition_lock: Mutex::new(()),
             sync_tasks: StdMutex::new(HashMap::new()),
             live: StdMutex::new(HashMap::new()),
@@ -205,6 +208,16 @@ impl Node {
         let view = node.load_view().await?;
         node.view.send_replace(view);
         Ok(node)
+    }
+
+    /// Records whether epoch events are being followed.
+    pub fn set_following(&self, following: bool) {
+        self.following.send_replace(following);
+    }
+
+    /// Whether epoch events are being followed, and every change of it.
+    pub fn subscribe_following(&self) -> watch::Receiver<bool> {
+        self.following.subscribe()
     }
 
     async fn load_view(&self) -> Result<NodeView, NodeError> {

@@ -126,6 +126,9 @@ pub struct SliverWrite {
 pub struct ShardStore {
     inner: Arc<Closing<Db>>,
     path: PathBuf,
+    /// Options of every column family, shard ones created later included: the configured
+    /// memtable size, the shared block cache and LZ4, so memory stays bounded by the config.
+    cf_options: Arc<Options>,
 }
 
 impl std::fmt::Debug for ShardStore {
@@ -173,7 +176,7 @@ impl ShardStore {
         }
         let cfs = names.into_iter().map(|n| ColumnFamilyDescriptor::new(n, opts.clone()));
         let db = Db::open_cf_descriptors(&opts, &path, cfs).map_err(rocks)?;
-        Ok(ShardStore { inner: Arc::new(Closing::new(db)), path })
+        Ok(ShardStore { inner: Arc::new(Closing::new(db)), path, cf_options: Arc::new(opts) })
     }
 
     /// Resolves once every clone is dropped and the database is closed (its lock released).
@@ -259,7 +262,7 @@ impl ShardStore {
     /// before any record that refers to it, so "status implies storage exists".
     pub fn ensure_shard_storage(&self, shard: ShardIndex) -> Result<()> {
         if self.inner.cf_handle(&shard_cf_name(shard)).is_none() {
-            self.inner.create_cf(shard_cf_name(shard), &Options::default()).map_err(|e| self.rocks(e))?;
+            self.inner.create_cf(shard_cf_name(shard), &self.cf_options).map_err(|e| self.rocks(e))?;
         }
         Ok(())
     }

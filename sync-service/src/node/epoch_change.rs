@@ -99,6 +99,7 @@ pub async fn run_follower(node: Arc<Node>) -> Result<(), NodeError> {
             }
         };
         let Some(mut events) = events else { continue };
+        node.set_following(true);
         while let Some(event) = events.next().await {
             match event {
                 Ok(event) => {
@@ -116,6 +117,7 @@ pub async fn run_follower(node: Arc<Node>) -> Result<(), NodeError> {
                 }
             }
         }
+        node.set_following(false);
         tokio::time::sleep(backoff).await;
     }
 }
@@ -149,6 +151,7 @@ async fn resync(node: &Arc<Node>) -> Result<(), NodeError> {
 async fn apply_event(node: &Arc<Node>, event: WatchedEpochEvent) -> Result<(), NodeError> {
     match event.event {
         EpochEvent::Started(committee) => {
+            debug!(epoch = committee.epoch, revision = event.revision, "epoch event received");
             let state = node.view().state;
             let previous = match &state {
                 Some(s) if committee.epoch <= s.epoch => return Ok(()), // applied already
@@ -184,6 +187,7 @@ pub async fn apply_committee(node: &Arc<Node>, committee: &Committee, previous: 
     let fill = node.config.shard_sync.fill_gained_by;
 
     let guard = node.transition().await;
+    debug!(epoch, "transition lock taken");
     let view = guard.view().await?;
     let old_status = view.status();
     let status = match (member, d.path, old_status) {

@@ -14,7 +14,7 @@ use ferry_shared::{
     crypto::{self, StreamShardIntent},
     erasure::BlobMetadata,
     grpc,
-    types::{BlobId, ShardIndex, ShardStatus},
+    types::{BlobId, NodeId, ShardIndex, ShardStatus},
 };
 use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -293,9 +293,10 @@ async fn attempt(node: &Arc<Node>, shard: ShardIndex, start: &SyncProgress) -> R
         Ok(Ok(r)) => r.into_inner(),
     };
     let mut progress = start.clone();
-    let mut items: Vec<SliverWrite> = Vec::new();
-    let mut pending: Vec<BlobId> = Vec::new();
-    let mut batch_bytes = 0usize;
+    // Items arrive into `incoming` and are verified and written a batch at a time: one
+    // blocking-pool hop verifies the whole batch (metadata reads and BLAKE3), one writes it.
+    let mut incoming: Vec<(BlobId, pb::ShardItem)> = Vec::new();
+    let mut incoming_bytes = 0usize;
     let mut last = start.cursor;
     loop {
         let next = match tokio::time::timeout(cfg.item_timeout(), stream.message()).await {
@@ -310,28 +311,71 @@ async fn attempt(node: &Arc<Node>, shard: ShardIndex, start: &SyncProgress) -> R
             Some(Ok(item)) => item,
             Some(Err(status)) => {
                 // Keep what arrived intact before the break; resume after it.
-                flush(node, shard, &mut progress, &mut items, &mut pending, &mut batch_bytes).await?;
+                verify_and_write(node, shard, &source, &mut progress, &mut incoming).await?;
                 return Err(classify(&status));
             }
         };
         let blob_id = match BlobId::from_bytes(&item.blob_id) {
             Ok(id) => id,
             Err(e) => {
-                flush(node, shard, &mut progress, &mut items, &mut pending, &mut batch_bytes).await?;
+                verify_and_write(node, shard, &source, &mut progress, &mut incoming).await?;
                 return Err(AttemptError::Retryable(format!("corrupt stream from {source}: {e}")));
             }
         };
         if last.is_some_and(|l| blob_id <= l) {
-            flush(node, shard, &mut progress, &mut items, &mut pending, &mut batch_bytes).await?;
+            verify_and_write(node, shard, &source, &mut progress, &mut incoming).await?;
             return Err(AttemptError::Retryable(format!("stream from {source} is out of order at {blob_id}")));
         }
         last = Some(blob_id);
-        match verify_item(node, shard, &blob_id, &item).await? {
+        incoming_bytes += item.data.len();
+        incoming.push((blob_id, item));
+        if incoming.len() >= cfg.batch_items || incoming_bytes >= cfg.batch_bytes {
+            verify_and_write(node, shard, &source, &mut progress, &mut incoming).await?;
+            incoming_bytes = 0;
+        }
+    }
+    verify_and_write(node, shard, &source, &mut progress, &mut incoming).await?;
+    complete(node, shard, progress).await
+}
+
+/// Checks an item against the metadata this node holds (or the metadata sent with it, which
+/// must hash to the blob id). `Some(metadata to store with it, if new)`, or `None` if it is bad.
+fn verify_item(shard: ShardIndex, blob_id: &BlobId, item: &pb::ShardItem, local: Option<BlobMetadata>) -> Option<Option<BlobMetadata>> {
+    let (metadata, is_new) = match (local, &item.metadata) {
+        (Some(m), _) => (m, false),
+        (None, Some(p)) => (BlobMetadata::from_proto(p).and_then(|m| m.verify_id(blob_id).map(|()| m)).ok()?, true),
+        (None, None) => return None,
+    };
+    metadata.verify_sliver(shard, &item.data).ok()?;
+    Some(if is_new { Some(metadata) } else { None })
+}
+
+/// Verifies the items received so far and writes them with the progress in one atomic batch;
+/// items that fail verification go to pending (blob recovery) instead.
+async fn verify_and_write(node: &Arc<Node>, shard: ShardIndex, source: &NodeId, progress: &mut SyncProgress, incoming: &mut Vec<(BlobId, pb::ShardItem)>) -> Result<(), AttemptError> {
+    if incoming.is_empty() {
+        return Ok(());
+    }
+    let batch = std::mem::take(incoming);
+    let checked = node
+        .store
+        .call(move |s| {
+            let mut out = Vec::with_capacity(batch.len());
+            for (id, item) in batch {
+                let verdict = verify_item(shard, &id, &item, s.metadata(&id)?);
+                out.push((id, item.data, verdict));
+            }
+            Ok(out)
+        })
+        .await?;
+    let mut items = Vec::with_capacity(checked.len());
+    let mut pending = Vec::new();
+    for (blob_id, data, verdict) in checked {
+        match verdict {
             Some(metadata) => {
-                batch_bytes += item.data.len();
                 progress.blobs_done += 1;
-                progress.bytes_done += item.data.len() as u64;
-                items.push(SliverWrite { blob_id, data: item.data, metadata });
+                progress.bytes_done += data.len() as u64;
+                items.push(SliverWrite { blob_id, data, metadata });
             }
             None => {
                 warn!(blob = %blob_id, "sliver from {source} failed verification; handing it to blob recovery");
@@ -340,40 +384,9 @@ async fn attempt(node: &Arc<Node>, shard: ShardIndex, start: &SyncProgress) -> R
             }
         }
         progress.cursor = Some(blob_id);
-        if items.len() >= cfg.batch_items || batch_bytes >= cfg.batch_bytes {
-            flush(node, shard, &mut progress, &mut items, &mut pending, &mut batch_bytes).await?;
-        }
-    }
-    flush(node, shard, &mut progress, &mut items, &mut pending, &mut batch_bytes).await?;
-    complete(node, shard, progress).await
-}
-
-/// Verifies an item; returns the metadata to store with it (if new) or `None` if it is bad.
-async fn verify_item(node: &Arc<Node>, shard: ShardIndex, blob_id: &BlobId, item: &pb::ShardItem) -> Result<Option<Option<BlobMetadata>>, AttemptError> {
-    let id = *blob_id;
-    let local = node.store.call(move |s| s.metadata(&id)).await?;
-    let (metadata, is_new) = match (local, &item.metadata) {
-        (Some(m), _) => (m, false),
-        (None, Some(p)) => match BlobMetadata::from_proto(p).and_then(|m| m.verify_id(blob_id).map(|()| m)) {
-            Ok(m) => (m, true),
-            Err(_) => return Ok(None),
-        },
-        (None, None) => return Ok(None),
-    };
-    if metadata.verify_sliver(shard, &item.data).is_err() {
-        return Ok(None);
-    }
-    Ok(Some(if is_new { Some(metadata) } else { None }))
-}
-
-async fn flush(node: &Arc<Node>, shard: ShardIndex, progress: &mut SyncProgress, items: &mut Vec<SliverWrite>, pending: &mut Vec<BlobId>, batch_bytes: &mut usize) -> Result<(), AttemptError> {
-    if items.is_empty() && pending.is_empty() {
-        return Ok(());
     }
     progress.last_error = None;
-    write_batch(node, shard, progress.gained_epoch, std::mem::take(items), std::mem::take(pending), progress.clone(), None).await?;
-    *batch_bytes = 0;
-    Ok(())
+    write_batch(node, shard, progress.gained_epoch, items, pending, progress.clone(), None).await
 }
 
 /// The stream ended: every certified blob the source did not send goes to pending, then the
