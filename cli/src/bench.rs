@@ -70,6 +70,9 @@ pub struct FillRun {
     pub gained_bytes: u64,
     /// Epoch proposed to every gained shard `Active` on node 0.
     pub wall_secs: f64,
+    /// Node 0 at the new epoch (as its sync-state stream reports) to every gained shard
+    /// `Active`: the transfer itself, without the epoch change's propagation.
+    pub transfer_secs: f64,
     /// Sliver payload bytes moved over the network to fill them.
     pub bytes_fetched: u64,
     /// RPCs served by all services during the fill (`GetStatus` excluded).
@@ -80,6 +83,8 @@ pub struct FillRun {
     pub peak_rss_bytes: u64,
     /// `gained_bytes / wall_secs`.
     pub mib_per_sec: f64,
+    /// `gained_bytes / transfer_secs`.
+    pub transfer_mib_per_sec: f64,
     /// Per-stream bandwidth cap of the run (bytes/s), 0 = none.
     pub paced_bytes_per_sec: u64,
     /// For the resume run: the fraction of the gained bytes synced when node 0 was killed.
@@ -354,37 +359,56 @@ async fn fill_on(cluster: &mut LocalCluster, options: &BenchOptions, spec: &Fill
     let pids = |c: &LocalCluster| [c.nodes[0].sync_pid, c.nodes[0].recovery_pid];
     let cpu_before: f64 = pids(cluster).iter().flatten().map(|p| proc_cpu_secs(*p)).sum();
 
+    // Node 0's own sync-state stream (as node 0) shows the epoch arriving and the shards
+    // turning Active the moment they do; polling GetStatus would be coarser and costlier.
+    let own = node_connector(cluster, 0)?;
+    let watch = |c: &LocalCluster| -> anyhow::Result<SyncServiceClient<TracedChannel>> { Ok(SyncServiceClient::new(sync_channel(c, &own, 0)?)) };
+    let mut states = watch(cluster)?.watch_sync_state(pb::WatchSyncStateRequest {}).await?.into_inner();
     let t0 = Instant::now();
     cp.propose_epoch(&plan.next).await?;
     let mut killed_at = None;
     let mut cpu_of_killed = 0.0;
-    let deadline = t0 + Duration::from_secs(600);
+    let mut epoch_seen: Option<Instant> = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    let mut kill_poll = tokio::time::interval(Duration::from_millis(20));
     loop {
-        let mut client = SyncServiceClient::new(sync_channel(cluster, &connector, 0)?);
-        if let Ok(status) = client.get_status(pb::GetStatusRequest {}).await.map(|r| r.into_inner()) {
-            let owned: Vec<&pb::ShardReport> = status.shards.iter().filter(|s| s.status != pb::ShardStatus::LockedToMove as i32).collect();
-            let done = status.epoch == 1
-                && status.node_status == pb::NodeStatus::Active as i32
-                && gained.iter().all(|g| owned.iter().any(|s| s.shard == g.0 && s.status == pb::ShardStatus::Active as i32));
-            if done {
-                break;
-            }
-            if let (Disturb::KillAt(fraction), None) = (spec.disturb, killed_at) {
-                let synced: u64 = status.shards.iter().filter(|s| gained.iter().any(|g| g.0 == s.shard)).filter_map(|s| s.sync.as_ref()).map(|p| p.bytes_done).sum();
-                if synced as f64 >= fraction * gained_bytes as f64 {
-                    cpu_of_killed = cluster.nodes[0].sync_pid.map(proc_cpu_secs).unwrap_or(0.0);
-                    cluster.kill_service(0, "sync-service")?;
-                    killed_at = Some(synced as f64 / gained_bytes as f64);
-                    cluster.start_node(0)?;
+        let kill_pending = matches!(spec.disturb, Disturb::KillAt(_)) && killed_at.is_none();
+        tokio::select! {
+            message = states.message() => match message {
+                Ok(Some(state)) => {
+                    if state.epoch == 1 && epoch_seen.is_none() {
+                        epoch_seen = Some(Instant::now());
+                    }
+                    if state.epoch == 1 && state.node_status == pb::NodeStatus::Active as i32 && state.shards_not_active.is_empty() {
+                        break;
+                    }
+                }
+                // The stream ends when node 0 is killed: follow the restarted one.
+                Ok(None) | Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if let Ok(r) = watch(cluster)?.watch_sync_state(pb::WatchSyncStateRequest {}).await {
+                        states = r.into_inner();
+                    }
+                }
+            },
+            _ = kill_poll.tick(), if kill_pending => {
+                let Disturb::KillAt(fraction) = spec.disturb else { continue };
+                let mut client = SyncServiceClient::new(sync_channel(cluster, &connector, 0)?);
+                if let Ok(status) = client.get_status(pb::GetStatusRequest {}).await.map(|r| r.into_inner()) {
+                    let synced: u64 = status.shards.iter().filter(|s| gained.iter().any(|g| g.0 == s.shard)).filter_map(|s| s.sync.as_ref()).map(|p| p.bytes_done).sum();
+                    if synced as f64 >= fraction * gained_bytes as f64 {
+                        cpu_of_killed = cluster.nodes[0].sync_pid.map(proc_cpu_secs).unwrap_or(0.0);
+                        cluster.kill_service(0, "sync-service")?;
+                        killed_at = Some(synced as f64 / gained_bytes as f64);
+                        cluster.start_node(0)?;
+                    }
                 }
             }
+            _ = tokio::time::sleep_until(deadline) => bail!("node 0 did not fill its gained shards within 600 s"),
         }
-        if Instant::now() > deadline {
-            bail!("node 0 did not fill its gained shards within 600 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let wall = t0.elapsed().as_secs_f64();
+    let transfer = epoch_seen.map(|t| t.elapsed().as_secs_f64()).unwrap_or(wall);
     let after = counters(cluster).await?;
     let cpu_after: f64 = pids(cluster).iter().flatten().map(|p| proc_cpu_secs(*p)).sum::<f64>() + cpu_of_killed;
     let peak_rss = cluster.nodes[0].sync_pid.map(|p| proc_status_kb(p, "VmHWM:")).unwrap_or(0);
@@ -402,9 +426,16 @@ async fn fill_on(cluster: &mut LocalCluster, options: &BenchOptions, spec: &Fill
         cpu_secs: (cpu_after - cpu_before).max(0.0),
         peak_rss_bytes: peak_rss,
         mib_per_sec: gained_bytes as f64 / (1024.0 * 1024.0) / wall.max(1e-9),
+        transfer_secs: transfer,
+        transfer_mib_per_sec: gained_bytes as f64 / (1024.0 * 1024.0) / transfer.max(1e-9),
         paced_bytes_per_sec: spec.rate,
         killed_at,
     })
+}
+
+/// Channels with node `i`'s own certificate (what its recovery-service uses).
+fn node_connector(cluster: &LocalCluster, i: usize) -> anyhow::Result<Connector> {
+    if cluster.tls { Ok(Connector::new(TlsConfig::from_dir(&cluster.tls_dir(), cluster.nodes[i].id.as_str()).load(None)?)) } else { Ok(Connector::plaintext()) }
 }
 
 /// Streams `shard` from node `i` as node `i` itself (its key and certificate), reading with
@@ -412,7 +443,7 @@ async fn fill_on(cluster: &mut LocalCluster, options: &BenchOptions, spec: &Fill
 async fn pull_shard(cluster: &LocalCluster, i: usize, shard: ShardIndex, limit: u64, delay: Duration, mut on_item: impl FnMut()) -> anyhow::Result<(u64, u64, f64)> {
     let node = &cluster.nodes[i];
     let key = NodeKeypair::load(&cluster.dir.join("nodes").join(node.id.as_str()).join("node.key"))?;
-    let connector = if cluster.tls { Connector::new(TlsConfig::from_dir(&cluster.tls_dir(), node.id.as_str()).load(None)?) } else { Connector::plaintext() };
+    let connector = node_connector(cluster, i)?;
     let epoch = cluster.control_plane().await?.current_committee().await?.context("no committee")?.epoch;
     let request = StreamShardIntent { shard, epoch, start: None, requester: &node.id, timestamp_ms: crypto::now_ms(), include_metadata: false, limit }.sign(&key);
     let mut client = SyncServiceClient::new(sync_channel(cluster, &connector, i)?).max_decoding_message_size(ferry_shared::grpc::MAX_MESSAGE_BYTES);
@@ -633,13 +664,15 @@ fn check_targets(fills: &[FillRun], limits: &Limits, memory: &[MemoryRun]) -> Ve
     }
     let max_scale = scales.iter().copied().max().unwrap_or(1);
     if let Some(ss) = find("shard_sync", max_scale, true, false) {
-        let vs_tonic = ss.mib_per_sec / limits.tonic_tls_stream_mib_s.max(1e-9);
-        out.push(TargetCheck { target: "shard sync >= 0.6 of a plain tonic TLS stream".into(), measured: format!("{:.1} vs {:.1} MiB/s = {vs_tonic:.2}", ss.mib_per_sec, limits.tonic_tls_stream_mib_s), met: vs_tonic >= 0.6 });
+        // The transfer phase: the epoch change's propagation is not streaming.
+        let rate = ss.transfer_mib_per_sec;
+        let vs_tonic = rate / limits.tonic_tls_stream_mib_s.max(1e-9);
+        out.push(TargetCheck { target: "shard sync >= 0.6 of a plain tonic TLS stream".into(), measured: format!("transfer {rate:.1} vs {:.1} MiB/s = {vs_tonic:.2} (end to end {:.1} MiB/s)", limits.tonic_tls_stream_mib_s, ss.mib_per_sec), met: vs_tonic >= 0.6 });
         let floor = limits.tls_mib_s.min(limits.rocksdb_write_mib_s);
-        out.push(TargetCheck { target: "shard sync >= 0.5 of min(loopback TLS, RocksDB write)".into(), measured: format!("{:.1} vs {floor:.1} MiB/s = {:.2}", ss.mib_per_sec, ss.mib_per_sec / floor.max(1e-9)), met: ss.mib_per_sec >= 0.5 * floor });
+        out.push(TargetCheck { target: "shard sync >= 0.5 of min(loopback TLS, RocksDB write)".into(), measured: format!("transfer {rate:.1} vs {floor:.1} MiB/s = {:.2}", rate / floor.max(1e-9)), met: rate >= 0.5 * floor });
         if let Some(plain) = find("shard_sync", max_scale, false, false) {
-            let ratio = ss.mib_per_sec / plain.mib_per_sec.max(1e-9);
-            out.push(TargetCheck { target: "TLS shard sync >= 0.85 of plaintext".into(), measured: format!("{:.1} vs {:.1} MiB/s = {ratio:.2}", ss.mib_per_sec, plain.mib_per_sec), met: ratio >= 0.85 });
+            let ratio = ss.transfer_mib_per_sec / plain.transfer_mib_per_sec.max(1e-9);
+            out.push(TargetCheck { target: "TLS shard sync >= 0.85 of plaintext".into(), measured: format!("transfer {:.1} vs {:.1} MiB/s = {ratio:.2}", ss.transfer_mib_per_sec, plain.transfer_mib_per_sec), met: ratio >= 0.85 });
         }
     }
     let killed = fills.iter().find(|f| f.killed_at.is_some());
@@ -676,25 +709,27 @@ pub fn render(report: &BenchReport) -> String {
     let mut out = String::new();
     out.push_str(&format!("machine: {}\nparameters: {}\n\n", report.machine, report.parameters));
     out.push_str("fill of node 0's gained shards\n");
-    out.push_str(&format!("{:<14} {:>5} {:>6} {:>6} {:>10} {:>9} {:>12} {:>7} {:>8} {:>9} {:>8}\n", "method", "tls", "scale", "blobs", "gained", "wall s", "fetched", "RPCs", "CPU s", "peak RSS", "MiB/s"));
+    out.push_str(&format!("{:<16} {:>5} {:>6} {:>6} {:>10} {:>7} {:>7} {:>12} {:>7} {:>7} {:>9} {:>8} {:>8}\n", "method", "tls", "scale", "blobs", "gained", "wall s", "xfer s", "fetched", "RPCs", "CPU s", "peak RSS", "MiB/s", "xfer/s"));
     for f in &report.fills {
         let method = match f.killed_at {
             Some(at) => format!("{} kill@{:.0}%", f.method, at * 100.0),
             None => f.method.clone(),
         };
         out.push_str(&format!(
-            "{:<14} {:>5} {:>6} {:>6} {:>10} {:>9.2} {:>12} {:>7} {:>8.2} {:>9} {:>8.1}\n",
+            "{:<16} {:>5} {:>6} {:>6} {:>10} {:>7.2} {:>7.2} {:>12} {:>7} {:>7.2} {:>9} {:>8.1} {:>8.1}\n",
             method,
             f.tls,
             f.scale,
             f.blobs,
             mib(f.gained_bytes),
             f.wall_secs,
+            f.transfer_secs,
             mib(f.bytes_fetched),
             f.rpcs,
             f.cpu_secs,
             mib(f.peak_rss_bytes),
-            f.mib_per_sec
+            f.mib_per_sec,
+            f.transfer_mib_per_sec
         ));
     }
     let l = &report.limits;
