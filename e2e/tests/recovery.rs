@@ -288,3 +288,26 @@ async fn an_epoch_change_mid_recovery_keeps_the_cursor_of_kept_shards() {
     assert!(status.blobs_scanned < 2 * blobs.len() as u64, "no full re-scan: {status:?}");
     check_shards_match_encoding(&cluster, 3, &blobs);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn editing_the_recovery_config_file_changes_blob_concurrency_live() {
+    let mut cluster = Cluster::new(4, 4).await.unwrap();
+    cluster.start_genesis().await.unwrap();
+    cluster.start_recovery(0).await.unwrap();
+    let config = cluster.recovery_config(0);
+    let file = cluster.dir.path().join("recovery-0.toml");
+    std::fs::write(&file, ferry_shared::config::to_toml(&config).unwrap()).unwrap();
+    let recovery = cluster.nodes[0].recovery.as_ref().unwrap().recovery.clone();
+    let _watch = ferry_recovery_service::apply_config_changes(&recovery, config.clone(), &file).unwrap();
+    assert_eq!(recovery.max_concurrent_blobs(), 8);
+    let mut edited = config.clone();
+    edited.recovery.max_concurrent_blobs = 3;
+    std::fs::write(&file, ferry_shared::config::to_toml(&edited).unwrap()).unwrap();
+    let watched = recovery.clone();
+    ferry_e2e::wait_until("the edited recovery config is applied", || {
+        let r = watched.clone();
+        async move { Ok(r.max_concurrent_blobs() == 3) }
+    })
+    .await
+    .unwrap();
+}

@@ -143,6 +143,11 @@ impl Recovery {
         })
     }
 
+    /// How many blobs are recovered at once.
+    pub fn max_concurrent_blobs(&self) -> usize {
+        self.max_concurrent_blobs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Changes how many blobs are recovered at once (from the next registry page on).
     pub fn set_max_concurrent_blobs(&self, n: usize) -> usize {
         self.max_concurrent_blobs.swap(n.max(1), std::sync::atomic::Ordering::Relaxed)
