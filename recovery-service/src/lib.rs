@@ -30,6 +30,9 @@ use tracing::{info, warn};
 
 use crate::{blob_recovery::Peers, config::RecoveryConfig, metrics::RecoveryMetrics, node_recovery::Recovery, server::RecoveryServer, store::RecoveryStore};
 
+/// Tries to reach etcd at start before giving up (about 35 s with the backoff).
+const CONNECT_ATTEMPTS: u32 = 10;
+
 /// A running recovery-service.
 pub struct RecoveryServiceHandle {
     /// The recovery loop and its status.
@@ -58,7 +61,7 @@ impl RecoveryServiceHandle {
 
 /// Starts recovery-service.
 pub async fn start(config: RecoveryConfig) -> anyhow::Result<RecoveryServiceHandle> {
-    let control_plane = ControlPlane::connect_etcd(&config.control_plane.etcd_endpoints, &config.control_plane.cluster).await?;
+    let control_plane = ControlPlane::connect_etcd_with_retry(&config.control_plane.etcd_endpoints, &config.control_plane.cluster, CONNECT_ATTEMPTS).await?;
     start_with(config, control_plane).await
 }
 

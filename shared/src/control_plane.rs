@@ -347,7 +347,26 @@ impl ControlPlane {
         ControlPlane { kv, prefix: format!("/ferry/{cluster}/") }
     }
 
-    /// Connects to etcd.
+    /// [`ControlPlane::connect_etcd`], retried with backoff (200 ms doubling to 5 s) for up to
+    /// `attempts` tries, so a service that starts before etcd waits for it instead of exiting.
+    pub async fn connect_etcd_with_retry(endpoints: &[String], cluster: &str, attempts: u32) -> Result<Self> {
+        let mut backoff = std::time::Duration::from_millis(200);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::connect_etcd(endpoints, cluster).await {
+                Ok(cp) => return Ok(cp),
+                Err(e) if attempt < attempts => {
+                    tracing::warn!(error = %e, attempt, "control plane unreachable; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Connects to etcd at `endpoints`; keys live under `/ferry/<cluster>/`.
     pub async fn connect_etcd(endpoints: &[String], cluster: &str) -> Result<Self> {
         let kv = etcd::EtcdKv::connect(endpoints).await?;
         Ok(Self::new(Arc::new(kv), cluster))

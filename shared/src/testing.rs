@@ -114,8 +114,12 @@ impl EtcdProcess {
     /// Starts `/usr/bin/etcd` on two free ports with a fresh data directory and waits (at most
     /// 20 s) until it answers a KV request. On failure the error carries the tail of its log.
     pub async fn start() -> io::Result<Self> {
+        Self::start_on(free_port()).await
+    }
+
+    /// [`EtcdProcess::start`] with the client port given (a test that starts a client first).
+    pub async fn start_on(client_port: u16) -> io::Result<Self> {
         let dir = tempfile::Builder::new().prefix("ferry-etcd-").tempdir()?;
-        let client_port = free_port();
         let peer_port = free_port();
         let client_url = format!("http://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");

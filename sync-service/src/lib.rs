@@ -29,6 +29,9 @@ use crate::{
     server::SyncServer,
 };
 
+/// Tries to reach etcd at start before giving up (about 35 s with the backoff).
+const CONNECT_ATTEMPTS: u32 = 10;
+
 /// A running sync-service.
 pub struct SyncServiceHandle {
     /// The node.
@@ -65,25 +68,8 @@ impl SyncServiceHandle {
 /// Starts sync-service: opens the store, connects to etcd, catches up, and serves until
 /// `shutdown` resolves or a background task fails (fatal).
 pub async fn start(config: SyncConfig) -> anyhow::Result<SyncServiceHandle> {
-    let control_plane = connect_control_plane(&config).await?;
+    let control_plane = ControlPlane::connect_etcd_with_retry(&config.control_plane.etcd_endpoints, &config.control_plane.cluster, CONNECT_ATTEMPTS).await?;
     start_with(config, control_plane).await
-}
-
-async fn connect_control_plane(config: &SyncConfig) -> anyhow::Result<ControlPlane> {
-    let mut backoff = Duration::from_millis(200);
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match ControlPlane::connect_etcd(&config.control_plane.etcd_endpoints, &config.control_plane.cluster).await {
-            Ok(cp) => return Ok(cp),
-            Err(e) if attempt < 10 => {
-                warn!(error = %e, attempt, "control plane unreachable; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 /// [`start`] with a given control plane.
