@@ -3,7 +3,7 @@
 //! comparison side by side in one run on the same seeded data.
 //!
 //! Each fill run starts a fresh cluster, stores the blobs, restarts node 0 (so its peak RSS
-//! covers only the fill), then applies an epoch change that gives node 0 more shards and
+//! covers only the fill), then applies an epoch change that gives node 0 a shard and
 //! measures until node 0 reports every owned shard `Active`. Bytes and RPC counts come from the
 //! services' own Prometheus counters (sliver payload bytes; `GetStatus` polling excluded), CPU
 //! time and peak RSS from `/proc` of node 0's processes.
@@ -70,8 +70,9 @@ pub struct FillRun {
     pub gained_bytes: u64,
     /// Epoch proposed to every gained shard `Active` on node 0.
     pub wall_secs: f64,
-    /// Node 0 at the new epoch (as its sync-state stream reports) to every gained shard
-    /// `Active`: the transfer itself, without the epoch change's propagation.
+    /// The transfer itself, without the epoch change's propagation: for shard sync from the
+    /// first attempt's start to the end of the transfer, as node 0 records them (ms); for blob
+    /// recovery from node 0's sync-state stream showing the new epoch to every shard `Active`.
     pub transfer_secs: f64,
     /// Sliver payload bytes moved over the network to fill them.
     pub bytes_fetched: u64,
@@ -85,6 +86,9 @@ pub struct FillRun {
     pub mib_per_sec: f64,
     /// `gained_bytes / transfer_secs`.
     pub transfer_mib_per_sec: f64,
+    /// Every transfer measured (shard sync: three epochs, one more shard each; the median is
+    /// reported above).
+    pub transfer_samples_secs: Vec<f64>,
     /// Per-stream bandwidth cap of the run (bytes/s), 0 = none.
     pub paced_bytes_per_sec: u64,
     /// For the resume run: the fraction of the gained bytes synced when node 0 was killed.
@@ -347,18 +351,85 @@ async fn fill_on(cluster: &mut LocalCluster, options: &BenchOptions, spec: &Fill
     cluster.start_node(0)?;
     cluster.wait_healthy(0).await?;
 
-    let me = cluster.nodes[0].id.clone();
-    let plan = epoch::plan(&cp, &MemberChanges { weights: vec![(me.clone(), 3)], ..Default::default() }).await?;
-    let gained: Vec<ShardIndex> = plan.moves.iter().filter(|m| m.to == me).map(|m| m.shard).collect();
-    if gained.is_empty() {
-        bail!("the epoch change gives node 0 no shard");
-    }
     let k = erasure::original_count(options.shards)?;
-    let gained_bytes = (gained.len() * blobs * erasure::sliver_len(options.blob_size as u64, k)?) as u64;
+    let sliver = erasure::sliver_len(options.blob_size as u64, k)?;
     let before = counters(cluster).await?;
     let pids = |c: &LocalCluster| [c.nodes[0].sync_pid, c.nodes[0].recovery_pid];
     let cpu_before: f64 = pids(cluster).iter().flatten().map(|p| proc_cpu_secs(*p)).sum();
+    let first = gain_one_shard(cluster, &cp, spec, blobs, sliver).await?;
+    let after = counters(cluster).await?;
+    let cpu_after: f64 = pids(cluster).iter().flatten().map(|p| proc_cpu_secs(*p)).sum::<f64>() + first.cpu_of_killed;
+    let peak_rss = cluster.nodes[0].sync_pid.map(|p| proc_status_kb(p, "VmHWM:")).unwrap_or(0);
+    let bytes_fetched = if spec.method == "shard_sync" { after.stream_bytes - before.stream_bytes } else { after.recovery_bytes - before.recovery_bytes };
+    // Sub-second shard syncs vary with background compaction: two more epochs, each giving
+    // node 0 another shard of the same data, and the median of the three is reported.
+    let mut walls = vec![first.wall];
+    let mut transfers = vec![first.transfer];
+    if spec.method == "shard_sync" && spec.rate == 0 && spec.disturb == Disturb::None {
+        for _ in 0..2 {
+            let again = gain_one_shard(cluster, &cp, spec, blobs, sliver).await?;
+            walls.push(again.wall);
+            transfers.push(again.transfer);
+        }
+    }
+    let wall = median(&mut walls);
+    let transfer = median(&mut transfers);
+    let gained_bytes = first.gained_bytes;
+    Ok(FillRun {
+        method: spec.method.into(),
+        tls: spec.tls,
+        scale: spec.scale,
+        blobs,
+        gained_shards: first.gained_shards,
+        gained_bytes,
+        wall_secs: wall,
+        bytes_fetched: bytes_fetched.max(0.0) as u64,
+        rpcs: (after.rpcs - before.rpcs).max(0.0) as u64,
+        cpu_secs: (cpu_after - cpu_before).max(0.0),
+        peak_rss_bytes: peak_rss,
+        mib_per_sec: gained_bytes as f64 / (1024.0 * 1024.0) / wall.max(1e-9),
+        transfer_secs: transfer,
+        transfer_mib_per_sec: gained_bytes as f64 / (1024.0 * 1024.0) / transfer.max(1e-9),
+        transfer_samples_secs: transfers,
+        paced_bytes_per_sec: spec.rate,
+        killed_at: first.killed_at,
+    })
+}
 
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// One epoch change that gives node 0 one more shard, measured.
+struct EpochFill {
+    gained_shards: usize,
+    gained_bytes: u64,
+    wall: f64,
+    transfer: f64,
+    killed_at: Option<f64>,
+    cpu_of_killed: f64,
+}
+
+async fn gain_one_shard(cluster: &mut LocalCluster, cp: &ferry_shared::control_plane::ControlPlane, spec: &FillSpec, blobs: usize, sliver: usize) -> anyhow::Result<EpochFill> {
+    // The smallest weight increase that gives node 0 a shard (the comparison is per gained
+    // shard: blob recovery rebuilds every missing shard of a blob from the same k slivers).
+    let me = cluster.nodes[0].id.clone();
+    let current = cp.current_committee().await?.context("no committee")?;
+    let weight = current.member(&me).map(|m| m.weight).unwrap_or(1);
+    let mut chosen = None;
+    for w in weight + 1..=weight + 8 {
+        let plan = epoch::plan(cp, &MemberChanges { weights: vec![(me.clone(), w)], ..Default::default() }).await?;
+        let gained: Vec<ShardIndex> = plan.moves.iter().filter(|m| m.to == me).map(|m| m.shard).collect();
+        if !gained.is_empty() {
+            chosen = Some((plan, gained));
+            break;
+        }
+    }
+    let Some((plan, gained)) = chosen else { bail!("no weight increase up to 8 gives node 0 a shard") };
+    let target = plan.next.epoch;
+    let gained_bytes = (gained.len() * blobs * sliver) as u64;
+    let connector = cluster.connector()?;
     // Node 0's own sync-state stream (as node 0) shows the epoch arriving and the shards
     // turning Active the moment they do; polling GetStatus would be coarser and costlier.
     let own = node_connector(cluster, 0)?;
@@ -376,10 +447,10 @@ async fn fill_on(cluster: &mut LocalCluster, options: &BenchOptions, spec: &Fill
         tokio::select! {
             message = states.message() => match message {
                 Ok(Some(state)) => {
-                    if state.epoch == 1 && epoch_seen.is_none() {
+                    if state.epoch == target && epoch_seen.is_none() {
                         epoch_seen = Some(Instant::now());
                     }
-                    if state.epoch == 1 && state.node_status == pb::NodeStatus::Active as i32 && state.shards_not_active.is_empty() {
+                    if state.epoch == target && state.node_status == pb::NodeStatus::Active as i32 && state.shards_not_active.is_empty() {
                         break;
                     }
                 }
@@ -408,29 +479,24 @@ async fn fill_on(cluster: &mut LocalCluster, options: &BenchOptions, spec: &Fill
         }
     }
     let wall = t0.elapsed().as_secs_f64();
-    let transfer = epoch_seen.map(|t| t.elapsed().as_secs_f64()).unwrap_or(wall);
-    let after = counters(cluster).await?;
-    let cpu_after: f64 = pids(cluster).iter().flatten().map(|p| proc_cpu_secs(*p)).sum::<f64>() + cpu_of_killed;
-    let peak_rss = cluster.nodes[0].sync_pid.map(|p| proc_status_kb(p, "VmHWM:")).unwrap_or(0);
-    let bytes_fetched = if spec.method == "shard_sync" { after.stream_bytes - before.stream_bytes } else { after.recovery_bytes - before.recovery_bytes };
-    Ok(FillRun {
-        method: spec.method.into(),
-        tls: spec.tls,
-        scale: spec.scale,
-        blobs,
-        gained_shards: gained.len(),
-        gained_bytes,
-        wall_secs: wall,
-        bytes_fetched: bytes_fetched.max(0.0) as u64,
-        rpcs: (after.rpcs - before.rpcs).max(0.0) as u64,
-        cpu_secs: (cpu_after - cpu_before).max(0.0),
-        peak_rss_bytes: peak_rss,
-        mib_per_sec: gained_bytes as f64 / (1024.0 * 1024.0) / wall.max(1e-9),
-        transfer_secs: transfer,
-        transfer_mib_per_sec: gained_bytes as f64 / (1024.0 * 1024.0) / transfer.max(1e-9),
-        paced_bytes_per_sec: spec.rate,
-        killed_at,
-    })
+    // Shard sync: the node's own record of when the first attempt started and the transfer
+    // finished. Blob recovery keeps no such record: from the new epoch on node 0's stream.
+    let mut client = SyncServiceClient::new(sync_channel(cluster, &connector, 0)?);
+    let status = client.get_status(pb::GetStatusRequest {}).await?.into_inner();
+    let syncs: Vec<&pb::ShardSyncProgress> = status.shards.iter().filter(|s| gained.iter().any(|g| g.0 == s.shard)).filter_map(|s| s.sync.as_ref()).filter(|p| p.gained_epoch == target && p.started_at_ms > 0 && p.finished_at_ms > 0).collect();
+    let transfer = match (syncs.iter().map(|p| p.started_at_ms).min(), syncs.iter().map(|p| p.finished_at_ms).max()) {
+        (Some(started), Some(finished)) if syncs.len() == gained.len() => finished.saturating_sub(started) as f64 / 1000.0,
+        _ => epoch_seen.map(|t| t.elapsed().as_secs_f64()).unwrap_or(wall),
+    };
+    // The next proposal needs this epoch done (every member attested).
+    let done = tokio::time::Instant::now() + Duration::from_secs(120);
+    while cp.current().await? != Some(ferry_shared::control_plane::EpochPhase::Done(target)) {
+        if tokio::time::Instant::now() > done {
+            bail!("epoch {target} not done within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(EpochFill { gained_shards: gained.len(), gained_bytes, wall, transfer, killed_at, cpu_of_killed })
 }
 
 /// Channels with node `i`'s own certificate (what its recovery-service uses).

@@ -431,6 +431,8 @@ impl SyncService for SyncServer {
                             rate_blobs_per_sec: rate,
                             pending_recovery: p.pending,
                             running: self.node.sync_running(*shard),
+                            started_at_ms: p.started_at_ms,
+                            finished_at_ms: p.finished_at_ms,
                         }
                     }),
                 }
@@ -599,6 +601,7 @@ impl SyncAdmin for SyncServer {
             if let Some(p) = record.sync.as_mut() {
                 p.attempts = 0;
                 p.finished = false;
+                p.finished_at_ms = 0;
                 p.last_error = None;
             }
             self.node.store.call(move |s| s.put_shard_record(shard, &record)).await.map_err(internal)?;

@@ -98,6 +98,12 @@ pub struct SyncProgress {
     pub pending: u64,
     /// Whether the transfer finished (successfully or for good).
     pub finished: bool,
+    /// When the first attempt started (Unix ms); 0 before it.
+    #[serde(default)]
+    pub started_at_ms: u64,
+    /// When the transfer finished (Unix ms); 0 while it runs.
+    #[serde(default)]
+    pub finished_at_ms: u64,
 }
 
 /// One shard's persisted record.

@@ -184,6 +184,9 @@ async fn start_attempt(node: &Arc<Node>, shard: ShardIndex) -> Result<Option<Syn
     }
     let mut progress = record.sync.clone().unwrap_or_default();
     progress.attempts += 1;
+    if progress.started_at_ms == 0 {
+        progress.started_at_ms = crypto::now_ms();
+    }
     record.sync = Some(progress.clone());
     node.store.call(move |s| s.put_shard_record(shard, &record)).await?;
     Ok(Some(progress))
@@ -420,6 +423,7 @@ async fn complete(node: &Arc<Node>, shard: ShardIndex, mut progress: SyncProgres
     let already_pending = node.store.call(move |s| s.pending(shard, usize::MAX)).await?;
     progress.pending = (missing.len() + already_pending.len()) as u64;
     progress.finished = true;
+    progress.finished_at_ms = crypto::now_ms();
     progress.cursor = None;
     let status = if progress.pending == 0 { ShardStatus::Active } else { ShardStatus::ActiveRecover };
     info!(blobs = progress.blobs_done, bytes = progress.bytes_done, pending = progress.pending, ?status, "shard sync finished");
