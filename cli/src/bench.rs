@@ -33,7 +33,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
     epoch::{self, MemberChanges},
-    local::{LocalCluster, UpOptions},
+    local::{LocalCluster, UpOptions, proc_status_bytes},
 };
 
 /// Parameters of a benchmark run.
@@ -298,10 +298,6 @@ fn proc_cpu_secs(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
-fn proc_status_kb(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).unwrap_or(0) * 1024
-}
 
 async fn fill(options: &BenchOptions, spec: &FillSpec, keep: bool) -> anyhow::Result<(FillRun, Option<LocalCluster>)> {
     let label = format!("{}-x{}{}{}", spec.method, spec.scale, if spec.tls { "" } else { "-plain" }, if spec.disturb == Disturb::None { "" } else { "-killed" });
@@ -359,7 +355,7 @@ async fn fill_on(cluster: &mut LocalCluster, options: &BenchOptions, spec: &Fill
     let first = gain_one_shard(cluster, &cp, spec, blobs, sliver).await?;
     let after = counters(cluster).await?;
     let cpu_after: f64 = pids(cluster).iter().flatten().map(|p| proc_cpu_secs(*p)).sum::<f64>() + first.cpu_of_killed;
-    let peak_rss = cluster.nodes[0].sync_pid.map(|p| proc_status_kb(p, "VmHWM:")).unwrap_or(0);
+    let peak_rss = cluster.nodes[0].sync_pid.map(|p| proc_status_bytes(p, "VmHWM:")).unwrap_or(0);
     let bytes_fetched = if spec.method == "shard_sync" { after.stream_bytes - before.stream_bytes } else { after.recovery_bytes - before.recovery_bytes };
     // Sub-second shard syncs vary with background compaction: two more epochs, each giving
     // node 0 another shard of the same data, and the median of the three is reported.
@@ -694,12 +690,12 @@ async fn measure_memory(options: &BenchOptions) -> anyhow::Result<Vec<MemoryRun>
         let server_pid = cluster.nodes[1].sync_pid.context("node 1 not running")?;
         let mut runs = Vec::new();
         for limit in [base as u64, (base * 16) as u64] {
-            let server_base = proc_status_kb(server_pid, "VmRSS:");
-            let self_base = proc_status_kb(std::process::id(), "VmRSS:");
+            let server_base = proc_status_bytes(server_pid, "VmRSS:");
+            let self_base = proc_status_bytes(std::process::id(), "VmRSS:");
             let (mut server_peak, mut self_peak) = (server_base, self_base);
             let (items, bytes, _) = pull_shard(&cluster, 1, shard, limit, Duration::from_millis(5), || {
-                server_peak = server_peak.max(proc_status_kb(server_pid, "VmRSS:"));
-                self_peak = self_peak.max(proc_status_kb(std::process::id(), "VmRSS:"));
+                server_peak = server_peak.max(proc_status_bytes(server_pid, "VmRSS:"));
+                self_peak = self_peak.max(proc_status_bytes(std::process::id(), "VmRSS:"));
             })
             .await?;
             runs.push(MemoryRun { items, shard_bytes: bytes, server_growth_bytes: server_peak - server_base, reader_growth_bytes: self_peak - self_base });

@@ -381,11 +381,7 @@ impl LocalCluster {
             if n.sync_pid.is_some_and(|p| !pid_alive(p)) {
                 let log = self.dir.join(format!("logs/{}-sync-service.log", n.id));
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
-                // The fatal error starts at the last `Error:` line, with its causes; a backtrace
-                // may follow.
-                let from = text.rfind("Error:").unwrap_or(text.len().saturating_sub(300));
-                let error: Vec<&str> = text.get(from..).unwrap_or("").lines().take_while(|l| !l.contains("backtrace")).map(str::trim).filter(|l| !l.is_empty()).collect();
-                bail!("sync-service of {} exited; see {} ({})", n.id, log.display(), error.join(" "));
+                bail!("sync-service of {} exited; see {} ({})", n.id, log.display(), fatal_error(&text));
             }
             if Instant::now() > deadline {
                 bail!("sync-service of {} not ready within 30 s; see {}", n.id, self.dir.join(format!("logs/{}-sync-service.log", n.id)).display());
@@ -448,9 +444,20 @@ impl LocalCluster {
         self.nodes[i].sync_pid.is_some_and(pid_alive)
     }
 
-    /// Resident memory of a pid in bytes (from /proc), for benchmarks and checks.
-    pub fn rss_bytes(pid: u32) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).map(|kb| kb * 1024)
+}
+
+/// A `/proc/<pid>/status` memory field (`VmRSS:`, `VmHWM:`, ...) in bytes, 0 if the process or
+/// field is gone.
+pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).unwrap_or(0) * 1024
+}
+
+/// The fatal error a service printed before exiting (from its last `Error:` line, with the
+/// causes, without the backtrace), or the last line of the log.
+pub fn fatal_error(log: &str) -> String {
+    match log.rfind("Error:") {
+        Some(at) => log[at..].lines().take_while(|l| !l.contains("backtrace")).map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" "),
+        None => log.lines().last().unwrap_or("").to_string(),
     }
 }

@@ -22,11 +22,23 @@ fn attr(span: &SpanData, key: &str) -> Option<String> {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn one_trace_spans_recovery_service_its_sync_service_and_a_peer() {
+/// Spans of this process (all in-process services) go to an in-memory exporter.
+fn trace_to_memory() -> (InMemorySpanExporter, SdkTracerProvider, telemetry::TelemetryGuard) {
     let exporter = InMemorySpanExporter::default();
     let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
-    let _telemetry = telemetry::init_with_provider("ferry-e2e", LogFormat::Text, Some(provider.clone()));
+    let guard = telemetry::init_with_provider("ferry-e2e", LogFormat::Text, Some(provider.clone()));
+    (exporter, provider, guard)
+}
+
+fn trace_id(span: &tracing::Span) -> opentelemetry::trace::TraceId {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    span.context().span().span_context().trace_id()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_trace_spans_recovery_service_its_sync_service_and_a_peer() {
+    let (exporter, provider, _telemetry) = trace_to_memory();
 
     let mut cluster = Cluster::new(4, 8).await.unwrap();
     cluster.start_genesis().await.unwrap();
@@ -36,11 +48,7 @@ async fn one_trace_spans_recovery_service_its_sync_service_and_a_peer() {
     cluster.store_random_blobs(7, 2000, 21).await.unwrap();
     // A client's trace: one store, as ferryctl makes it, reaches every node that stores a sliver.
     let client_span = tracing::info_span!("ferryctl", command = "store");
-    let client_trace = {
-        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-        use opentelemetry::trace::TraceContextExt as _;
-        client_span.context().span().span_context().trace_id()
-    };
+    let client_trace = trace_id(&client_span);
     cluster.client().store(b"traced from the client").instrument(client_span).await.unwrap();
     provider.force_flush().unwrap();
     let stored_on: std::collections::BTreeSet<String> = exporter
@@ -101,9 +109,7 @@ async fn one_trace_spans_recovery_service_its_sync_service_and_a_peer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_epoch_proposal_trace_reaches_the_shard_syncs_and_their_sources() {
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
-    let _telemetry = telemetry::init_with_provider("ferry-e2e", LogFormat::Text, Some(provider.clone()));
+    let (exporter, _provider, _telemetry) = trace_to_memory();
     let mut cluster = Cluster::new(4, 8).await.unwrap();
     cluster.start_genesis().await.unwrap();
     cluster.store_random_blobs(10, 2000, 5).await.unwrap();
@@ -111,11 +117,7 @@ async fn an_epoch_proposal_trace_reaches_the_shard_syncs_and_their_sources() {
     let members = committee.members.iter().map(|m| { let mut m = m.clone(); if m.node_id == cluster.nodes[0].id { m.weight = 3; } m }).collect();
     // What `ferryctl epoch next --yes` does, inside its command span.
     let span = tracing::info_span!("ferryctl", command = "epoch");
-    let trace = {
-        use opentelemetry::trace::TraceContextExt as _;
-        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-        span.context().span().span_context().trace_id()
-    };
+    let trace = trace_id(&span);
     cluster.next_epoch(members).instrument(span).await.unwrap();
     cluster.wait_all_active(0, 1).await.unwrap();
     // A span is exported when it and its children have closed; node 0's epoch change closes

@@ -52,14 +52,8 @@ fn log_tails(cluster: &LocalCluster, i: usize) -> String {
     for service in ["sync-service", "recovery-service"] {
         let path = cluster.dir.join(format!("logs/{}-{service}.log", cluster.nodes[i].id));
         let text = std::fs::read_to_string(&path).unwrap_or_default();
-        // A fatal error is printed with its causes, then a backtrace: show the error.
-        let tail = match text.rfind("Error:") {
-            Some(at) => text[at..].lines().take(12).collect::<Vec<_>>().join("\n"),
-            None => {
-                let lines: Vec<&str> = text.lines().collect();
-                lines[lines.len().saturating_sub(25)..].join("\n")
-            }
-        };
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = if text.contains("Error:") { ferryctl::local::fatal_error(&text) } else { lines[lines.len().saturating_sub(25)..].join("\n") };
         out.push_str(&format!("--- last lines of {}:\n{tail}\n", path.display()));
     }
     out

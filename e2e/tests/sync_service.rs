@@ -355,8 +355,7 @@ async fn a_reader_that_stops_reading_does_not_grow_server_memory() {
 }
 
 fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok()).map(|kb| kb * 1024).unwrap_or(0)
+    ferryctl::local::proc_status_bytes(std::process::id(), "VmRSS:")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -151,9 +151,7 @@ pub fn apply_config_changes(recovery: &Arc<Recovery>, initial: RecoveryConfig, c
                 let previous = recovery.set_max_concurrent_blobs(new.recovery.max_concurrent_blobs);
                 info!(previous, now = new.recovery.max_concurrent_blobs, "blob recovery concurrency changed by the config file");
             }
-            let mut rest = new.clone();
-            rest.recovery.max_concurrent_blobs = applied.recovery.max_concurrent_blobs;
-            if rest != applied {
+            if config_watch::needs_restart(&applied, &new, |rest, old| rest.recovery.max_concurrent_blobs = old.recovery.max_concurrent_blobs) {
                 warn!("the config file changed settings that apply only after a restart");
             }
             applied = new;

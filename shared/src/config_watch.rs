@@ -48,6 +48,14 @@ impl Drop for ConfigWatchGuard {
     }
 }
 
+/// Whether `new` differs from `applied` in more than the settings applied live, which
+/// `copy_live` copies from `applied` into a copy of `new` before comparing.
+pub fn needs_restart<T: Clone + PartialEq>(applied: &T, new: &T, copy_live: impl FnOnce(&mut T, &T)) -> bool {
+    let mut rest = new.clone();
+    copy_live(&mut rest, applied);
+    rest != *applied
+}
+
 /// Watches `file` and publishes each new valid configuration, starting from `initial`.
 pub fn watch_config<T>(file: &Path, env_prefix: &'static str, initial: T) -> Result<(watch::Receiver<T>, ConfigWatchGuard), ConfigWatchError>
 where
@@ -138,7 +146,10 @@ mod tests {
         assert_eq!(next(&mut rx).await.workers, 5);
         // Invalid, then valid: only the valid one is published.
         std::fs::write(&file, "workers = 0\n").unwrap();
+        // No event to await for "nothing happened": a window of several settle periods, after
+        // which the invalid version must not have been published.
         tokio::time::sleep(SETTLE * 3).await;
+        assert!(!rx.has_changed().unwrap(), "an invalid configuration is not published");
         std::fs::write(&file, "workers = 6\n").unwrap();
         assert_eq!(next(&mut rx).await.workers, 6);
     }

@@ -47,11 +47,6 @@ impl Connector {
         Connector { tls }
     }
 
-    /// Whether channels use TLS.
-    pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
-    }
-
     /// A lazily connecting channel to node `server` at `address` (`host:port`).
     pub fn channel(&self, address: &str, server: &NodeId, request_timeout: Option<Duration>) -> Result<TracedChannel, Status> {
         let host_port = address.split_once("://").map_or(address, |(_, rest)| rest);

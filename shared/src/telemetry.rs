@@ -21,6 +21,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// Set once a tracer provider is installed: without one there is no trace to hand on, and
+/// looking for stored trace context would be wasted I/O.
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process records OpenTelemetry spans.
+pub fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Keeps the trace exporter alive; dropping it flushes the spans still buffered.
 #[must_use = "dropping the guard stops trace export"]
 pub struct TelemetryGuard {
@@ -82,6 +91,7 @@ fn install(service: &str, format: LogFormat, provider: Option<SdkTracerProvider>
         LogFormat::Json => registry.with(fmt::layer().json().with_writer(std::io::stderr)).try_init(),
     };
     if result.is_ok() {
+        EXPORTING.store(provider.is_some(), std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(service, export = provider.is_some(), "telemetry initialised");
         TelemetryGuard { provider }
     } else {

@@ -163,11 +163,6 @@ impl std::fmt::Debug for TlsMaterial {
 }
 
 impl TlsMaterial {
-    /// The identity our own certificate names.
-    pub fn own_identity(&self) -> &PeerIdentity {
-        &self.own
-    }
-
     /// Server side: our certificate, and client certificates verified against the CA when
     /// offered. They are optional at the TLS layer so public calls (status, health through the
     /// main port) work without one; each protected call checks the identity itself.
@@ -347,12 +342,10 @@ fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), TlsError> {
         fs::create_dir_all(parent).map_err(err)?;
     }
     fs::write(path, bytes).map_err(err)?;
-    #[cfg(unix)]
     if secret {
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(err)?;
     }
-    let _ = secret;
     Ok(())
 }
 

@@ -192,10 +192,11 @@ pub fn apply_config_changes(node: &Arc<Node>, config_file: &Path) -> anyhow::Res
                 node.stream_rate.store(new.stream.max_bytes_per_sec, Ordering::Relaxed);
                 info!(now = new.stream.max_bytes_per_sec, "shard stream bandwidth cap changed by the config file");
             }
-            let mut rest_new = new.clone();
-            rest_new.shard_sync.max_concurrent_syncs = applied.shard_sync.max_concurrent_syncs;
-            rest_new.stream.max_bytes_per_sec = applied.stream.max_bytes_per_sec;
-            if rest_new != applied {
+            let restart = config_watch::needs_restart(&applied, &new, |rest, old| {
+                rest.shard_sync.max_concurrent_syncs = old.shard_sync.max_concurrent_syncs;
+                rest.stream.max_bytes_per_sec = old.stream.max_bytes_per_sec;
+            });
+            if restart {
                 warn!("the config file changed settings that apply only after a restart");
             }
             applied = new;

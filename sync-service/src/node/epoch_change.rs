@@ -163,10 +163,14 @@ async fn apply_event(node: &Arc<Node>, event: WatchedEpochEvent) -> Result<(), N
             node.check_key(&committee)?;
             // Join the proposer's trace: this epoch change and the shard syncs it starts (and
             // the peers they stream from) show up under the `ferryctl epoch next` that began it.
-            let traceparent = node.control_plane.epoch_traceparent(committee.epoch).await.unwrap_or_else(|e| {
-                debug!(error = %e, "no trace context for the epoch");
+            let traceparent = if telemetry::exporting() {
+                node.control_plane.epoch_traceparent(committee.epoch).await.unwrap_or_else(|e| {
+                    debug!(error = %e, "no trace context for the epoch");
+                    None
+                })
+            } else {
                 None
-            });
+            };
             let span = telemetry::continue_trace(info_span!("epoch_change", ferry.service = "sync-service", ferry.node = %node.id, epoch = committee.epoch), traceparent.as_deref());
             apply_committee(node, &committee, previous, event.revision).instrument(span).await
         }
