@@ -188,7 +188,12 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
             let spec = FillSpec { method, tls: true, scale, rate: 0, disturb: Disturb::None };
             let keep = method == "shard_sync" && scale == max_scale;
             let (run, cluster) = fill(options, &spec, keep).await?;
-            say(format!("{method} x{scale}: {:.2} s, {} fetched, {} RPCs", run.wall_secs, mib(run.bytes_fetched), run.rpcs));
+            say(format!(
+                "{method} x{scale}: {:.2} s, {} fetched, {} RPCs",
+                run.wall_secs,
+                mib(run.bytes_fetched),
+                run.rpcs
+            ));
             fills.push(run);
             if let Some(mut cluster) = cluster {
                 let measured = measure_limits(&cluster, options, scale).await;
@@ -198,10 +203,18 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         }
     }
     let limits = limits.context("no limits measured")?;
-    say(format!("limits: tcp {:.0} MiB/s, tls {:.0} MiB/s, tonic TLS stream {:.0} MiB/s, rocksdb {:.0} MiB/s", limits.tcp_mib_s, limits.tls_mib_s, limits.tonic_tls_stream_mib_s, limits.rocksdb_write_mib_s));
+    say(format!(
+        "limits: tcp {:.0} MiB/s, tls {:.0} MiB/s, tonic TLS stream {:.0} MiB/s, rocksdb {:.0} MiB/s",
+        limits.tcp_mib_s, limits.tls_mib_s, limits.tonic_tls_stream_mib_s, limits.rocksdb_write_mib_s
+    ));
 
     // TLS tax: the largest shard sync again, plaintext.
-    let (plain, _) = fill(options, &FillSpec { method: "shard_sync", tls: false, scale: max_scale, rate: 0, disturb: Disturb::None }, false).await?;
+    let (plain, _) = fill(
+        options,
+        &FillSpec { method: "shard_sync", tls: false, scale: max_scale, rate: 0, disturb: Disturb::None },
+        false,
+    )
+    .await?;
     say(format!("shard_sync x{max_scale} plaintext: {:.2} s", plain.wall_secs));
     fills.push(plain);
 
@@ -209,9 +222,24 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     let resume_scale = options.scales.iter().copied().filter(|s| *s > 1).min().unwrap_or(max_scale);
     let shard_bytes = gained_shard_bytes_estimate(options, resume_scale)?;
     let rate = (shard_bytes / 3).max(64 * 1024); // about 3 s per stream
-    let (uninterrupted, _) = fill(options, &FillSpec { method: "shard_sync", tls: true, scale: resume_scale, rate, disturb: Disturb::None }, false).await?;
-    let (killed, _) = fill(options, &FillSpec { method: "shard_sync", tls: true, scale: resume_scale, rate, disturb: Disturb::KillAt(0.5) }, false).await?;
-    say(format!("resume x{resume_scale}: uninterrupted {:.2} s, killed at {:.0}% {:.2} s", uninterrupted.wall_secs, killed.killed_at.unwrap_or(0.0) * 100.0, killed.wall_secs));
+    let (uninterrupted, _) = fill(
+        options,
+        &FillSpec { method: "shard_sync", tls: true, scale: resume_scale, rate, disturb: Disturb::None },
+        false,
+    )
+    .await?;
+    let (killed, _) = fill(
+        options,
+        &FillSpec { method: "shard_sync", tls: true, scale: resume_scale, rate, disturb: Disturb::KillAt(0.5) },
+        false,
+    )
+    .await?;
+    say(format!(
+        "resume x{resume_scale}: uninterrupted {:.2} s, killed at {:.0}% {:.2} s",
+        uninterrupted.wall_secs,
+        killed.killed_at.unwrap_or(0.0) * 100.0,
+        killed.wall_secs
+    ));
     fills.push(uninterrupted);
     fills.push(killed);
 
@@ -219,7 +247,10 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     let targets = check_targets(&fills, &limits, &memory);
     Ok(BenchReport {
         machine: machine(),
-        parameters: format!("4 nodes, {} shards, {} blobs x {} bytes at scale 1, scales {:?}", options.shards, options.blobs, options.blob_size, options.scales),
+        parameters: format!(
+            "4 nodes, {} shards, {} blobs x {} bytes at scale 1, scales {:?}",
+            options.shards, options.blobs, options.blob_size, options.scales
+        ),
         fills,
         limits,
         memory,
@@ -276,13 +307,16 @@ async fn counters(cluster: &LocalCluster) -> anyhow::Result<Counters> {
     let mut c = Counters::default();
     for n in &cluster.nodes {
         for (port, is_sync) in [(n.sync_metrics_port, true), (n.recovery_metrics_port, false)] {
-            let text = scrape(SocketAddr::from(([127, 0, 0, 1], port))).await.with_context(|| format!("metrics of {}", n.id))?;
+            let text = scrape(SocketAddr::from(([127, 0, 0, 1], port)))
+                .await
+                .with_context(|| format!("metrics of {}", n.id))?;
             if is_sync {
                 c.stream_bytes += sample(&text, "ferry_stream_bytes_total", &[]);
             } else {
                 c.recovery_bytes += sample(&text, "ferry_recovery_bytes_fetched_total", &[]);
             }
-            let polled = sample(&text, "ferry_rpc_duration_seconds_count", &["GetStatus"]) + sample(&text, "ferry_rpc_duration_seconds_count", &["GetRecoveryStatus"]);
+            let polled = sample(&text, "ferry_rpc_duration_seconds_count", &["GetStatus"])
+                + sample(&text, "ferry_rpc_duration_seconds_count", &["GetRecoveryStatus"]);
             c.rpcs += sample(&text, "ferry_rpc_duration_seconds_count", &[]) - polled;
         }
     }
@@ -298,9 +332,14 @@ fn proc_cpu_secs(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
-
 async fn fill(options: &BenchOptions, spec: &FillSpec, keep: bool) -> anyhow::Result<(FillRun, Option<LocalCluster>)> {
-    let label = format!("{}-x{}{}{}", spec.method, spec.scale, if spec.tls { "" } else { "-plain" }, if spec.disturb == Disturb::None { "" } else { "-killed" });
+    let label = format!(
+        "{}-x{}{}{}",
+        spec.method,
+        spec.scale,
+        if spec.tls { "" } else { "-plain" },
+        if spec.disturb == Disturb::None { "" } else { "-killed" }
+    );
     let dir = options.dir.join(&label);
     if dir.exists() {
         if let Ok(mut old) = LocalCluster::load(&dir) {
@@ -341,7 +380,8 @@ async fn fill_on(cluster: &mut LocalCluster, options: &BenchOptions, spec: &Fill
     let cp = cluster.control_plane().await?;
     let connector = cluster.connector()?;
     let blobs = options.blobs * spec.scale;
-    store_blobs(&BlobClient::new(cp.clone(), connector.clone(), Duration::from_secs(60)), blobs, options.blob_size).await?;
+    store_blobs(&BlobClient::new(cp.clone(), connector.clone(), Duration::from_secs(60)), blobs, options.blob_size)
+        .await?;
     // A fresh node-0 process, so its peak RSS covers the fill alone.
     cluster.stop_node(0)?;
     cluster.start_node(0)?;
@@ -356,7 +396,11 @@ async fn fill_on(cluster: &mut LocalCluster, options: &BenchOptions, spec: &Fill
     let after = counters(cluster).await?;
     let cpu_after: f64 = pids(cluster).iter().flatten().map(|p| proc_cpu_secs(*p)).sum::<f64>() + first.cpu_of_killed;
     let peak_rss = cluster.nodes[0].sync_pid.map(|p| proc_status_bytes(p, "VmHWM:")).unwrap_or(0);
-    let bytes_fetched = if spec.method == "shard_sync" { after.stream_bytes - before.stream_bytes } else { after.recovery_bytes - before.recovery_bytes };
+    let bytes_fetched = if spec.method == "shard_sync" {
+        after.stream_bytes - before.stream_bytes
+    } else {
+        after.recovery_bytes - before.recovery_bytes
+    };
     // Sub-second shard syncs vary with background compaction: two more epochs, each giving
     // node 0 another shard of the same data, and the median of the three is reported.
     let mut walls = vec![first.wall];
@@ -407,7 +451,13 @@ struct EpochFill {
     cpu_of_killed: f64,
 }
 
-async fn gain_one_shard(cluster: &mut LocalCluster, cp: &ferry_shared::control_plane::ControlPlane, spec: &FillSpec, blobs: usize, sliver: usize) -> anyhow::Result<EpochFill> {
+async fn gain_one_shard(
+    cluster: &mut LocalCluster,
+    cp: &ferry_shared::control_plane::ControlPlane,
+    spec: &FillSpec,
+    blobs: usize,
+    sliver: usize,
+) -> anyhow::Result<EpochFill> {
     // The smallest weight increase that gives node 0 a shard (the comparison is per gained
     // shard: blob recovery rebuilds every missing shard of a blob from the same k slivers).
     let me = cluster.nodes[0].id.clone();
@@ -429,7 +479,9 @@ async fn gain_one_shard(cluster: &mut LocalCluster, cp: &ferry_shared::control_p
     // Node 0's own sync-state stream (as node 0) shows the epoch arriving and the shards
     // turning Active the moment they do; polling GetStatus would be coarser and costlier.
     let own = node_connector(cluster, 0)?;
-    let watch = |c: &LocalCluster| -> anyhow::Result<SyncServiceClient<TracedChannel>> { Ok(SyncServiceClient::new(sync_channel(c, &own, 0)?)) };
+    let watch = |c: &LocalCluster| -> anyhow::Result<SyncServiceClient<TracedChannel>> {
+        Ok(SyncServiceClient::new(sync_channel(c, &own, 0)?))
+    };
     let mut states = watch(cluster)?.watch_sync_state(pb::WatchSyncStateRequest {}).await?.into_inner();
     let t0 = Instant::now();
     cp.propose_epoch(&plan.next).await?;
@@ -479,9 +531,17 @@ async fn gain_one_shard(cluster: &mut LocalCluster, cp: &ferry_shared::control_p
     // finished. Blob recovery keeps no such record: from the new epoch on node 0's stream.
     let mut client = SyncServiceClient::new(sync_channel(cluster, &connector, 0)?);
     let status = client.get_status(pb::GetStatusRequest {}).await?.into_inner();
-    let syncs: Vec<&pb::ShardSyncProgress> = status.shards.iter().filter(|s| gained.iter().any(|g| g.0 == s.shard)).filter_map(|s| s.sync.as_ref()).filter(|p| p.gained_epoch == target && p.started_at_ms > 0 && p.finished_at_ms > 0).collect();
+    let syncs: Vec<&pb::ShardSyncProgress> = status
+        .shards
+        .iter()
+        .filter(|s| gained.iter().any(|g| g.0 == s.shard))
+        .filter_map(|s| s.sync.as_ref())
+        .filter(|p| p.gained_epoch == target && p.started_at_ms > 0 && p.finished_at_ms > 0)
+        .collect();
     let transfer = match (syncs.iter().map(|p| p.started_at_ms).min(), syncs.iter().map(|p| p.finished_at_ms).max()) {
-        (Some(started), Some(finished)) if syncs.len() == gained.len() => finished.saturating_sub(started) as f64 / 1000.0,
+        (Some(started), Some(finished)) if syncs.len() == gained.len() => {
+            finished.saturating_sub(started) as f64 / 1000.0
+        }
         _ => epoch_seen.map(|t| t.elapsed().as_secs_f64()).unwrap_or(wall),
     };
     // The next proposal needs this epoch done (every member attested).
@@ -497,18 +557,39 @@ async fn gain_one_shard(cluster: &mut LocalCluster, cp: &ferry_shared::control_p
 
 /// Channels with node `i`'s own certificate (what its recovery-service uses).
 fn node_connector(cluster: &LocalCluster, i: usize) -> anyhow::Result<Connector> {
-    if cluster.tls { Ok(Connector::new(TlsConfig::from_dir(&cluster.tls_dir(), cluster.nodes[i].id.as_str()).load(None)?)) } else { Ok(Connector::plaintext()) }
+    if cluster.tls {
+        Ok(Connector::new(TlsConfig::from_dir(&cluster.tls_dir(), cluster.nodes[i].id.as_str()).load(None)?))
+    } else {
+        Ok(Connector::plaintext())
+    }
 }
 
 /// Streams `shard` from node `i` as node `i` itself (its key and certificate), reading with
 /// `delay` per item and neither verifying nor storing; returns (items, bytes, seconds).
-async fn pull_shard(cluster: &LocalCluster, i: usize, shard: ShardIndex, limit: u64, delay: Duration, mut on_item: impl FnMut()) -> anyhow::Result<(u64, u64, f64)> {
+async fn pull_shard(
+    cluster: &LocalCluster,
+    i: usize,
+    shard: ShardIndex,
+    limit: u64,
+    delay: Duration,
+    mut on_item: impl FnMut(),
+) -> anyhow::Result<(u64, u64, f64)> {
     let node = &cluster.nodes[i];
     let key = NodeKeypair::load(&cluster.dir.join("nodes").join(node.id.as_str()).join("node.key"))?;
     let connector = node_connector(cluster, i)?;
     let epoch = cluster.control_plane().await?.current_committee().await?.context("no committee")?.epoch;
-    let request = StreamShardIntent { shard, epoch, start: None, requester: &node.id, timestamp_ms: crypto::now_ms(), include_metadata: false, limit }.sign(&key);
-    let mut client = SyncServiceClient::new(sync_channel(cluster, &connector, i)?).max_decoding_message_size(ferry_shared::grpc::MAX_MESSAGE_BYTES);
+    let request = StreamShardIntent {
+        shard,
+        epoch,
+        start: None,
+        requester: &node.id,
+        timestamp_ms: crypto::now_ms(),
+        include_metadata: false,
+        limit,
+    }
+    .sign(&key);
+    let mut client = SyncServiceClient::new(sync_channel(cluster, &connector, i)?)
+        .max_decoding_message_size(ferry_shared::grpc::MAX_MESSAGE_BYTES);
     let started = Instant::now();
     let mut stream = client.stream_shard(request).await?.into_inner();
     let (mut items, mut bytes) = (0u64, 0u64);
@@ -560,7 +641,10 @@ async fn loopback_throughput(total: usize, tls_dir: Option<&Path>) -> anyhow::Re
                 roots.add(ca?)?;
             }
             let client = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-            Some((tokio_rustls::TlsAcceptor::from(Arc::new(server)), tokio_rustls::TlsConnector::from(Arc::new(client))))
+            Some((
+                tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+                tokio_rustls::TlsConnector::from(Arc::new(client)),
+            ))
         }
         None => None,
     };
@@ -680,11 +764,20 @@ async fn measure_memory(options: &BenchOptions) -> anyhow::Result<Vec<MemoryRun>
     // batch 2 MiB; the 1x shard is already twice the channel, the 16x one 32 times.
     let blob_size = 256 * 1024;
     let base = 24usize;
-    let up = UpOptions { nodes: 4, shards: options.shards, dir: dir.clone(), bin_dir: options.bin_dir.clone(), sync_extra: String::new(), recovery_extra: String::new(), tls: true };
+    let up = UpOptions {
+        nodes: 4,
+        shards: options.shards,
+        dir: dir.clone(),
+        bin_dir: options.bin_dir.clone(),
+        sync_extra: String::new(),
+        recovery_extra: String::new(),
+        tls: true,
+    };
     let mut cluster = LocalCluster::up(&up).await?;
     let result = async {
         let cp = cluster.control_plane().await?;
-        store_blobs(&BlobClient::new(cp.clone(), cluster.connector()?, Duration::from_secs(60)), base * 16, blob_size).await?;
+        store_blobs(&BlobClient::new(cp.clone(), cluster.connector()?, Duration::from_secs(60)), base * 16, blob_size)
+            .await?;
         let committee = cp.current_committee().await?.context("no committee")?;
         let shard = committee.shards_of(&cluster.nodes[1].id)[0];
         let server_pid = cluster.nodes[1].sync_pid.context("node 1 not running")?;
@@ -698,7 +791,12 @@ async fn measure_memory(options: &BenchOptions) -> anyhow::Result<Vec<MemoryRun>
                 self_peak = self_peak.max(proc_status_bytes(std::process::id(), "VmRSS:"));
             })
             .await?;
-            runs.push(MemoryRun { items, shard_bytes: bytes, server_growth_bytes: server_peak - server_base, reader_growth_bytes: self_peak - self_base });
+            runs.push(MemoryRun {
+                items,
+                shard_bytes: bytes,
+                server_growth_bytes: server_peak - server_base,
+                reader_growth_bytes: self_peak - self_base,
+            });
         }
         Ok::<_, anyhow::Error>(runs)
     }
@@ -710,7 +808,15 @@ async fn measure_memory(options: &BenchOptions) -> anyhow::Result<Vec<MemoryRun>
 fn check_targets(fills: &[FillRun], limits: &Limits, memory: &[MemoryRun]) -> Vec<TargetCheck> {
     let mut out = Vec::new();
     // Unpaced, uninterrupted runs only.
-    let find = |method: &str, scale: usize, tls: bool, killed: bool| fills.iter().find(|f| f.method == method && f.scale == scale && f.tls == tls && f.killed_at.is_some() == killed && f.paced_bytes_per_sec == 0);
+    let find = |method: &str, scale: usize, tls: bool, killed: bool| {
+        fills.iter().find(|f| {
+            f.method == method
+                && f.scale == scale
+                && f.tls == tls
+                && f.killed_at.is_some() == killed
+                && f.paced_bytes_per_sec == 0
+        })
+    };
     let scales: Vec<usize> = {
         let mut s: Vec<usize> = fills.iter().map(|f| f.scale).collect();
         s.sort_unstable();
@@ -718,10 +824,16 @@ fn check_targets(fills: &[FillRun], limits: &Limits, memory: &[MemoryRun]) -> Ve
         s
     };
     for &scale in &scales {
-        if let (Some(ss), Some(br)) = (find("shard_sync", scale, true, false), find("blob_recovery", scale, true, false)) {
+        if let (Some(ss), Some(br)) =
+            (find("shard_sync", scale, true, false), find("blob_recovery", scale, true, false))
+        {
             let speedup = br.wall_secs / ss.wall_secs.max(1e-9);
             let bytes_ratio = br.bytes_fetched as f64 / (ss.bytes_fetched as f64).max(1.0);
-            out.push(TargetCheck { target: format!("x{scale}: shard sync >= 5x faster than blob recovery"), measured: format!("{speedup:.1}x faster, {bytes_ratio:.1}x fewer bytes"), met: speedup >= 5.0 });
+            out.push(TargetCheck {
+                target: format!("x{scale}: shard sync >= 5x faster than blob recovery"),
+                measured: format!("{speedup:.1}x faster, {bytes_ratio:.1}x fewer bytes"),
+                met: speedup >= 5.0,
+            });
         }
     }
     let max_scale = scales.iter().copied().max().unwrap_or(1);
@@ -729,30 +841,65 @@ fn check_targets(fills: &[FillRun], limits: &Limits, memory: &[MemoryRun]) -> Ve
         // The transfer phase: the epoch change's propagation is not streaming.
         let rate = ss.transfer_mib_per_sec;
         let vs_tonic = rate / limits.tonic_tls_stream_mib_s.max(1e-9);
-        out.push(TargetCheck { target: "shard sync >= 0.6 of a plain tonic TLS stream".into(), measured: format!("transfer {rate:.1} vs {:.1} MiB/s = {vs_tonic:.2} (end to end {:.1} MiB/s)", limits.tonic_tls_stream_mib_s, ss.mib_per_sec), met: vs_tonic >= 0.6 });
+        out.push(TargetCheck {
+            target: "shard sync >= 0.6 of a plain tonic TLS stream".into(),
+            measured: format!(
+                "transfer {rate:.1} vs {:.1} MiB/s = {vs_tonic:.2} (end to end {:.1} MiB/s)",
+                limits.tonic_tls_stream_mib_s, ss.mib_per_sec
+            ),
+            met: vs_tonic >= 0.6,
+        });
         let floor = limits.tls_mib_s.min(limits.rocksdb_write_mib_s);
-        out.push(TargetCheck { target: "shard sync >= 0.5 of min(loopback TLS, RocksDB write)".into(), measured: format!("transfer {rate:.1} vs {floor:.1} MiB/s = {:.2}", rate / floor.max(1e-9)), met: rate >= 0.5 * floor });
+        out.push(TargetCheck {
+            target: "shard sync >= 0.5 of min(loopback TLS, RocksDB write)".into(),
+            measured: format!("transfer {rate:.1} vs {floor:.1} MiB/s = {:.2}", rate / floor.max(1e-9)),
+            met: rate >= 0.5 * floor,
+        });
         if let Some(plain) = find("shard_sync", max_scale, false, false) {
             let ratio = ss.transfer_mib_per_sec / plain.transfer_mib_per_sec.max(1e-9);
-            out.push(TargetCheck { target: "TLS shard sync >= 0.85 of plaintext".into(), measured: format!("transfer {:.1} vs {:.1} MiB/s = {ratio:.2}", ss.transfer_mib_per_sec, plain.transfer_mib_per_sec), met: ratio >= 0.85 });
+            out.push(TargetCheck {
+                target: "TLS shard sync >= 0.85 of plaintext".into(),
+                measured: format!(
+                    "transfer {:.1} vs {:.1} MiB/s = {ratio:.2}",
+                    ss.transfer_mib_per_sec, plain.transfer_mib_per_sec
+                ),
+                met: ratio >= 0.85,
+            });
         }
     }
     let killed = fills.iter().find(|f| f.killed_at.is_some());
-    let paced = killed.and_then(|k| fills.iter().find(|f| f.killed_at.is_none() && f.paced_bytes_per_sec == k.paced_bytes_per_sec && f.scale == k.scale && f.method == k.method));
+    let paced = killed.and_then(|k| {
+        fills.iter().find(|f| {
+            f.killed_at.is_none()
+                && f.paced_bytes_per_sec == k.paced_bytes_per_sec
+                && f.scale == k.scale
+                && f.method == k.method
+        })
+    });
     if let (Some(killed), Some(base)) = (killed, paced) {
         let bytes = killed.bytes_fetched as f64 / killed.gained_bytes.max(1) as f64;
         let time = killed.wall_secs / base.wall_secs.max(1e-9);
         out.push(TargetCheck {
             target: "resume after a kill at 50%: <= 1.05x bytes, <= 1.15x time".into(),
-            measured: format!("{bytes:.3}x bytes, {time:.2}x time (killed at {:.0}%)", killed.killed_at.unwrap_or(0.0) * 100.0),
+            measured: format!(
+                "{bytes:.3}x bytes, {time:.2}x time (killed at {:.0}%)",
+                killed.killed_at.unwrap_or(0.0) * 100.0
+            ),
             met: bytes <= 1.05 && time <= 1.15,
         });
     }
     if let [small, large] = memory {
-        let growth = large.server_growth_bytes.max(large.reader_growth_bytes) as i64 - small.server_growth_bytes.max(small.reader_growth_bytes) as i64;
+        let growth = large.server_growth_bytes.max(large.reader_growth_bytes) as i64
+            - small.server_growth_bytes.max(small.reader_growth_bytes) as i64;
         out.push(TargetCheck {
             target: "peak RSS flat (within 64 MiB) as the shard grows 16x".into(),
-            measured: format!("server +{} / reader +{} at 16x vs server +{} / reader +{} at 1x", mib(large.server_growth_bytes), mib(large.reader_growth_bytes), mib(small.server_growth_bytes), mib(small.reader_growth_bytes)),
+            measured: format!(
+                "server +{} / reader +{} at 16x vs server +{} / reader +{} at 1x",
+                mib(large.server_growth_bytes),
+                mib(large.reader_growth_bytes),
+                mib(small.server_growth_bytes),
+                mib(small.reader_growth_bytes)
+            ),
             met: growth < 64 * 1024 * 1024,
         });
     }
@@ -760,9 +907,19 @@ fn check_targets(fills: &[FillRun], limits: &Limits, memory: &[MemoryRun]) -> Ve
 }
 
 fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name")).map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())).unwrap_or_else(|| "unknown CPU".into());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:")).map(|v| v.trim().to_string())).unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:")).map(|v| v.trim().to_string()))
+        .unwrap_or_default();
     format!("{cores} cores ({cpu}), {mem} RAM")
 }
 
@@ -771,7 +928,22 @@ pub fn render(report: &BenchReport) -> String {
     let mut out = String::new();
     out.push_str(&format!("machine: {}\nparameters: {}\n\n", report.machine, report.parameters));
     out.push_str("fill of node 0's gained shards\n");
-    out.push_str(&format!("{:<16} {:>5} {:>6} {:>6} {:>10} {:>7} {:>7} {:>12} {:>7} {:>7} {:>9} {:>8} {:>8}\n", "method", "tls", "scale", "blobs", "gained", "wall s", "xfer s", "fetched", "RPCs", "CPU s", "peak RSS", "MiB/s", "xfer/s"));
+    out.push_str(&format!(
+        "{:<16} {:>5} {:>6} {:>6} {:>10} {:>7} {:>7} {:>12} {:>7} {:>7} {:>9} {:>8} {:>8}\n",
+        "method",
+        "tls",
+        "scale",
+        "blobs",
+        "gained",
+        "wall s",
+        "xfer s",
+        "fetched",
+        "RPCs",
+        "CPU s",
+        "peak RSS",
+        "MiB/s",
+        "xfer/s"
+    ));
     for f in &report.fills {
         let method = match f.killed_at {
             Some(at) => format!("{} kill@{:.0}%", f.method, at * 100.0),
@@ -801,7 +973,13 @@ pub fn render(report: &BenchReport) -> String {
     ));
     out.push_str("\nslow reader (5 ms per item)\n");
     for m in &report.memory {
-        out.push_str(&format!("  {:>4} slivers, {:>10}: server RSS +{}, reader RSS +{}\n", m.items, mib(m.shard_bytes), mib(m.server_growth_bytes), mib(m.reader_growth_bytes)));
+        out.push_str(&format!(
+            "  {:>4} slivers, {:>10}: server RSS +{}, reader RSS +{}\n",
+            m.items,
+            mib(m.shard_bytes),
+            mib(m.server_growth_bytes),
+            mib(m.reader_growth_bytes)
+        ));
     }
     out.push_str("\ntargets\n");
     for t in &report.targets {

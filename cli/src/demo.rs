@@ -3,10 +3,15 @@
 //! those are filled by shard sync, recovery waits for the syncs, the node attests once, and
 //! every blob reads back.
 
-use std::{path::PathBuf, time::{Duration, Instant}};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, bail};
-use ferry_proto::v1::{self as pb, recovery_service_client::RecoveryServiceClient, sync_service_client::SyncServiceClient};
+use ferry_proto::v1::{
+    self as pb, recovery_service_client::RecoveryServiceClient, sync_service_client::SyncServiceClient,
+};
 use ferry_shared::{
     client::BlobClient,
     control_plane::EpochPhase,
@@ -100,7 +105,12 @@ async fn scenario(cluster: &mut LocalCluster, options: &DemoOptions) -> anyhow::
         blobs.push((client.store(&data).await?, data));
     }
     let total: usize = blobs.iter().map(|(_, d)| d.len()).sum();
-    say(format!("stored {} blobs ({} KiB) in {:.1?}, each certified by a quorum", blobs.len(), total / 1024, started.elapsed()));
+    say(format!(
+        "stored {} blobs ({} KiB) in {:.1?}, each certified by a quorum",
+        blobs.len(),
+        total / 1024,
+        started.elapsed()
+    ));
 
     let victim = 3;
     let victim_id = cluster.nodes[victim].id.clone();
@@ -148,7 +158,11 @@ async fn scenario(cluster: &mut LocalCluster, options: &DemoOptions) -> anyhow::
                 saw.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             let s = sync.get_status(pb::GetStatusRequest {}).await?.into_inner();
-            Ok(s.node_status == pb::NodeStatus::Active as i32 && s.shards.iter().filter(|sh| sh.status != pb::ShardStatus::LockedToMove as i32).all(|sh| sh.status == pb::ShardStatus::Active as i32))
+            Ok(s.node_status == pb::NodeStatus::Active as i32
+                && s.shards
+                    .iter()
+                    .filter(|sh| sh.status != pb::ShardStatus::LockedToMove as i32)
+                    .all(|sh| sh.status == pb::ShardStatus::Active as i32))
         }
     })
     .await?;
@@ -172,7 +186,12 @@ async fn scenario(cluster: &mut LocalCluster, options: &DemoOptions) -> anyhow::
             Some(p) if gained.contains(&sh.shard) => {
                 sync_bytes += p.bytes_done;
                 if p.blobs_done as usize != blobs.len() {
-                    failures.push(format!("gained shard {} got {} of {} slivers by shard sync", sh.shard, p.blobs_done, blobs.len()));
+                    failures.push(format!(
+                        "gained shard {} got {} of {} slivers by shard sync",
+                        sh.shard,
+                        p.blobs_done,
+                        blobs.len()
+                    ));
                 }
                 format!("shard sync from {}", p.source)
             }
@@ -185,8 +204,18 @@ async fn scenario(cluster: &mut LocalCluster, options: &DemoOptions) -> anyhow::
         }
     }
     println!();
-    println!("recovery: {} blobs recovered, {} failed, {} bytes fetched by blob recovery, {} bytes by shard sync", r.blobs_recovered, r.blobs_failed, r.bytes_fetched, sync_bytes);
-    println!("recovery waited for shard syncs: {}", if saw_waiting.load(std::sync::atomic::Ordering::Relaxed) { "yes" } else { "not observed (syncs finished first)" });
+    println!(
+        "recovery: {} blobs recovered, {} failed, {} bytes fetched by blob recovery, {} bytes by shard sync",
+        r.blobs_recovered, r.blobs_failed, r.bytes_fetched, sync_bytes
+    );
+    println!(
+        "recovery waited for shard syncs: {}",
+        if saw_waiting.load(std::sync::atomic::Ordering::Relaxed) {
+            "yes"
+        } else {
+            "not observed (syncs finished first)"
+        }
+    );
     println!("time from epoch change to {victim_id} Active: {recovery_time:.1?}");
     let attestations = cp.attestations(1).await?;
     println!("attestations for epoch 1:");
@@ -195,7 +224,8 @@ async fn scenario(cluster: &mut LocalCluster, options: &DemoOptions) -> anyhow::
     }
     let mine: Vec<_> = attestations.iter().filter(|a| a.node_id == victim_id).collect();
     if mine.len() != 1 || mine[0].attested_by != "recovery-service" {
-        failures.push(format!("{victim_id} should have exactly one attestation by recovery-service, has {}", mine.len()));
+        failures
+            .push(format!("{victim_id} should have exactly one attestation by recovery-service, has {}", mine.len()));
     }
     let epoch_done = cp.current().await? == Some(EpochPhase::Done(1));
     if !epoch_done {
@@ -230,7 +260,11 @@ async fn scenario(cluster: &mut LocalCluster, options: &DemoOptions) -> anyhow::
     Ok(())
 }
 
-async fn connect_recovery(connector: &Connector, addr: &str, node: &NodeId) -> anyhow::Result<RecoveryServiceClient<TracedChannel>> {
+async fn connect_recovery(
+    connector: &Connector,
+    addr: &str,
+    node: &NodeId,
+) -> anyhow::Result<RecoveryServiceClient<TracedChannel>> {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut client = RecoveryServiceClient::new(connector.channel(addr, node, Some(Duration::from_secs(5)))?);
     loop {

@@ -65,7 +65,10 @@ pub async fn plan(cp: &ControlPlane, changes: &MemberChanges) -> anyhow::Result<
         members.push(m.clone());
     }
     for (id, w) in &changes.weights {
-        let m = members.iter_mut().find(|m| &m.node_id == id).with_context(|| format!("cannot set the weight of {id}: not a member"))?;
+        let m = members
+            .iter_mut()
+            .find(|m| &m.node_id == id)
+            .with_context(|| format!("cannot set the weight of {id}: not a member"))?;
         m.weight = *w;
     }
     let next = rebalance(&current, members).context("this change would leave shards without an owner")?;
@@ -101,7 +104,10 @@ pub async fn plan(cp: &ControlPlane, changes: &MemberChanges) -> anyhow::Result<
 pub fn render(plan: &EpochPlan) -> String {
     let mut out = format!("Plan for epoch {}: {} shard(s) move\n", plan.next.epoch, plan.moves.len());
     for m in &plan.moves {
-        out.push_str(&format!("  shard {:>3}: {} -> {}  ({} blobs, {} bytes)\n", m.shard.0, m.from, m.to, m.blobs, m.bytes));
+        out.push_str(&format!(
+            "  shard {:>3}: {} -> {}  ({} blobs, {} bytes)\n",
+            m.shard.0, m.from, m.to, m.blobs, m.bytes
+        ));
     }
     let mut per: BTreeMap<&NodeId, usize> = BTreeMap::new();
     for o in &plan.next.assignment {

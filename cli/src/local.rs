@@ -110,7 +110,12 @@ fn pid_alive(pid: u32) -> bool {
 }
 
 fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// Stops a process: SIGTERM, then SIGKILL after `grace`; waits until it is gone.
@@ -146,7 +151,9 @@ impl LocalCluster {
     /// Loads a cluster's description from its directory.
     pub fn load(dir: &Path) -> anyhow::Result<LocalCluster> {
         let path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&path).with_context(|| format!("no local cluster at {} (run `ferryctl cluster up --dir {}` first)", dir.display(), dir.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("no local cluster at {} (run `ferryctl cluster up --dir {}` first)", dir.display(), dir.display())
+        })?;
         serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))
     }
 
@@ -183,7 +190,12 @@ impl LocalCluster {
 
     /// Index of a node by id.
     pub fn index(&self, id: &str) -> anyhow::Result<usize> {
-        self.nodes.iter().position(|n| n.id.as_str() == id).ok_or_else(|| anyhow!("no node {id} in this cluster (nodes: {})", self.nodes.iter().map(|n| n.id.to_string()).collect::<Vec<_>>().join(", ")))
+        self.nodes.iter().position(|n| n.id.as_str() == id).ok_or_else(|| {
+            anyhow!(
+                "no node {id} in this cluster (nodes: {})",
+                self.nodes.iter().map(|n| n.id.to_string()).collect::<Vec<_>>().join(", ")
+            )
+        })
     }
 
     fn node_dir(&self, i: usize) -> PathBuf {
@@ -194,18 +206,32 @@ impl LocalCluster {
     pub fn member(&self, i: usize, weight: u64) -> anyhow::Result<Member> {
         let n = &self.nodes[i];
         let key = NodeKeypair::load(&self.node_dir(i).join("node.key"))?;
-        Ok(Member { node_id: n.id.clone(), public_key: key.public_hex(), sync_address: format!("127.0.0.1:{}", n.sync_port), recovery_address: format!("127.0.0.1:{}", n.recovery_port), weight })
+        Ok(Member {
+            node_id: n.id.clone(),
+            public_key: key.public_hex(),
+            sync_address: format!("127.0.0.1:{}", n.sync_port),
+            recovery_address: format!("127.0.0.1:{}", n.recovery_port),
+            weight,
+        })
     }
 
     /// Creates and starts a cluster: etcd, keys and configs, the genesis committee, and every
     /// node's services. On any failure everything started is stopped again.
     pub async fn up(options: &UpOptions) -> anyhow::Result<LocalCluster> {
         if options.dir.join(STATE_FILE).exists() {
-            bail!("a cluster already exists in {} (run `ferryctl cluster down --dir {}` first)", options.dir.display(), options.dir.display());
+            bail!(
+                "a cluster already exists in {} (run `ferryctl cluster down --dir {}` first)",
+                options.dir.display(),
+                options.dir.display()
+            );
         }
         for bin in ["sync-service", "recovery-service"] {
             if !options.bin_dir.join(bin).exists() {
-                bail!("{} not found in {} (build with `make build`, or pass --bin-dir)", bin, options.bin_dir.display());
+                bail!(
+                    "{} not found in {} (build with `make build`, or pass --bin-dir)",
+                    bin,
+                    options.bin_dir.display()
+                );
             }
         }
         std::fs::create_dir_all(options.dir.join("logs"))?;
@@ -279,7 +305,14 @@ impl LocalCluster {
             .args(["--name", "local", "--data-dir"])
             .arg(self.dir.join("etcd"))
             .args(["--listen-client-urls", &self.etcd_endpoint(), "--advertise-client-urls", &self.etcd_endpoint()])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer, "--initial-cluster", &format!("local={peer}")])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &format!("local={peer}"),
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -294,7 +327,9 @@ impl LocalCluster {
         loop {
             match self.control_plane().await {
                 Ok(cp) if cp.revision().await.is_ok() => return Ok(cp),
-                _ if Instant::now() > deadline => bail!("etcd did not start within 20 s; see {}", self.dir.join("logs/etcd.log").display()),
+                _ if Instant::now() > deadline => {
+                    bail!("etcd did not start within 20 s; see {}", self.dir.join("logs/etcd.log").display())
+                }
                 _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
@@ -304,7 +339,8 @@ impl LocalCluster {
         let n = &self.nodes[i];
         let dir = self.node_dir(i);
         let cp = ControlPlaneConfig { etcd_endpoints: vec![self.etcd_endpoint()], cluster: self.name.clone() };
-        let cp_toml = format!("[control_plane]\netcd_endpoints = [\"{}\"]\ncluster = \"{}\"\n", cp.etcd_endpoints[0], cp.cluster);
+        let cp_toml =
+            format!("[control_plane]\netcd_endpoints = [\"{}\"]\ncluster = \"{}\"\n", cp.etcd_endpoints[0], cp.cluster);
         let tls = if self.tls { TlsConfig::from_dir(&self.tls_dir(), n.id.as_str()) } else { TlsConfig::plaintext() };
         let tls_toml = format!(
             "[tls]\nenabled = {}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
@@ -369,7 +405,9 @@ impl LocalCluster {
         let n = &self.nodes[i];
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(channel) = ferry_shared::grpc::health_channel(&format!("127.0.0.1:{}", n.sync_health_port), Duration::from_secs(2)) {
+            if let Ok(channel) =
+                ferry_shared::grpc::health_channel(&format!("127.0.0.1:{}", n.sync_health_port), Duration::from_secs(2))
+            {
                 let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
                 let req = tonic_health::pb::HealthCheckRequest { service: "ferry.v1.SyncService".into() };
                 if let Ok(r) = client.check(req).await
@@ -384,7 +422,11 @@ impl LocalCluster {
                 bail!("sync-service of {} exited; see {} ({})", n.id, log.display(), fatal_error(&text));
             }
             if Instant::now() > deadline {
-                bail!("sync-service of {} not ready within 30 s; see {}", n.id, self.dir.join(format!("logs/{}-sync-service.log", n.id)).display());
+                bail!(
+                    "sync-service of {} not ready within 30 s; see {}",
+                    n.id,
+                    self.dir.join(format!("logs/{}-sync-service.log", n.id)).display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -408,7 +450,8 @@ impl LocalCluster {
 
     /// SIGKILLs only one service of node `i`.
     pub fn kill_service(&mut self, i: usize, service: &str) -> anyhow::Result<()> {
-        let slot = if service == "sync-service" { &mut self.nodes[i].sync_pid } else { &mut self.nodes[i].recovery_pid };
+        let slot =
+            if service == "sync-service" { &mut self.nodes[i].sync_pid } else { &mut self.nodes[i].recovery_pid };
         if let Some(pid) = slot.take() {
             kill_pid(pid)?;
         }
@@ -443,21 +486,31 @@ impl LocalCluster {
     pub fn sync_alive(&self, i: usize) -> bool {
         self.nodes[i].sync_pid.is_some_and(pid_alive)
     }
-
 }
 
 /// A `/proc/<pid>/status` memory field (`VmRSS:`, `VmHWM:`, ...) in bytes, 0 if the process or
 /// field is gone.
 pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).unwrap_or(0) * 1024
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
 }
 
 /// The fatal error a service printed before exiting (from its last `Error:` line, with the
 /// causes, without the backtrace), or the last line of the log.
 pub fn fatal_error(log: &str) -> String {
     match log.rfind("Error:") {
-        Some(at) => log[at..].lines().take_while(|l| !l.contains("backtrace")).map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" "),
+        Some(at) => log[at..]
+            .lines()
+            .take_while(|l| !l.contains("backtrace"))
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" "),
         None => log.lines().last().unwrap_or("").to_string(),
     }
 }

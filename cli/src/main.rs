@@ -5,7 +5,6 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use tracing::Instrument as _;
 use ferry_proto::v1::{self as pb, recovery_service_client::RecoveryServiceClient};
 use ferry_shared::{
     Committee, Member,
@@ -16,7 +15,12 @@ use ferry_shared::{
     tls::{ClusterCa, TlsConfig},
     types::{BlobId, NodeId},
 };
-use ferryctl::{bench, demo, epoch, local::{LocalCluster, UpOptions}, status};
+use ferryctl::{
+    bench, demo, epoch,
+    local::{LocalCluster, UpOptions},
+    status,
+};
+use tracing::Instrument as _;
 
 #[derive(Parser, Debug)]
 #[command(name = "ferryctl", version, about = "Operate a Ferry cluster: blobs, epochs, status, local clusters.")]
@@ -54,7 +58,9 @@ enum Command {
         out: PathBuf,
     },
     /// Writes a cluster CA and certificates for nodes and clients (PEM files in --out).
-    #[command(after_help = "A node certificate names <node>.node.ferry, which peers verify; a client certificate\nnames <name>.client.ferry. An existing ca.pem/ca.key in --out is reused, so nodes can\nbe added later. Keep ca.key out of the cluster.\n\nExample:\n  ferryctl certs --out secrets --node ferry-0 --node ferry-1 --san '*.ferry-peers.ferry.svc.cluster.local' --client ferryctl")]
+    #[command(
+        after_help = "A node certificate names <node>.node.ferry, which peers verify; a client certificate\nnames <name>.client.ferry. An existing ca.pem/ca.key in --out is reused, so nodes can\nbe added later. Keep ca.key out of the cluster.\n\nExample:\n  ferryctl certs --out secrets --node ferry-0 --node ferry-1 --san '*.ferry-peers.ferry.svc.cluster.local' --client ferryctl"
+    )]
     Certs {
         /// Output directory.
         #[arg(long)]
@@ -86,7 +92,9 @@ enum Command {
         output: PathBuf,
     },
     /// Shows epoch and phase, nodes, shards with sync and recovery progress, attestations.
-    #[command(after_help = "Examples:\n  ferryctl status\n  ferryctl status --json | jq .nodes\n  ferryctl status --watch")]
+    #[command(
+        after_help = "Examples:\n  ferryctl status\n  ferryctl status --json | jq .nodes\n  ferryctl status --watch"
+    )]
     Status {
         /// JSON for scripts.
         #[arg(long)]
@@ -111,7 +119,9 @@ enum Command {
     #[command(subcommand)]
     Cluster(ClusterCommand),
     /// Controls one node of the local cluster.
-    #[command(after_help = "Examples:\n  ferryctl node kill node-2   # SIGKILL both services\n  ferryctl node wipe node-2   # stop and delete its stores\n  ferryctl node start node-2")]
+    #[command(
+        after_help = "Examples:\n  ferryctl node kill node-2   # SIGKILL both services\n  ferryctl node wipe node-2   # stop and delete its stores\n  ferryctl node start node-2"
+    )]
     Node {
         /// stop | kill | start | wipe
         action: NodeAction,
@@ -162,7 +172,9 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum EpochCommand {
     /// Publishes the first committee (epoch 0) of a new cluster.
-    #[command(after_help = "Example:\n  ferryctl --etcd http://etcd:2379 epoch genesis --shards 16 \\\n    --member ferry-0=<pubkey-hex>@ferry-0.ferry-peers:7400,ferry-0.ferry-peers:7410 ...")]
+    #[command(
+        after_help = "Example:\n  ferryctl --etcd http://etcd:2379 epoch genesis --shards 16 \\\n    --member ferry-0=<pubkey-hex>@ferry-0.ferry-peers:7400,ferry-0.ferry-peers:7410 ..."
+    )]
     Genesis {
         /// Number of shards (fixed for the cluster's life).
         #[arg(long)]
@@ -172,7 +184,9 @@ enum EpochCommand {
         member: Vec<String>,
     },
     /// Plans the next epoch from member changes and, with --yes, applies it.
-    #[command(after_help = "Examples:\n  ferryctl epoch next --weight node-3=3\n  ferryctl epoch next --remove-node node-1 --yes\n  ferryctl epoch next --add-node node-4=<pubkey-hex>@127.0.0.1:7500,127.0.0.1:7510 --yes")]
+    #[command(
+        after_help = "Examples:\n  ferryctl epoch next --weight node-3=3\n  ferryctl epoch next --remove-node node-1 --yes\n  ferryctl epoch next --add-node node-4=<pubkey-hex>@127.0.0.1:7500,127.0.0.1:7510 --yes"
+    )]
     Next {
         /// Add a member: ID=PUBKEY_HEX@SYNC_ADDR,RECOVERY_ADDR (weight 1).
         #[arg(long)]
@@ -237,7 +251,13 @@ fn progress_bar(sent: u64, total: u64) {
     let width = 30;
     let filled = (sent * width).checked_div(total).unwrap_or(width).min(width) as usize;
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    eprint!("\rstoring [{}{}] {:5.1}/{:.1} MiB of slivers", "#".repeat(filled), "-".repeat(width as usize - filled), mib(sent), mib(total));
+    eprint!(
+        "\rstoring [{}{}] {:5.1}/{:.1} MiB of slivers",
+        "#".repeat(filled),
+        "-".repeat(width as usize - filled),
+        mib(sent),
+        mib(total)
+    );
 }
 
 fn default_bin_dir() -> anyhow::Result<PathBuf> {
@@ -254,16 +274,27 @@ fn connector(cli: &Cli) -> anyhow::Result<Connector> {
         return Ok(Connector::new(TlsConfig::from_dir(dir, &cli.tls_name).load(None)?));
     }
     if cli.etcd.is_some() {
-        bail!("nodes speak mutual TLS: pass --tls-dir with ca.pem and {}.pem/.key (ferryctl certs), or --plaintext for a plaintext cluster", cli.tls_name);
+        bail!(
+            "nodes speak mutual TLS: pass --tls-dir with ca.pem and {}.pem/.key (ferryctl certs), or --plaintext for a plaintext cluster",
+            cli.tls_name
+        );
     }
     LocalCluster::load(&cli.dir)?.connector()
 }
 
 fn parse_member(spec: &str, flag: &str) -> anyhow::Result<Member> {
     let (id, rest) = parse_kv(spec, flag)?;
-    let (key, addrs) = rest.split_once('@').with_context(|| format!("{flag} must look like ID=PUBKEY@SYNC_ADDR,RECOVERY_ADDR"))?;
-    let (sync, recovery) = addrs.split_once(',').with_context(|| format!("{flag} needs both addresses: SYNC_ADDR,RECOVERY_ADDR"))?;
-    Ok(Member { node_id: NodeId::new(id)?, public_key: key.into(), sync_address: sync.into(), recovery_address: recovery.into(), weight: 1 })
+    let (key, addrs) =
+        rest.split_once('@').with_context(|| format!("{flag} must look like ID=PUBKEY@SYNC_ADDR,RECOVERY_ADDR"))?;
+    let (sync, recovery) =
+        addrs.split_once(',').with_context(|| format!("{flag} needs both addresses: SYNC_ADDR,RECOVERY_ADDR"))?;
+    Ok(Member {
+        node_id: NodeId::new(id)?,
+        public_key: key.into(),
+        sync_address: sync.into(),
+        recovery_address: recovery.into(),
+        weight: 1,
+    })
 }
 
 async fn control_plane(cli: &Cli) -> anyhow::Result<ControlPlane> {
@@ -283,7 +314,8 @@ async fn main() {
     ferry_shared::tls::install_crypto_provider();
     // Quiet by default (RUST_LOG overrides); with OTEL_EXPORTER_OTLP_ENDPOINT set, each command
     // is a trace root whose context every call to a node carries.
-    let telemetry = ferry_shared::telemetry::init_with_default_filter("ferryctl", ferry_shared::telemetry::LogFormat::Text, "warn");
+    let telemetry =
+        ferry_shared::telemetry::init_with_default_filter("ferryctl", ferry_shared::telemetry::LogFormat::Text, "warn");
     let command = format!("{:?}", cli.command).split([' ', '(', '{']).next().unwrap_or("ferryctl").to_lowercase();
     let result = run(cli).instrument(tracing::info_span!("ferryctl", command = %command)).await;
     drop(telemetry); // flushes exported spans before exit
@@ -352,7 +384,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             for w in weight {
                 let (id, w) = parse_kv(w, "--weight")?;
-                changes.weights.push((NodeId::new(id)?, w.parse().with_context(|| format!("weight {w:?} is not a whole number"))?));
+                changes.weights.push((
+                    NodeId::new(id)?,
+                    w.parse().with_context(|| format!("weight {w:?} is not a whole number"))?,
+                ));
             }
             let plan = epoch::plan(&cp, &changes).await?;
             print!("{}", epoch::render(&plan));
@@ -382,7 +417,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 let ca = ClusterCa::generate()?;
                 ca.write(out)?;
-                println!("wrote {} and {} (keep the key out of the cluster)", out.join("ca.pem").display(), out.join("ca.key").display());
+                println!(
+                    "wrote {} and {} (keep the key out of the cluster)",
+                    out.join("ca.pem").display(),
+                    out.join("ca.key").display()
+                );
                 ca
             };
             for n in node {
@@ -408,7 +447,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("no attestations for epoch {epoch}");
             }
             for a in all {
-                println!("{} epoch {} by {} at {} ms: {} shards", a.node_id, a.epoch, a.attested_by, a.created_at_ms, a.evidence.len());
+                println!(
+                    "{} epoch {} by {} at {} ms: {} shards",
+                    a.node_id,
+                    a.epoch,
+                    a.attested_by,
+                    a.created_at_ms,
+                    a.evidence.len()
+                );
             }
         }
         Command::Recovery(cmd) => {
@@ -418,8 +464,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let cp = control_plane(&cli).await?;
             let committee = cp.current_committee().await?.context("the cluster has no committee; is it up?")?;
-            let member = committee.member(&NodeId::new(node.as_str())?).with_context(|| format!("{node} is not a member of the current committee"))?;
-            let channel = connector(&cli)?.channel(&member.recovery_address, &member.node_id, Some(Duration::from_secs(10))).map_err(|s| anyhow::anyhow!(s.message().to_string()))?;
+            let member = committee
+                .member(&NodeId::new(node.as_str())?)
+                .with_context(|| format!("{node} is not a member of the current committee"))?;
+            let channel = connector(&cli)?
+                .channel(&member.recovery_address, &member.node_id, Some(Duration::from_secs(10)))
+                .map_err(|s| anyhow::anyhow!(s.message().to_string()))?;
             let mut client = RecoveryServiceClient::new(channel);
             if pause {
                 client.pause_recovery(pb::PauseRecoveryRequest {}).await?;
@@ -436,13 +486,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(b) => b.clone(),
                 None => default_bin_dir()?,
             };
-            let options = UpOptions { nodes: *nodes, shards: *shards, dir: cli.dir.clone(), bin_dir, sync_extra: String::new(), recovery_extra: String::new(), tls: !cli.plaintext };
+            let options = UpOptions {
+                nodes: *nodes,
+                shards: *shards,
+                dir: cli.dir.clone(),
+                bin_dir,
+                sync_extra: String::new(),
+                recovery_extra: String::new(),
+                tls: !cli.plaintext,
+            };
             let cluster = LocalCluster::up(&options).await?;
-            println!("cluster up in {}: etcd {}, {}", cluster.dir.display(), cluster.etcd_endpoint(), if cluster.tls { format!("mutual TLS (certificates in {})", cluster.tls_dir().display()) } else { "PLAINTEXT".into() });
+            println!(
+                "cluster up in {}: etcd {}, {}",
+                cluster.dir.display(),
+                cluster.etcd_endpoint(),
+                if cluster.tls {
+                    format!("mutual TLS (certificates in {})", cluster.tls_dir().display())
+                } else {
+                    "PLAINTEXT".into()
+                }
+            );
             for n in &cluster.nodes {
                 println!(
                     "  {} sync 127.0.0.1:{} (health {}, metrics {}) recovery 127.0.0.1:{} (metrics {})",
-                    n.id, n.sync_port, n.sync_health_port, n.sync_metrics_port, n.recovery_port, n.recovery_metrics_port
+                    n.id,
+                    n.sync_port,
+                    n.sync_health_port,
+                    n.sync_metrics_port,
+                    n.recovery_port,
+                    n.recovery_metrics_port
                 );
             }
         }
@@ -470,11 +542,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(b) => b.clone(),
                 None => default_bin_dir()?,
             };
-            let options = bench::BenchOptions { dir: bench_dir.clone(), bin_dir, blobs: *blobs, blob_size: *blob_size, shards: *shards, scales: scales.clone() };
+            let options = bench::BenchOptions {
+                dir: bench_dir.clone(),
+                bin_dir,
+                blobs: *blobs,
+                blob_size: *blob_size,
+                shards: *shards,
+                scales: scales.clone(),
+            };
             let report = bench::run(&options).await?;
             print!("{}", bench::render(&report));
             if let Some(path) = json {
-                std::fs::write(path, bench::to_json(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
+                std::fs::write(path, bench::to_json(&report)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
                 eprintln!("wrote {}", path.display());
             }
         }

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use ferry_proto::v1::{self as pb, recovery_service_client::RecoveryServiceClient, sync_service_client::SyncServiceClient};
+use ferry_proto::v1::{
+    self as pb, recovery_service_client::RecoveryServiceClient, sync_service_client::SyncServiceClient,
+};
 use ferry_shared::{control_plane::ControlPlane, grpc::Connector, types::ShardStatus};
 use serde::Serialize;
 
@@ -87,9 +89,15 @@ pub async fn collect(cp: &ControlPlane, connector: &Connector) -> anyhow::Result
     let mut nodes = Vec::new();
     for m in &committee.members {
         let status = async {
-            let mut c = SyncServiceClient::new(connector.channel(&m.sync_address, &m.node_id, Some(Duration::from_secs(3))).map_err(|e| e.message().to_string())?);
+            let mut c = SyncServiceClient::new(
+                connector
+                    .channel(&m.sync_address, &m.node_id, Some(Duration::from_secs(3)))
+                    .map_err(|e| e.message().to_string())?,
+            );
             let s = c.get_status(pb::GetStatusRequest {}).await.map_err(|e| e.message().to_string())?.into_inner();
-            let node_status = ferry_shared::types::NodeStatus::from_proto(s.node_status, s.recovery_epoch).map(|n| n.to_string()).unwrap_or_else(|e| e.to_string());
+            let node_status = ferry_shared::types::NodeStatus::from_proto(s.node_status, s.recovery_epoch)
+                .map(|n| n.to_string())
+                .unwrap_or_else(|e| e.to_string());
             Ok::<_, String>(SyncReport {
                 epoch: s.epoch,
                 node_status,
@@ -108,10 +116,20 @@ pub async fn collect(cp: &ControlPlane, connector: &Connector) -> anyhow::Result
         }
         .await;
         let recovery = async {
-            let mut c = RecoveryServiceClient::new(connector.channel(&m.recovery_address, &m.node_id, Some(Duration::from_secs(3))).map_err(|e| e.message().to_string())?);
-            let s = c.get_recovery_status(pb::GetRecoveryStatusRequest {}).await.map_err(|e| e.message().to_string())?.into_inner();
+            let mut c = RecoveryServiceClient::new(
+                connector
+                    .channel(&m.recovery_address, &m.node_id, Some(Duration::from_secs(3)))
+                    .map_err(|e| e.message().to_string())?,
+            );
+            let s = c
+                .get_recovery_status(pb::GetRecoveryStatusRequest {})
+                .await
+                .map_err(|e| e.message().to_string())?
+                .into_inner();
             Ok::<_, String>(RecoveryReport {
-                phase: pb::RecoveryPhase::try_from(s.phase).map(|p| p.as_str_name().trim_start_matches("RECOVERY_PHASE_").to_lowercase()).unwrap_or_default(),
+                phase: pb::RecoveryPhase::try_from(s.phase)
+                    .map(|p| p.as_str_name().trim_start_matches("RECOVERY_PHASE_").to_lowercase())
+                    .unwrap_or_default(),
                 paused: s.paused,
                 waiting_for_syncs: s.waiting_for_syncs,
                 blobs_scanned: s.blobs_scanned,
@@ -137,18 +155,32 @@ fn bar(done: u64, total: u64) -> String {
 
 /// Renders a report for people.
 pub fn render(r: &ClusterReport) -> String {
-    let mut out = format!("epoch {}  phase {}  blobs {}  attested: [{}]\n", r.epoch, r.phase, r.blobs, r.attesters.join(", "));
+    let mut out =
+        format!("epoch {}  phase {}  blobs {}  attested: [{}]\n", r.epoch, r.phase, r.blobs, r.attesters.join(", "));
     for n in &r.nodes {
         match &n.status {
             Ok(s) => {
-                out.push_str(&format!("{:<10} {:<24} epoch {}  running syncs {}\n", n.node_id, s.node_status, s.epoch, s.running_syncs));
+                out.push_str(&format!(
+                    "{:<10} {:<24} epoch {}  running syncs {}\n",
+                    n.node_id, s.node_status, s.epoch, s.running_syncs
+                ));
                 for sh in &s.shards {
                     let progress = match &sh.sync {
-                        Some((done, source, attempts, err)) if sh.status == "ActiveSync" => format!("sync from {source} {} {done}/{} attempts {attempts} {err}", bar(*done, r.blobs as u64), r.blobs),
+                        Some((done, source, attempts, err)) if sh.status == "ActiveSync" => format!(
+                            "sync from {source} {} {done}/{} attempts {attempts} {err}",
+                            bar(*done, r.blobs as u64),
+                            r.blobs
+                        ),
                         Some((done, source, _, _)) => format!("synced {done} from {source}"),
                         None => String::new(),
                     };
-                    out.push_str(&format!("    shard {:>3} {:<13} {} {:>6} slivers {progress}\n", sh.shard, sh.status, bar(sh.slivers, r.blobs as u64), sh.slivers));
+                    out.push_str(&format!(
+                        "    shard {:>3} {:<13} {} {:>6} slivers {progress}\n",
+                        sh.shard,
+                        sh.status,
+                        bar(sh.slivers, r.blobs as u64),
+                        sh.slivers
+                    ));
                 }
             }
             Err(e) => out.push_str(&format!("{:<10} UNREACHABLE: {e}\n", n.node_id)),

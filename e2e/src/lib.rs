@@ -129,7 +129,17 @@ impl Cluster {
         }
         let ids: Vec<NodeId> = nodes.iter().map(|n| n.id.clone()).collect();
         tls::write_dev_pki(&dir.path().join("tls"), &ids, CLIENT)?;
-        Ok(Cluster { etcd, control_plane, name, dir, nodes, n_shards, tweak_sync: Box::new(|_| {}), tweak_recovery: Box::new(|_| {}), tls: true })
+        Ok(Cluster {
+            etcd,
+            control_plane,
+            name,
+            dir,
+            nodes,
+            n_shards,
+            tweak_sync: Box::new(|_| {}),
+            tweak_recovery: Box::new(|_| {}),
+            tls: true,
+        })
     }
 
     /// Where the CA and certificates are (`ca.pem`, `<name>.pem`, `<name>.key`).
@@ -149,12 +159,20 @@ impl Cluster {
 
     /// A channel to node `i`'s sync-service, presenting `name`'s certificate.
     pub fn sync_channel_as(&self, i: usize, name: &str) -> anyhow::Result<TracedChannel> {
-        Ok(self.connector_as(name)?.channel(&format!("127.0.0.1:{}", self.nodes[i].sync_port), &self.nodes[i].id, Some(Duration::from_secs(30)))?)
+        Ok(self.connector_as(name)?.channel(
+            &format!("127.0.0.1:{}", self.nodes[i].sync_port),
+            &self.nodes[i].id,
+            Some(Duration::from_secs(30)),
+        )?)
     }
 
     /// A channel to node `i`'s recovery-service, presenting `name`'s certificate.
     pub fn recovery_channel_as(&self, i: usize, name: &str) -> anyhow::Result<TracedChannel> {
-        Ok(self.connector_as(name)?.channel(&format!("127.0.0.1:{}", self.nodes[i].recovery_port), &self.nodes[i].id, Some(Duration::from_secs(30)))?)
+        Ok(self.connector_as(name)?.channel(
+            &format!("127.0.0.1:{}", self.nodes[i].recovery_port),
+            &self.nodes[i].id,
+            Some(Duration::from_secs(30)),
+        )?)
     }
 
     /// Proposes the genesis committee (weight 1 each) and starts every sync-service; waits
@@ -182,7 +200,10 @@ impl Cluster {
             health_listen: ([127, 0, 0, 1], n.sync_health_port).into(),
             metrics_listen: ([127, 0, 0, 1], 0).into(),
             tls: self.tls_config(n.id.as_str()),
-            control_plane: ControlPlaneConfig { etcd_endpoints: vec![self.etcd.endpoint.clone()], cluster: self.name.clone() },
+            control_plane: ControlPlaneConfig {
+                etcd_endpoints: vec![self.etcd.endpoint.clone()],
+                cluster: self.name.clone(),
+            },
             ..SyncConfig::default()
         };
         c.store.path = n.store_dir.clone();
@@ -204,7 +225,10 @@ impl Cluster {
             metrics_listen: ([127, 0, 0, 1], 0).into(),
             tls: self.tls_config(n.id.as_str()),
             sync_service: format!("127.0.0.1:{}", n.sync_port),
-            control_plane: ControlPlaneConfig { etcd_endpoints: vec![self.etcd.endpoint.clone()], cluster: self.name.clone() },
+            control_plane: ControlPlaneConfig {
+                etcd_endpoints: vec![self.etcd.endpoint.clone()],
+                cluster: self.name.clone(),
+            },
             store_path: n.recovery_dir.clone(),
             ..RecoveryConfig::default()
         };
@@ -218,7 +242,9 @@ impl Cluster {
     /// Starts node `i`'s sync-service.
     pub async fn start_sync(&mut self, i: usize) -> anyhow::Result<()> {
         let config = self.sync_config(i);
-        let handle = ferry_sync_service::start_with(config, self.control_plane.clone()).await.with_context(|| format!("start sync-service of node {i}"))?;
+        let handle = ferry_sync_service::start_with(config, self.control_plane.clone())
+            .await
+            .with_context(|| format!("start sync-service of node {i}"))?;
         self.nodes[i].sync = Some(handle);
         Ok(())
     }
@@ -234,7 +260,9 @@ impl Cluster {
     /// Starts node `i`'s recovery-service.
     pub async fn start_recovery(&mut self, i: usize) -> anyhow::Result<()> {
         let config = self.recovery_config(i);
-        let handle = ferry_recovery_service::start_with(config, self.control_plane.clone()).await.with_context(|| format!("start recovery-service of node {i}"))?;
+        let handle = ferry_recovery_service::start_with(config, self.control_plane.clone())
+            .await
+            .with_context(|| format!("start recovery-service of node {i}"))?;
         self.nodes[i].recovery = Some(handle);
         Ok(())
     }
@@ -264,7 +292,12 @@ impl Cluster {
     }
 
     /// Stores `count` random blobs of 0 to `max_len` bytes (seeded); returns them.
-    pub async fn store_random_blobs(&self, count: usize, max_len: usize, seed: u64) -> anyhow::Result<Vec<(BlobId, Vec<u8>)>> {
+    pub async fn store_random_blobs(
+        &self,
+        count: usize,
+        max_len: usize,
+        seed: u64,
+    ) -> anyhow::Result<Vec<(BlobId, Vec<u8>)>> {
         let mut rng = StdRng::seed_from_u64(seed);
         let client = self.client();
         let mut blobs = Vec::new();
@@ -311,7 +344,9 @@ impl Cluster {
         match result {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(_)) => bail!("node {id} stopped while waiting for: {what}"),
-            Err(_) => bail!("timed out after {WAIT:?} waiting for node {id}: {what}; last view: {}", describe(&rx.borrow())),
+            Err(_) => {
+                bail!("timed out after {WAIT:?} waiting for node {id}: {what}; last view: {}", describe(&rx.borrow()))
+            }
         }
     }
 
@@ -319,14 +354,19 @@ impl Cluster {
     pub async fn wait_all_active(&self, i: usize, epoch: u64) -> anyhow::Result<NodeView> {
         let id = self.nodes[i].id.clone();
         self.wait_view(i, &format!("Active with all shards Active at epoch {epoch}"), |v| {
-            v.epoch() == epoch && v.status() == NodeStatus::Active && v.owned(&id).iter().all(|s| v.shards.get(s).map(|r| r.status) == Some(ShardStatus::Active))
+            v.epoch() == epoch
+                && v.status() == NodeStatus::Active
+                && v.owned(&id).iter().all(|s| v.shards.get(s).map(|r| r.status) == Some(ShardStatus::Active))
         })
         .await
     }
 
     /// Waits until the epoch's phase is `Done`.
     pub async fn wait_done(&self, epoch: u64) -> anyhow::Result<()> {
-        wait_until(&format!("epoch {epoch} Done"), || async { Ok(self.control_plane.current().await? == Some(EpochPhase::Done(epoch))) }).await
+        wait_until(&format!("epoch {epoch} Done"), || async {
+            Ok(self.control_plane.current().await? == Some(EpochPhase::Done(epoch)))
+        })
+        .await
     }
 
     /// A gRPC client to node `i`'s sync-service, as [`CLIENT`].
@@ -336,7 +376,8 @@ impl Cluster {
 
     /// A gRPC client to node `i`'s sync-service, presenting `name`'s certificate.
     pub async fn sync_client_as(&self, i: usize, name: &str) -> anyhow::Result<SyncServiceClient<TracedChannel>> {
-        Ok(SyncServiceClient::new(self.sync_channel_as(i, name)?).max_decoding_message_size(ferry_shared::grpc::MAX_MESSAGE_BYTES))
+        Ok(SyncServiceClient::new(self.sync_channel_as(i, name)?)
+            .max_decoding_message_size(ferry_shared::grpc::MAX_MESSAGE_BYTES))
     }
 
     /// All slivers of a shard on node `i`, in order.

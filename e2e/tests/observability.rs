@@ -12,8 +12,8 @@ use ferry_shared::{
     types::NodeStatus,
 };
 use opentelemetry::Value;
-use tracing::Instrument as _;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use tracing::Instrument as _;
 
 fn attr(span: &SpanData, key: &str) -> Option<String> {
     span.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| match &kv.value {
@@ -64,7 +64,10 @@ async fn one_trace_spans_recovery_service_its_sync_service_and_a_peer() {
     cluster.stop_sync(3).await.unwrap();
     cluster.wipe(3).unwrap();
     cluster.start_sync(3).await.unwrap();
-    cluster.wait_view(3, "RecoveryInProgress after the wipe", |v| matches!(v.status(), NodeStatus::RecoveryInProgress(_))).await.unwrap();
+    cluster
+        .wait_view(3, "RecoveryInProgress after the wipe", |v| matches!(v.status(), NodeStatus::RecoveryInProgress(_)))
+        .await
+        .unwrap();
     exporter.reset();
     cluster.start_recovery(3).await.unwrap();
     cluster.wait_all_active(3, 0).await.unwrap();
@@ -78,16 +81,27 @@ async fn one_trace_spans_recovery_service_its_sync_service_and_a_peer() {
     let server_of = |s: &SpanData| (attr(s, "ferry.service"), attr(s, "ferry.node"), s.name.to_string());
     let complete = traces.values().find(|trace| {
         let recovery = trace.iter().any(|s| s.name == "recover_blob");
-        let local = trace.iter().any(|s| server_of(s) == (Some("sync-service".into()), Some("node-3".into()), "/ferry.v1.SyncService/StoreSliver".into()));
+        let local = trace.iter().any(|s| {
+            server_of(s)
+                == (Some("sync-service".into()), Some("node-3".into()), "/ferry.v1.SyncService/StoreSliver".into())
+        });
         let peer = trace.iter().any(|s| {
             let (service, node, name) = server_of(s);
-            service.as_deref() == Some("sync-service") && node.as_deref() != Some("node-3") && name == "/ferry.v1.SyncService/GetSliver"
+            service.as_deref() == Some("sync-service")
+                && node.as_deref() != Some("node-3")
+                && name == "/ferry.v1.SyncService/GetSliver"
         });
         recovery && local && peer
     });
     let Some(trace) = complete else {
-        let names: Vec<String> = spans.iter().map(|s| format!("{} {:?}/{:?}", s.name, attr(s, "ferry.service"), attr(s, "ferry.node"))).collect();
-        panic!("no trace holds recover_blob, node-3's StoreSliver and a peer's GetSliver; {} spans: {names:?}", spans.len());
+        let names: Vec<String> = spans
+            .iter()
+            .map(|s| format!("{} {:?}/{:?}", s.name, attr(s, "ferry.service"), attr(s, "ferry.node")))
+            .collect();
+        panic!(
+            "no trace holds recover_blob, node-3's StoreSliver and a peer's GetSliver; {} spans: {names:?}",
+            spans.len()
+        );
     };
     // The server spans continue the caller's trace: none is a root of its own. (Sharing the
     // trace id at all is only possible through the propagated context.)
@@ -104,7 +118,14 @@ async fn one_trace_spans_recovery_service_its_sync_service_and_a_peer() {
     assert!(sample(&recovery3, "ferry_recovery_bytes_fetched_total", &[]) > 0.0);
     assert_eq!(sample(&recovery3, "ferry_recovery_attestations_total", &[]), 0.0, "no attestation at epoch 0");
     let sync3 = scrape(cluster.nodes[3].sync.as_ref().unwrap().metrics_addr).await;
-    assert!(sample(&sync3, "ferry_rpc_duration_seconds_count", &["method=\"/ferry.v1.SyncService/StoreSliver\"", "code=\"OK\""]) >= 8.0, "{sync3}");
+    assert!(
+        sample(
+            &sync3,
+            "ferry_rpc_duration_seconds_count",
+            &["method=\"/ferry.v1.SyncService/StoreSliver\"", "code=\"OK\""]
+        ) >= 8.0,
+        "{sync3}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -114,7 +135,17 @@ async fn an_epoch_proposal_trace_reaches_the_shard_syncs_and_their_sources() {
     cluster.start_genesis().await.unwrap();
     cluster.store_random_blobs(10, 2000, 5).await.unwrap();
     let committee = cluster.committee().await.unwrap();
-    let members = committee.members.iter().map(|m| { let mut m = m.clone(); if m.node_id == cluster.nodes[0].id { m.weight = 3; } m }).collect();
+    let members = committee
+        .members
+        .iter()
+        .map(|m| {
+            let mut m = m.clone();
+            if m.node_id == cluster.nodes[0].id {
+                m.weight = 3;
+            }
+            m
+        })
+        .collect();
     // What `ferryctl epoch next --yes` does, inside its command span.
     let span = tracing::info_span!("ferryctl", command = "epoch");
     let trace = trace_id(&span);
@@ -122,19 +153,36 @@ async fn an_epoch_proposal_trace_reaches_the_shard_syncs_and_their_sources() {
     cluster.wait_all_active(0, 1).await.unwrap();
     // A span is exported when it and its children have closed; node 0's epoch change closes
     // after its shard-sync tasks have returned, a moment after the shards turn Active.
-    let in_trace = || -> Vec<SpanData> { exporter.get_finished_spans().unwrap().into_iter().filter(|s| s.span_context.trace_id() == trace).collect() };
-    let epoch_nodes = |spans: &[SpanData]| -> std::collections::BTreeSet<String> { spans.iter().filter(|s| s.name == "epoch_change").filter_map(|s| attr(s, "ferry.node")).collect() };
+    let in_trace = || -> Vec<SpanData> {
+        exporter.get_finished_spans().unwrap().into_iter().filter(|s| s.span_context.trace_id() == trace).collect()
+    };
+    let epoch_nodes = |spans: &[SpanData]| -> std::collections::BTreeSet<String> {
+        spans.iter().filter(|s| s.name == "epoch_change").filter_map(|s| attr(s, "ferry.node")).collect()
+    };
     let exported = exporter.clone();
     ferry_e2e::wait_until("every node's epoch_change span is exported", || {
-        let spans: Vec<SpanData> = exported.get_finished_spans().unwrap().into_iter().filter(|s| s.span_context.trace_id() == trace).collect();
+        let spans: Vec<SpanData> =
+            exported.get_finished_spans().unwrap().into_iter().filter(|s| s.span_context.trace_id() == trace).collect();
         async move { Ok(epoch_nodes(&spans).len() == 4) }
     })
     .await
-    .unwrap_or_else(|e| panic!("{e}: every node's epoch change joins the proposer's trace, got {:?}", epoch_nodes(&in_trace())));
+    .unwrap_or_else(|e| {
+        panic!("{e}: every node's epoch change joins the proposer's trace, got {:?}", epoch_nodes(&in_trace()))
+    });
     let spans = in_trace();
-    assert!(spans.iter().any(|s| s.name == "shard_sync" && attr(s, "node").as_deref() == Some("node-0")), "node 0's shard syncs are in the trace");
-    let sources: Vec<String> = spans.iter().filter(|s| s.name == "/ferry.v1.SyncService/StreamShard").filter_map(|s| attr(s, "ferry.node")).collect();
-    assert!(!sources.is_empty() && sources.iter().all(|n| n != "node-0"), "the previous owners' StreamShard spans are in the trace: {sources:?}");
+    assert!(
+        spans.iter().any(|s| s.name == "shard_sync" && attr(s, "node").as_deref() == Some("node-0")),
+        "node 0's shard syncs are in the trace"
+    );
+    let sources: Vec<String> = spans
+        .iter()
+        .filter(|s| s.name == "/ferry.v1.SyncService/StreamShard")
+        .filter_map(|s| attr(s, "ferry.node"))
+        .collect();
+    assert!(
+        !sources.is_empty() && sources.iter().all(|n| n != "node-0"),
+        "the previous owners' StreamShard spans are in the trace: {sources:?}"
+    );
 }
 
 async fn scrape(addr: SocketAddr) -> String {
@@ -151,7 +199,17 @@ async fn metrics_count_shard_sync_streaming_recovery_and_rpcs() {
     let blobs = cluster.store_random_blobs(12, 3000, 8).await.unwrap();
     // Node 0 gains shards at epoch 1 and fills them by shard sync.
     let committee = cluster.committee().await.unwrap();
-    let members = committee.members.iter().map(|m| { let mut m = m.clone(); if m.node_id == cluster.nodes[0].id { m.weight = 3; } m }).collect();
+    let members = committee
+        .members
+        .iter()
+        .map(|m| {
+            let mut m = m.clone();
+            if m.node_id == cluster.nodes[0].id {
+                m.weight = 3;
+            }
+            m
+        })
+        .collect();
     let next = cluster.next_epoch(members).await.unwrap();
     let gained = next.shards_of(&cluster.nodes[0].id).len() - committee.shards_of(&cluster.nodes[0].id).len();
     assert!(gained > 0);
@@ -160,7 +218,11 @@ async fn metrics_count_shard_sync_streaming_recovery_and_rpcs() {
 
     let node0 = scrape(cluster.nodes[0].sync.as_ref().unwrap().metrics_addr).await;
     assert!(sample(&node0, "ferry_sync_completed_total", &[]) >= gained as f64, "{node0}");
-    assert_eq!(sample(&node0, "ferry_sync_slivers_total", &[]), (gained * blobs.len()) as f64, "every gained sliver came by shard sync");
+    assert_eq!(
+        sample(&node0, "ferry_sync_slivers_total", &[]),
+        (gained * blobs.len()) as f64,
+        "every gained sliver came by shard sync"
+    );
     assert!(sample(&node0, "ferry_sync_bytes_total", &[]) > 0.0);
     assert_eq!(sample(&node0, "ferry_sync_running", &[]), 0.0);
     assert_eq!(sample(&node0, "ferry_attestations_total", &[]), 1.0, "one attestation for epoch 1");
@@ -169,7 +231,11 @@ async fn metrics_count_shard_sync_streaming_recovery_and_rpcs() {
     for i in 1..4 {
         let text = scrape(cluster.nodes[i].sync.as_ref().unwrap().metrics_addr).await;
         streamed += sample(&text, "ferry_stream_items_total", &[]);
-        stream_rpcs += sample(&text, "ferry_rpc_duration_seconds_count", &["method=\"/ferry.v1.SyncService/StreamShard\"", "code=\"OK\""]);
+        stream_rpcs += sample(
+            &text,
+            "ferry_rpc_duration_seconds_count",
+            &["method=\"/ferry.v1.SyncService/StreamShard\"", "code=\"OK\""],
+        );
     }
     assert_eq!(streamed, (gained * blobs.len()) as f64, "the previous owners served exactly the gained slivers");
     assert!(stream_rpcs >= gained as f64, "StreamShard calls are timed until their streams end: {stream_rpcs}");

@@ -4,10 +4,17 @@
 //! every node attests at most once per epoch.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::{path::PathBuf, time::{Duration, Instant}};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use ferry_proto::v1::{self as pb, sync_service_client::SyncServiceClient};
-use ferry_shared::{client::BlobClient, control_plane::{ControlPlane, EpochPhase}, types::{BlobId, NodeId}};
+use ferry_shared::{
+    client::BlobClient,
+    control_plane::{ControlPlane, EpochPhase},
+    types::{BlobId, NodeId},
+};
 use ferryctl::{
     epoch::{self, MemberChanges},
     local::{LocalCluster, UpOptions},
@@ -23,7 +30,15 @@ fn bin_dir() -> PathBuf {
 }
 
 async fn up(dir: &std::path::Path, sync_extra: &str) -> LocalCluster {
-    let options = UpOptions { nodes: 4, shards: 8, dir: dir.to_path_buf(), bin_dir: bin_dir(), sync_extra: sync_extra.into(), recovery_extra: "[recovery]\nretry_initial_ms = 50\nretry_max_ms = 500\n".into(), tls: true };
+    let options = UpOptions {
+        nodes: 4,
+        shards: 8,
+        dir: dir.to_path_buf(),
+        bin_dir: bin_dir(),
+        sync_extra: sync_extra.into(),
+        recovery_extra: "[recovery]\nretry_initial_ms = 50\nretry_max_ms = 500\n".into(),
+        tls: true,
+    };
     LocalCluster::up(&options).await.unwrap()
 }
 
@@ -41,7 +56,11 @@ async fn store_blobs(cluster: &LocalCluster, cp: &ControlPlane, n: usize, seed: 
 
 async fn status(cluster: &LocalCluster, i: usize) -> Option<pb::GetStatusResponse> {
     let n = &cluster.nodes[i];
-    let channel = cluster.connector().ok()?.channel(&format!("127.0.0.1:{}", n.sync_port), &n.id, Some(Duration::from_secs(5))).ok()?;
+    let channel = cluster
+        .connector()
+        .ok()?
+        .channel(&format!("127.0.0.1:{}", n.sync_port), &n.id, Some(Duration::from_secs(5)))
+        .ok()?;
     let mut c = SyncServiceClient::new(channel);
     c.get_status(pb::GetStatusRequest {}).await.ok().map(|r| r.into_inner())
 }
@@ -53,14 +72,23 @@ fn log_tails(cluster: &LocalCluster, i: usize) -> String {
         let path = cluster.dir.join(format!("logs/{}-{service}.log", cluster.nodes[i].id));
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        let tail = if text.contains("Error:") { ferryctl::local::fatal_error(&text) } else { lines[lines.len().saturating_sub(25)..].join("\n") };
+        let tail = if text.contains("Error:") {
+            ferryctl::local::fatal_error(&text)
+        } else {
+            lines[lines.len().saturating_sub(25)..].join("\n")
+        };
         out.push_str(&format!("--- last lines of {}:\n{tail}\n", path.display()));
     }
     out
 }
 
 /// Polls a node's GetStatus (another process: no in-process signal to await) until `pred`.
-async fn wait_status(cluster: &LocalCluster, i: usize, what: &str, pred: impl Fn(&pb::GetStatusResponse) -> bool) -> pb::GetStatusResponse {
+async fn wait_status(
+    cluster: &LocalCluster,
+    i: usize,
+    what: &str,
+    pred: impl Fn(&pb::GetStatusResponse) -> bool,
+) -> pb::GetStatusResponse {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         if let Some(s) = status(cluster, i).await {
@@ -78,7 +106,14 @@ async fn wait_status(cluster: &LocalCluster, i: usize, what: &str, pred: impl Fn
 }
 
 fn all_active(epoch: u64) -> impl Fn(&pb::GetStatusResponse) -> bool {
-    move |s| s.epoch == epoch && s.node_status == pb::NodeStatus::Active as i32 && s.shards.iter().filter(|r| r.status != pb::ShardStatus::LockedToMove as i32).all(|r| r.status == pb::ShardStatus::Active as i32)
+    move |s| {
+        s.epoch == epoch
+            && s.node_status == pb::NodeStatus::Active as i32
+            && s.shards
+                .iter()
+                .filter(|r| r.status != pb::ShardStatus::LockedToMove as i32)
+                .all(|r| r.status == pb::ShardStatus::Active as i32)
+    }
 }
 
 async fn check_reads(cluster: &LocalCluster, cp: &ControlPlane, blobs: &[(BlobId, Vec<u8>)]) {
@@ -91,14 +126,23 @@ async fn check_reads(cluster: &LocalCluster, cp: &ControlPlane, blobs: &[(BlobId
 async fn assert_one_attestation_each(cp: &ControlPlane, epoch: u64, nodes: &[NodeId]) {
     let all = cp.attestations(epoch).await.unwrap();
     for n in nodes {
-        assert_eq!(all.iter().filter(|a| &a.node_id == n).count(), 1, "exactly one attestation of {n} for epoch {epoch}: {all:?}");
+        assert_eq!(
+            all.iter().filter(|a| &a.node_id == n).count(),
+            1,
+            "exactly one attestation of {n} for epoch {epoch}: {all:?}"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_demo_scenario_passes_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
-    let result = ferryctl::demo::run(&ferryctl::demo::DemoOptions { dir: dir.path().join("demo"), bin_dir: bin_dir(), blobs: 120 }).await;
+    let result = ferryctl::demo::run(&ferryctl::demo::DemoOptions {
+        dir: dir.path().join("demo"),
+        bin_dir: bin_dir(),
+        blobs: 120,
+    })
+    .await;
     result.unwrap();
 }
 
@@ -109,14 +153,21 @@ async fn sigkill_of_the_previous_owner_mid_stream_loses_nothing() {
         let mut cluster = up(dir.path(), "[stream]\nmax_bytes_per_sec = 50000\n[shard_sync]\nbatch_items = 4\ninitial_backoff_ms = 50\nmax_backoff_ms = 500\n").await;
         let cp = cluster.control_plane().await.unwrap();
         let blobs = store_blobs(&cluster, &cp, 80, seed).await;
-        let plan = epoch::plan(&cp, &MemberChanges { weights: vec![(cluster.nodes[0].id.clone(), 3)], ..Default::default() }).await.unwrap();
-        let sources: Vec<NodeId> = plan.moves.iter().filter(|m| m.to == cluster.nodes[0].id).map(|m| m.from.clone()).collect();
+        let plan =
+            epoch::plan(&cp, &MemberChanges { weights: vec![(cluster.nodes[0].id.clone(), 3)], ..Default::default() })
+                .await
+                .unwrap();
+        let sources: Vec<NodeId> =
+            plan.moves.iter().filter(|m| m.to == cluster.nodes[0].id).map(|m| m.from.clone()).collect();
         cp.propose_epoch(&plan.next).await.unwrap();
         // Kill one previous owner at a random point of the transfer.
         let mut rng = StdRng::seed_from_u64(seed);
         let victim = cluster.index(sources[rng.gen_range(0..sources.len())].as_str()).unwrap();
         let after = rng.gen_range(4..60u64);
-        wait_status(&cluster, 0, "sync progress", |s| s.shards.iter().filter_map(|r| r.sync.as_ref()).any(|p| p.blobs_done >= after)).await;
+        wait_status(&cluster, 0, "sync progress", |s| {
+            s.shards.iter().filter_map(|r| r.sync.as_ref()).any(|p| p.blobs_done >= after)
+        })
+        .await;
         cluster.kill_node(victim).unwrap();
         cluster.start_node(victim).unwrap();
         cluster.wait_healthy(victim).await.unwrap();
@@ -146,7 +197,12 @@ async fn sigkill_of_the_recovering_node_mid_recovery_still_completes_once() {
         cluster.start_node(victim).unwrap();
         cluster.wait_healthy(victim).await.unwrap();
         // An epoch change while it recovers, then SIGKILL at a random point.
-        let plan = epoch::plan(&cp, &MemberChanges { weights: vec![(cluster.nodes[victim].id.clone(), 2)], ..Default::default() }).await.unwrap();
+        let plan = epoch::plan(
+            &cp,
+            &MemberChanges { weights: vec![(cluster.nodes[victim].id.clone(), 2)], ..Default::default() },
+        )
+        .await
+        .unwrap();
         cp.propose_epoch(&plan.next).await.unwrap();
         let mut rng = StdRng::seed_from_u64(seed);
         tokio::time::sleep(Duration::from_millis(rng.gen_range(0..1500))).await; // the random kill point
@@ -176,7 +232,10 @@ async fn an_epoch_change_while_a_node_is_down_brings_it_back_on_the_catch_up_pat
     let mut blobs = store_blobs(&cluster, &cp, 40, 31).await;
     cluster.kill_node(2).unwrap();
     for (epoch, w) in [(1u64, 2u64), (2, 3)] {
-        let plan = epoch::plan(&cp, &MemberChanges { weights: vec![(cluster.nodes[0].id.clone(), w)], ..Default::default() }).await.unwrap();
+        let plan =
+            epoch::plan(&cp, &MemberChanges { weights: vec![(cluster.nodes[0].id.clone(), w)], ..Default::default() })
+                .await
+                .unwrap();
         cp.propose_epoch(&plan.next).await.unwrap();
         for i in [0, 1, 3] {
             wait_status(&cluster, i, "all Active", all_active(epoch)).await;

@@ -13,7 +13,10 @@ use ferry_shared::{
 };
 
 /// Starts a 4-node, 8-shard cluster with both services on every node and `blobs` blobs.
-async fn cluster_with_blobs(count: usize, tweak: impl Fn(&mut ferry_sync_service::config::SyncConfig) + Send + Sync + 'static) -> (Cluster, Vec<(BlobId, Vec<u8>)>) {
+async fn cluster_with_blobs(
+    count: usize,
+    tweak: impl Fn(&mut ferry_sync_service::config::SyncConfig) + Send + Sync + 'static,
+) -> (Cluster, Vec<(BlobId, Vec<u8>)>) {
     let mut cluster = Cluster::new(4, 8).await.unwrap();
     cluster.tweak_sync = Box::new(tweak);
     cluster.start_genesis().await.unwrap();
@@ -34,7 +37,10 @@ async fn wipe_and_restart(cluster: &mut Cluster, i: usize, paused: bool) {
         RecoveryStore::open(&cluster.nodes[i].recovery_dir).unwrap().set_paused(true).unwrap();
     }
     cluster.start_sync(i).await.unwrap();
-    cluster.wait_view(i, "RecoveryInProgress after a wipe", |v| matches!(v.status(), NodeStatus::RecoveryInProgress(_))).await.unwrap();
+    cluster
+        .wait_view(i, "RecoveryInProgress after a wipe", |v| matches!(v.status(), NodeStatus::RecoveryInProgress(_)))
+        .await
+        .unwrap();
     cluster.start_recovery(i).await.unwrap();
 }
 
@@ -93,10 +99,15 @@ async fn a_recovering_node_fills_gained_shards_by_shard_sync_and_attests_once() 
     });
 
     // Resume while the syncs still run: recovery must wait for them.
-    let mut rclient = ferry_proto::v1::recovery_service_client::RecoveryServiceClient::new(cluster.recovery_channel_as(3, ferry_e2e::CLIENT).unwrap());
+    let mut rclient = ferry_proto::v1::recovery_service_client::RecoveryServiceClient::new(
+        cluster.recovery_channel_as(3, ferry_e2e::CLIENT).unwrap(),
+    );
     rclient.resume_recovery(pb::ResumeRecoveryRequest {}).await.unwrap();
     let mut watch = cluster.nodes[3].recovery.as_ref().unwrap().recovery.subscribe();
-    tokio::time::timeout(WAIT, watch.wait_for(|s| s.waiting_for_syncs || s.blobs_recovered > 0)).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, watch.wait_for(|s| s.waiting_for_syncs || s.blobs_recovered > 0))
+        .await
+        .unwrap()
+        .unwrap();
 
     cluster.wait_all_active(3, 1).await.unwrap();
     progress_task.abort();
@@ -106,7 +117,11 @@ async fn a_recovering_node_fills_gained_shards_by_shard_sync_and_attests_once() 
     let mut recovered = 0;
     for (syncs, value) in &timeline {
         if *value > recovered {
-            assert_eq!(*syncs, Some(0), "blob recovery progressed to {value} while shard syncs were {syncs:?}; timeline {timeline:?}");
+            assert_eq!(
+                *syncs,
+                Some(0),
+                "blob recovery progressed to {value} while shard syncs were {syncs:?}; timeline {timeline:?}"
+            );
         }
         recovered = recovered.max(*value);
     }
@@ -122,11 +137,16 @@ async fn a_recovering_node_fills_gained_shards_by_shard_sync_and_attests_once() 
     }
     // Exactly one attestation for node 3 and epoch 1, from recovery-service, with complete
     // evidence (so it came after everything completed).
-    let attestations: Vec<_> = cluster.control_plane.attestations(1).await.unwrap().into_iter().filter(|a| a.node_id == me).collect();
+    let attestations: Vec<_> =
+        cluster.control_plane.attestations(1).await.unwrap().into_iter().filter(|a| a.node_id == me).collect();
     assert_eq!(attestations.len(), 1);
     assert_eq!(attestations[0].attested_by, "recovery-service");
     assert_eq!(attestations[0].evidence.len(), c1.shards_of(&me).len());
-    assert!(attestations[0].evidence.iter().all(|e| e.blob_count == blobs.len() as u64), "{:?}", attestations[0].evidence);
+    assert!(
+        attestations[0].evidence.iter().all(|e| e.blob_count == blobs.len() as u64),
+        "{:?}",
+        attestations[0].evidence
+    );
     let listed = rclient.list_attestations(pb::ListAttestationsRequest {}).await.unwrap().into_inner().attestations;
     assert_eq!(listed.len(), 1);
     check_shards_match_encoding(&cluster, 3, &blobs);
@@ -148,13 +168,20 @@ async fn recovery_service_restarted_mid_recovery_resumes_from_its_cursor() {
     tokio::time::timeout(WAIT, watch.wait_for(|s| s.blobs_recovered >= 60)).await.unwrap().unwrap();
     cluster.stop_recovery(2).await.unwrap();
     let cursor = RecoveryStore::open(&cluster.nodes[2].recovery_dir).unwrap().cursor().unwrap().unwrap();
-    assert!(cursor.blobs_recovered >= 16 && cursor.shards.values().all(|c| c.is_some()), "progress was persisted: {cursor:?}");
+    assert!(
+        cursor.blobs_recovered >= 16 && cursor.shards.values().all(|c| c.is_some()),
+        "progress was persisted: {cursor:?}"
+    );
     cluster.start_recovery(2).await.unwrap();
     cluster.wait_all_active(2, 0).await.unwrap();
     // Counted across both runs, nothing was recovered twice; at most the one page in flight
     // at the stop was recovered but not yet counted.
     let total = cluster.nodes[2].recovery.as_ref().unwrap().recovery.status().blobs_recovered;
-    assert!(total <= blobs.len() as u64 && total + 16 >= blobs.len() as u64, "recovered {total} of {} across the restart", blobs.len());
+    assert!(
+        total <= blobs.len() as u64 && total + 16 >= blobs.len() as u64,
+        "recovered {total} of {} across the restart",
+        blobs.len()
+    );
     check_shards_match_encoding(&cluster, 2, &blobs);
 }
 
@@ -166,7 +193,11 @@ async fn losing_the_sync_state_stream_makes_the_count_unknown_not_zero() {
     cluster.stop_sync(1).await.unwrap();
     // Resume while sync-service is down: the count is unknown, so nothing may proceed.
     cluster.nodes[1].recovery.as_ref().unwrap().recovery.set_paused(false).await.unwrap();
-    let s = tokio::time::timeout(WAIT, watch.wait_for(|s| s.running_syncs.is_none() && s.waiting_for_syncs)).await.unwrap().unwrap().clone();
+    let s = tokio::time::timeout(WAIT, watch.wait_for(|s| s.running_syncs.is_none() && s.waiting_for_syncs))
+        .await
+        .unwrap()
+        .unwrap()
+        .clone();
     assert_eq!(s.blobs_recovered, 0, "no progress while the count is unknown");
     cluster.start_sync(1).await.unwrap();
     cluster.wait_all_active(1, 0).await.unwrap();
@@ -179,7 +210,8 @@ async fn a_lagging_node_that_missed_two_epochs_catches_up_by_blob_recovery() {
     cluster.stop_recovery(3).await.unwrap();
     cluster.stop_sync(3).await.unwrap();
     for (epoch, weight) in [(1u64, 2u64), (2, 3)] {
-        let members = cluster.nodes.iter().enumerate().map(|(i, n)| n.member(if i == 0 { weight } else { 1 })).collect();
+        let members =
+            cluster.nodes.iter().enumerate().map(|(i, n)| n.member(if i == 0 { weight } else { 1 })).collect();
         cluster.next_epoch(members).await.unwrap();
         for i in 0..3 {
             cluster.wait_all_active(i, epoch).await.unwrap();
@@ -213,12 +245,18 @@ async fn a_shard_sync_that_fails_for_good_during_recovery_is_covered_by_blob_rec
     cluster.stop_sync(source).await.unwrap();
     cluster.next_epoch(members).await.unwrap();
     let g = gained[0];
-    cluster.wait_view(3, "failed sync leaves ActiveRecover", move |v| v.shards.get(&g).map(|r| r.status) == Some(ShardStatus::ActiveRecover)).await.unwrap();
+    cluster
+        .wait_view(3, "failed sync leaves ActiveRecover", move |v| {
+            v.shards.get(&g).map(|r| r.status) == Some(ShardStatus::ActiveRecover)
+        })
+        .await
+        .unwrap();
     cluster.start_sync(source).await.unwrap();
     cluster.nodes[3].recovery.as_ref().unwrap().recovery.set_paused(false).await.unwrap();
     cluster.wait_all_active(3, 1).await.unwrap();
     check_shards_match_encoding(&cluster, 3, &blobs);
-    let a: Vec<_> = cluster.control_plane.attestations(1).await.unwrap().into_iter().filter(|a| a.node_id == me).collect();
+    let a: Vec<_> =
+        cluster.control_plane.attestations(1).await.unwrap().into_iter().filter(|a| a.node_id == me).collect();
     assert_eq!(a.len(), 1);
 }
 
@@ -228,7 +266,10 @@ async fn a_node_dropped_while_recovering_never_attests_nor_becomes_active() {
     wipe_and_restart(&mut cluster, 3, true).await;
     let members = cluster.nodes.iter().take(3).map(|n| n.member(1)).collect();
     cluster.next_epoch(members).await.unwrap();
-    cluster.wait_view(3, "Standby after removal", |v| v.status() == NodeStatus::Standby && v.epoch() == 1).await.unwrap();
+    cluster
+        .wait_view(3, "Standby after removal", |v| v.status() == NodeStatus::Standby && v.epoch() == 1)
+        .await
+        .unwrap();
     cluster.nodes[3].recovery.as_ref().unwrap().recovery.set_paused(false).await.unwrap();
     for i in 0..3 {
         cluster.wait_all_active(i, 1).await.unwrap();
@@ -283,7 +324,12 @@ async fn an_epoch_change_mid_recovery_keeps_the_cursor_of_kept_shards() {
     recovery.set_paused(false).await.unwrap();
     cluster.wait_all_active(3, 1).await.unwrap();
     let status = recovery.status();
-    println!("rule 8: {scanned_before} blobs scanned before the epoch change, {} saved from re-scan, {} scanned in all for {} blobs", status.rescans_saved, status.blobs_scanned, blobs.len());
+    println!(
+        "rule 8: {scanned_before} blobs scanned before the epoch change, {} saved from re-scan, {} scanned in all for {} blobs",
+        status.rescans_saved,
+        status.blobs_scanned,
+        blobs.len()
+    );
     assert!(status.rescans_saved >= scanned_before, "the scan did not restart from the first blob: {status:?}");
     assert!(status.blobs_scanned < 2 * blobs.len() as u64, "no full re-scan: {status:?}");
     check_shards_match_encoding(&cluster, 3, &blobs);

@@ -4,7 +4,9 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use ferry_e2e::{CLIENT, Cluster};
-use ferry_proto::v1::{self as pb, recovery_service_client::RecoveryServiceClient, sync_service_client::SyncServiceClient};
+use ferry_proto::v1::{
+    self as pb, recovery_service_client::RecoveryServiceClient, sync_service_client::SyncServiceClient,
+};
 use ferry_shared::{
     crypto::{self, NodeKeypair, StreamShardIntent},
     grpc::Connector,
@@ -14,10 +16,22 @@ use ferry_shared::{
 use tonic::Code;
 
 fn stream_request(key: &NodeKeypair, requester: &NodeId, shard: ShardIndex) -> pb::StreamShardRequest {
-    StreamShardIntent { shard, epoch: 0, start: None, requester, timestamp_ms: crypto::now_ms(), include_metadata: false, limit: 0 }.sign(key)
+    StreamShardIntent {
+        shard,
+        epoch: 0,
+        start: None,
+        requester,
+        timestamp_ms: crypto::now_ms(),
+        include_metadata: false,
+        limit: 0,
+    }
+    .sign(key)
 }
 
-async fn count_items(client: &mut SyncServiceClient<ferry_shared::grpc::TracedChannel>, request: pb::StreamShardRequest) -> Result<usize, tonic::Status> {
+async fn count_items(
+    client: &mut SyncServiceClient<ferry_shared::grpc::TracedChannel>,
+    request: pb::StreamShardRequest,
+) -> Result<usize, tonic::Status> {
     let mut stream = client.stream_shard(request).await?.into_inner();
     let mut n = 0;
     while let Some(item) = stream.message().await? {
@@ -39,7 +53,13 @@ async fn only_the_shard_owner_with_its_own_certificate_may_stream_it() {
     // No client certificate: TLS works, the call does not.
     let anon_channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
         .unwrap()
-        .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(cluster.tls_dir().join("ca.pem")).unwrap())).domain_name(tls::node_server_name(&owner)))
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(
+                    std::fs::read(cluster.tls_dir().join("ca.pem")).unwrap(),
+                ))
+                .domain_name(tls::node_server_name(&owner)),
+        )
         .unwrap()
         .connect()
         .await
@@ -59,7 +79,10 @@ async fn only_the_shard_owner_with_its_own_certificate_may_stream_it() {
     let foreign_connector = Connector::new(foreign_cfg.load(None).unwrap());
     let mut foreign_client = SyncServiceClient::new(foreign_connector.channel(&addr, &owner, None).unwrap());
     let err = foreign_client.stream_shard(stream_request(&owner_key, &owner, shard)).await.unwrap_err();
-    assert!(matches!(err.code(), Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled), "a foreign CA's certificate must not get through: {err:?}");
+    assert!(
+        matches!(err.code(), Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled),
+        "a foreign CA's certificate must not get through: {err:?}"
+    );
 
     // A valid certificate of a member that does not own the shard, with its own key.
     let other = cluster.nodes[2].id.clone();
@@ -109,7 +132,15 @@ async fn sliver_reads_sync_state_and_operator_calls_follow_the_committee() {
     let err = member.complete_recovery(pb::CompleteRecoveryRequest { epoch: 0 }).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     let mut own = cluster.sync_client_as(0, "node-0").await.unwrap();
-    let first = own.watch_sync_state(pb::WatchSyncStateRequest {}).await.unwrap().into_inner().message().await.unwrap().unwrap();
+    let first = own
+        .watch_sync_state(pb::WatchSyncStateRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!first.owned_shards.is_empty());
 
     // Pausing recovery: another node may not, an operator may.

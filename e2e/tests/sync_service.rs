@@ -46,7 +46,10 @@ async fn committee_change_moves_shards_by_shard_sync_and_attests_once() {
         // Byte-identical to the previous owner's copy, which is the blob's encoding (the copy
         // itself may already be dropped after the grace period).
         let mine = cluster.shard_contents(0, *shard).unwrap();
-        let expected: BTreeMap<BlobId, Vec<u8>> = blobs.iter().map(|(id, data)| (*id, erasure::encode(data, 8).unwrap().slivers[shard.as_usize()].clone())).collect();
+        let expected: BTreeMap<BlobId, Vec<u8>> = blobs
+            .iter()
+            .map(|(id, data)| (*id, erasure::encode(data, 8).unwrap().slivers[shard.as_usize()].clone()))
+            .collect();
         let mine_map: BTreeMap<BlobId, Vec<u8>> = mine.into_iter().collect();
         assert_eq!(mine_map, expected, "shard {shard} is byte-identical to the encoding");
     }
@@ -56,7 +59,10 @@ async fn committee_change_moves_shards_by_shard_sync_and_attests_once() {
         let previous = c0.owner(*shard).unwrap();
         let i = cluster.nodes.iter().position(|n| &n.id == previous).unwrap();
         let s = *shard;
-        cluster.wait_view(i, &format!("lost shard {shard} dropped"), move |v| !v.shards.contains_key(&s)).await.unwrap();
+        cluster
+            .wait_view(i, &format!("lost shard {shard} dropped"), move |v| !v.shards.contains_key(&s))
+            .await
+            .unwrap();
     }
 
     // Exactly one attestation per node for epoch 1, all by sync-service.
@@ -68,7 +74,11 @@ async fn committee_change_moves_shards_by_shard_sync_and_attests_once() {
         assert_eq!(a.attested_by, "sync-service");
         a.verify(&c1).unwrap();
         assert_eq!(a.evidence.len(), c1.shards_of(&a.node_id).len());
-        assert!(a.evidence.iter().all(|e| e.blob_count == blobs.len() as u64), "evidence counts every blob: {:?}", a.evidence);
+        assert!(
+            a.evidence.iter().all(|e| e.blob_count == blobs.len() as u64),
+            "evidence counts every blob: {:?}",
+            a.evidence
+        );
     }
     cluster.check_blobs(&blobs).await.unwrap();
 }
@@ -90,14 +100,21 @@ async fn sync_resumes_from_its_cursor_after_the_previous_owner_dies_mid_stream()
 
     // Wait for some progress, then stop the source mid-stream.
     let view = cluster
-        .wait_view(0, "shard sync made progress", move |v| v.shards.get(&shard).and_then(|r| r.sync.as_ref()).is_some_and(|p| p.blobs_done >= 8))
+        .wait_view(0, "shard sync made progress", move |v| {
+            v.shards.get(&shard).and_then(|r| r.sync.as_ref()).is_some_and(|p| p.blobs_done >= 8)
+        })
         .await
         .unwrap();
     let done_before = view.shards[&shard].sync.as_ref().unwrap().blobs_done;
     assert!(done_before < blobs.len() as u64, "the stream must be interrupted before its end");
     cluster.stop_sync(source).await.unwrap();
     let stopped = cluster.nodes[0].node().unwrap().view();
-    assert_eq!(stopped.shards[&shard].status, ShardStatus::ActiveSync, "the shard waits for its source: {}", describe(&stopped));
+    assert_eq!(
+        stopped.shards[&shard].status,
+        ShardStatus::ActiveSync,
+        "the shard waits for its source: {}",
+        describe(&stopped)
+    );
 
     cluster.start_sync(source).await.unwrap();
     cluster.wait_all_active(0, 1).await.unwrap();
@@ -128,7 +145,12 @@ async fn a_previous_owner_gone_for_good_leaves_the_shard_to_blob_recovery() {
     cluster.stop_sync(source).await.unwrap();
     cluster.next_epoch(members).await.unwrap();
 
-    let view = cluster.wait_view(0, "gained shard in ActiveRecover", move |v| v.shards.get(&shard).map(|r| r.status) == Some(ShardStatus::ActiveRecover)).await.unwrap();
+    let view = cluster
+        .wait_view(0, "gained shard in ActiveRecover", move |v| {
+            v.shards.get(&shard).map(|r| r.status) == Some(ShardStatus::ActiveRecover)
+        })
+        .await
+        .unwrap();
     let sync = view.shards[&shard].sync.clone().unwrap();
     assert_eq!(sync.attempts, 3);
     assert!(sync.last_error.is_some_and(|e| e.contains("gave up after 3 attempts")));
@@ -136,12 +158,20 @@ async fn a_previous_owner_gone_for_good_leaves_the_shard_to_blob_recovery() {
     let mut counter = node.counter.subscribe();
     tokio::time::timeout(WAIT, counter.wait_for(|n| *n == 0)).await.expect("counter returns to zero").unwrap();
     // Zero running syncs but an unfilled shard: the node must not attest.
-    assert!(cluster.control_plane.attestation(1, &me).await.unwrap().is_none(), "no attestation while a shard is ActiveRecover");
+    assert!(
+        cluster.control_plane.attestation(1, &me).await.unwrap().is_none(),
+        "no attestation while a shard is ActiveRecover"
+    );
 
     // The operator brings the source back and retries the sync through SyncAdmin.
     cluster.start_sync(source).await.unwrap();
     let mut admin = pb::sync_admin_client::SyncAdminClient::new(cluster.sync_channel_as(0, ferry_e2e::CLIENT).unwrap());
-    let previous = admin.set_sync_concurrency(pb::SetSyncConcurrencyRequest { max_concurrent_syncs: 2 }).await.unwrap().into_inner().previous;
+    let previous = admin
+        .set_sync_concurrency(pb::SetSyncConcurrencyRequest { max_concurrent_syncs: 2 })
+        .await
+        .unwrap()
+        .into_inner()
+        .previous;
     assert_eq!(previous, 4);
     let err = admin.set_sync_concurrency(pb::SetSyncConcurrencyRequest { max_concurrent_syncs: 0 }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -188,18 +218,26 @@ async fn grpcurl_lists_describes_and_calls_the_service_through_reflection() {
     // the server's certificate must name.
     let tls = cluster.tls_dir();
     let ca = tls.join("ca.pem").display().to_string();
-    let (client_cert, client_key) = (tls.join("ferryctl.pem").display().to_string(), tls.join("ferryctl.key").display().to_string());
-    let (node_cert, node_key) = (tls.join("node-0.pem").display().to_string(), tls.join("node-0.key").display().to_string());
+    let (client_cert, client_key) =
+        (tls.join("ferryctl.pem").display().to_string(), tls.join("ferryctl.key").display().to_string());
+    let (node_cert, node_key) =
+        (tls.join("node-0.pem").display().to_string(), tls.join("node-0.key").display().to_string());
     let as_client = ["-cacert", &ca, "-cert", &client_cert, "-key", &client_key, "-servername", "node-0.node.ferry"];
     let with = |extra: &[&str], rest: &[&str]| run(&[extra, rest].concat());
     let (ok, list) = with(&as_client, &[&addr, "list"]);
-    assert!(ok && list.contains("ferry.v1.SyncService") && list.contains("ferry.v1.SyncAdmin") && list.contains("grpc.health.v1.Health"), "{list}");
+    assert!(
+        ok && list.contains("ferry.v1.SyncService")
+            && list.contains("ferry.v1.SyncAdmin")
+            && list.contains("grpc.health.v1.Health"),
+        "{list}"
+    );
     let (ok, describe) = with(&as_client, &[&addr, "describe", "ferry.v1.SyncService.StreamShard"]);
     assert!(ok && describe.contains("Streams a whole shard"), "doc comments reach grpcurl: {describe}");
     let (ok, status) = with(&as_client, &[&addr, "ferry.v1.SyncService/GetStatus"]);
     assert!(ok && status.contains("\"nodeId\": \"node-0\"") && status.contains("NODE_STATUS_ACTIVE"), "{status}");
     // GetStatus is public: TLS without a client certificate is enough.
-    let (ok, status) = run(&["-cacert", &ca, "-servername", "node-0.node.ferry", &addr, "ferry.v1.SyncService/GetStatus"]);
+    let (ok, status) =
+        run(&["-cacert", &ca, "-servername", "node-0.node.ferry", &addr, "ferry.v1.SyncService/GetStatus"]);
     assert!(ok && status.contains("node-0"), "{status}");
     // The sync-state stream is for the node itself: a client certificate is refused ...
     let (ok, refused) = with(&as_client, &["-max-time", "5", &addr, "ferry.v1.SyncService/WatchSyncState"]);
@@ -221,15 +259,28 @@ async fn grpcurl_lists_describes_and_calls_the_service_through_reflection() {
 /// Finds a program on PATH, or in Python's scripts directory (where pip puts grpcurl when
 /// that directory is not on PATH).
 fn which(name: &str) -> Result<std::path::PathBuf, ()> {
-    let mut dirs: Vec<std::path::PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
-    if let Ok(out) = std::process::Command::new("python3").args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]).output() {
+    let mut dirs: Vec<std::path::PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    if let Ok(out) = std::process::Command::new("python3")
+        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+        .output()
+    {
         dirs.push(String::from_utf8_lossy(&out.stdout).trim().into());
     }
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.exists()).ok_or(())
 }
 
 fn signed_request(key: &NodeKeypair, requester: &NodeId, shard: u32, epoch: u64) -> pb::StreamShardRequest {
-    StreamShardIntent { shard: ShardIndex(shard), epoch, start: None, requester, timestamp_ms: crypto::now_ms(), include_metadata: false, limit: 0 }.sign(key)
+    StreamShardIntent {
+        shard: ShardIndex(shard),
+        epoch,
+        start: None,
+        requester,
+        timestamp_ms: crypto::now_ms(),
+        include_metadata: false,
+        limit: 0,
+    }
+    .sign(key)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -253,7 +304,12 @@ async fn stream_shard_refuses_non_owners_forgeries_replays_and_bad_input() {
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("does not verify"));
     // The owner's request works once; its replay is refused.
-    let owner_req = signed_request(&NodeKeypair::load(&cluster.nodes[1].key_file).unwrap(), &cluster.nodes[1].id, server_shard.0, 0);
+    let owner_req = signed_request(
+        &NodeKeypair::load(&cluster.nodes[1].key_file).unwrap(),
+        &cluster.nodes[1].id,
+        server_shard.0,
+        0,
+    );
     let mut stream = owner_client.stream_shard(owner_req.clone()).await.unwrap().into_inner();
     let mut n = 0;
     let mut ended = false;
@@ -289,33 +345,74 @@ async fn the_data_plane_stores_only_verified_slivers_of_registered_blobs() {
     let enc = erasure::encode(b"hello ferry", 4).unwrap();
     let id = enc.blob_id.0.to_vec();
     // Not registered yet.
-    let err = client.store_metadata(pb::StoreMetadataRequest { blob_id: id.clone(), metadata: Some(enc.metadata.to_proto()) }).await.unwrap_err();
+    let err = client
+        .store_metadata(pb::StoreMetadataRequest { blob_id: id.clone(), metadata: Some(enc.metadata.to_proto()) })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    cluster.control_plane.register_blob(&ferry_shared::control_plane::BlobRecord { blob_id: enc.blob_id, length: 11, registered_epoch: 0, certificate: None }).await.unwrap();
+    cluster
+        .control_plane
+        .register_blob(&ferry_shared::control_plane::BlobRecord {
+            blob_id: enc.blob_id,
+            length: 11,
+            registered_epoch: 0,
+            certificate: None,
+        })
+        .await
+        .unwrap();
     // Metadata that does not hash to the id.
     let mut wrong = enc.metadata.clone();
     wrong.length += 1;
-    let err = client.store_metadata(pb::StoreMetadataRequest { blob_id: id.clone(), metadata: Some(wrong.to_proto()) }).await.unwrap_err();
+    let err = client
+        .store_metadata(pb::StoreMetadataRequest { blob_id: id.clone(), metadata: Some(wrong.to_proto()) })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    client.store_metadata(pb::StoreMetadataRequest { blob_id: id.clone(), metadata: Some(enc.metadata.to_proto()) }).await.unwrap();
+    client
+        .store_metadata(pb::StoreMetadataRequest { blob_id: id.clone(), metadata: Some(enc.metadata.to_proto()) })
+        .await
+        .unwrap();
 
     let mine = c0.shards_of(&cluster.nodes[0].id)[0];
     let other = c0.shards_of(&cluster.nodes[1].id)[0];
     // A corrupted sliver, and a sliver for a shard the node does not own.
     let mut bad = enc.slivers[mine.as_usize()].clone();
     bad[0] ^= 1;
-    let err = client.store_sliver(pb::StoreSliverRequest { blob_id: id.clone(), shard: mine.0, data: bad }).await.unwrap_err();
+    let err = client
+        .store_sliver(pb::StoreSliverRequest { blob_id: id.clone(), shard: mine.0, data: bad })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = client.store_sliver(pb::StoreSliverRequest { blob_id: id.clone(), shard: other.0, data: enc.slivers[other.as_usize()].clone() }).await.unwrap_err();
+    let err = client
+        .store_sliver(pb::StoreSliverRequest {
+            blob_id: id.clone(),
+            shard: other.0,
+            data: enc.slivers[other.as_usize()].clone(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("does not own"));
     let err = client.get_sliver(pb::GetSliverRequest { blob_id: id.clone(), shard: mine.0 }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "nothing unverified was stored");
     // The good sliver is stored and confirmed with a valid signature.
-    let r = client.store_sliver(pb::StoreSliverRequest { blob_id: id.clone(), shard: mine.0, data: enc.slivers[mine.as_usize()].clone() }).await.unwrap().into_inner();
+    let r = client
+        .store_sliver(pb::StoreSliverRequest {
+            blob_id: id.clone(),
+            shard: mine.0,
+            data: enc.slivers[mine.as_usize()].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let conf = r.confirmation.expect("the node holds the blob in every shard it owns");
     let member = c0.member(&cluster.nodes[0].id).unwrap();
-    crypto::verify(&member.public_key, &crypto::confirmation_message(&cluster.nodes[0].id, &enc.blob_id, 0), &conf.signature).unwrap();
+    crypto::verify(
+        &member.public_key,
+        &crypto::confirmation_message(&cluster.nodes[0].id, &enc.blob_id, 0),
+        &conf.signature,
+    )
+    .unwrap();
     let got = client.get_sliver(pb::GetSliverRequest { blob_id: id, shard: mine.0 }).await.unwrap().into_inner();
     assert_eq!(got.data, enc.slivers[mine.as_usize()]);
 }
@@ -337,7 +434,8 @@ async fn a_reader_that_stops_reading_does_not_grow_server_memory() {
     let owner_key = NodeKeypair::load(&cluster.nodes[1].key_file).unwrap();
     let mut grpc = cluster.sync_client_as(1, cluster.nodes[1].id.as_str()).await.unwrap();
     let rss_before = rss_bytes();
-    let mut stream = grpc.stream_shard(signed_request(&owner_key, &cluster.nodes[1].id, shard.0, 0)).await.unwrap().into_inner();
+    let mut stream =
+        grpc.stream_shard(signed_request(&owner_key, &cluster.nodes[1].id, shard.0, 0)).await.unwrap().into_inner();
     assert!(stream.message().await.unwrap().is_some());
     // Stop reading; let the producer run into backpressure, then measure.
     let status_before = status(&mut grpc).await.unwrap();
@@ -383,7 +481,9 @@ async fn editing_the_config_file_changes_live_settings_without_a_restart() {
     let watched = node.clone();
     ferry_e2e::wait_until("the edited config is applied", || {
         let node = watched.clone();
-        async move { Ok(node.sync_limit.limit() == 7 && node.stream_rate.load(std::sync::atomic::Ordering::Relaxed) == 123_456) }
+        async move {
+            Ok(node.sync_limit.limit() == 7 && node.stream_rate.load(std::sync::atomic::Ordering::Relaxed) == 123_456)
+        }
     })
     .await
     .unwrap();

@@ -8,7 +8,11 @@
 //! each verified again before it is stored through sync-service. Nothing is stored unless the
 //! whole decode verified.
 
-use std::{collections::HashMap, sync::{Arc, Mutex}, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use ferry_proto::v1::{self as pb, sync_service_client::SyncServiceClient};
 use ferry_shared::{
@@ -28,7 +32,9 @@ pub enum BlobRecoveryError {
     #[error("FERRY-RECOVER-001: no verified metadata for blob {0} from any peer")]
     NoMetadata(BlobId),
     /// Fewer than k verified slivers could be fetched.
-    #[error("FERRY-RECOVER-002: only {have} of the {need} slivers needed for blob {blob} could be fetched and verified ({detail})")]
+    #[error(
+        "FERRY-RECOVER-002: only {have} of the {need} slivers needed for blob {blob} could be fetched and verified ({detail})"
+    )]
     NotEnoughSlivers {
         /// Blob.
         blob: BlobId,
@@ -74,7 +80,9 @@ impl Peers {
 
     /// A client to this node's own sync-service.
     pub fn own(&self) -> SyncServiceClient<TracedChannel> {
-        SyncServiceClient::new(self.own.clone()).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES).max_encoding_message_size(grpc::MAX_MESSAGE_BYTES)
+        SyncServiceClient::new(self.own.clone())
+            .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES)
     }
 
     fn client(&self, committee: &Committee, node: &NodeId) -> Option<SyncServiceClient<TracedChannel>> {
@@ -96,19 +104,36 @@ impl Peers {
 }
 
 fn spread_offset(blob: &BlobId, n: usize) -> usize {
-    if n == 0 { 0 } else { (u64::from_be_bytes([blob.0[0], blob.0[1], blob.0[2], blob.0[3], blob.0[4], blob.0[5], blob.0[6], blob.0[7]]) % n as u64) as usize }
+    if n == 0 {
+        0
+    } else {
+        (u64::from_be_bytes([blob.0[0], blob.0[1], blob.0[2], blob.0[3], blob.0[4], blob.0[5], blob.0[6], blob.0[7]])
+            % n as u64) as usize
+    }
 }
 
 /// Fetches verified metadata: this node first, then the owners of every shard.
-pub async fn fetch_metadata(peers: &Peers, committee: &Committee, blob: &BlobId) -> Result<BlobMetadata, BlobRecoveryError> {
+pub async fn fetch_metadata(
+    peers: &Peers,
+    committee: &Committee,
+    blob: &BlobId,
+) -> Result<BlobMetadata, BlobRecoveryError> {
     let mut candidates: Vec<NodeId> = vec![peers.me.clone()];
-    let mut owners: Vec<NodeId> = committee.members.iter().map(|m| m.node_id.clone()).filter(|n| n != &peers.me).collect();
+    let mut owners: Vec<NodeId> =
+        committee.members.iter().map(|m| m.node_id.clone()).filter(|n| n != &peers.me).collect();
     let offset = spread_offset(blob, owners.len());
     owners.rotate_left(offset);
     candidates.extend(owners);
     for node in candidates {
         let Some(mut client) = peers.client(committee, &node) else { continue };
-        let Ok(Ok(response)) = tokio::time::timeout(peers.timeout, client.get_metadata(pb::GetMetadataRequest { blob_id: blob.0.to_vec() })).await else { continue };
+        let Ok(Ok(response)) = tokio::time::timeout(
+            peers.timeout,
+            client.get_metadata(pb::GetMetadataRequest { blob_id: blob.0.to_vec() }),
+        )
+        .await
+        else {
+            continue;
+        };
         let Some(proto) = response.into_inner().metadata else { continue };
         match BlobMetadata::from_proto(&proto).and_then(|m| m.verify_id(blob).map(|()| m)) {
             Ok(m) if m.n_shards == committee.n_shards => return Ok(m),
@@ -119,7 +144,12 @@ pub async fn fetch_metadata(peers: &Peers, committee: &Committee, blob: &BlobId)
 }
 
 /// Recovers the slivers of `blob` for `wanted` shards and stores them through sync-service.
-pub async fn recover_blob(peers: &Arc<Peers>, committee: &Committee, blob: BlobId, wanted: &[ShardIndex]) -> Result<Recovered, BlobRecoveryError> {
+pub async fn recover_blob(
+    peers: &Arc<Peers>,
+    committee: &Committee,
+    blob: BlobId,
+    wanted: &[ShardIndex],
+) -> Result<Recovered, BlobRecoveryError> {
     let metadata = fetch_metadata(peers, committee, &blob).await?;
     // Make sure our own sync-service has the metadata before it gets slivers.
     let mut own = peers.own();
@@ -129,7 +159,8 @@ pub async fn recover_blob(peers: &Arc<Peers>, committee: &Committee, blob: BlobI
 
     let k = metadata.k as usize;
     // Candidate shards: every shard except the wanted ones, rotated to spread load.
-    let mut sources: Vec<ShardIndex> = (0..committee.n_shards).map(ShardIndex).filter(|s| !wanted.contains(s)).collect();
+    let mut sources: Vec<ShardIndex> =
+        (0..committee.n_shards).map(ShardIndex).filter(|s| !wanted.contains(s)).collect();
     let offset = spread_offset(&blob, sources.len());
     sources.rotate_left(offset);
     let mut sources = sources.into_iter();
@@ -147,7 +178,11 @@ pub async fn recover_blob(peers: &Arc<Peers>, committee: &Committee, blob: BlobI
             };
             let timeout = peers.timeout;
             in_flight.push(async move {
-                let r = tokio::time::timeout(timeout, client.get_sliver(pb::GetSliverRequest { blob_id: blob.0.to_vec(), shard: shard.0 })).await;
+                let r = tokio::time::timeout(
+                    timeout,
+                    client.get_sliver(pb::GetSliverRequest { blob_id: blob.0.to_vec(), shard: shard.0 }),
+                )
+                .await;
                 (shard, owner, r)
             });
         }
@@ -174,7 +209,8 @@ pub async fn recover_blob(peers: &Arc<Peers>, committee: &Committee, blob: BlobI
         return Err(BlobRecoveryError::NotEnoughSlivers { blob, have: got.len(), need: k, detail: errors.join("; ") });
     }
     let available: Vec<(ShardIndex, &[u8])> = got.iter().map(|(s, d)| (*s, d.as_slice())).collect();
-    let rebuilt = erasure::rebuild(&metadata, &available, wanted).map_err(|e| BlobRecoveryError::Decode(blob, e.to_string()))?;
+    let rebuilt =
+        erasure::rebuild(&metadata, &available, wanted).map_err(|e| BlobRecoveryError::Decode(blob, e.to_string()))?;
     let mut slivers = 0;
     for (shard, data) in rebuilt {
         own.store_sliver(pb::StoreSliverRequest { blob_id: blob.0.to_vec(), shard: shard.0, data })

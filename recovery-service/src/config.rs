@@ -63,7 +63,14 @@ pub struct RecoveryTuning {
 
 impl Default for RecoveryTuning {
     fn default() -> Self {
-        RecoveryTuning { max_concurrent_blobs: 8, scan_page: 256, peer_timeout_ms: 10_000, retry_initial_ms: 500, retry_max_ms: 30_000, stall_after_ms: 60_000 }
+        RecoveryTuning {
+            max_concurrent_blobs: 8,
+            scan_page: 256,
+            peer_timeout_ms: 10_000,
+            retry_initial_ms: 500,
+            retry_max_ms: 30_000,
+            stall_after_ms: 60_000,
+        }
     }
 }
 
@@ -107,7 +114,11 @@ impl Validate for RecoveryConfig {
         }
         self.tls.validate("tls")?;
         let r = &self.recovery;
-        for (field, value) in [("recovery.max_concurrent_blobs", r.max_concurrent_blobs as u64), ("recovery.scan_page", r.scan_page as u64), ("recovery.peer_timeout_ms", r.peer_timeout_ms)] {
+        for (field, value) in [
+            ("recovery.max_concurrent_blobs", r.max_concurrent_blobs as u64),
+            ("recovery.scan_page", r.scan_page as u64),
+            ("recovery.peer_timeout_ms", r.peer_timeout_ms),
+        ] {
             if value == 0 {
                 return Err(invalid(field, "must be at least 1"));
             }

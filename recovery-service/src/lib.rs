@@ -28,7 +28,10 @@ use tokio::{sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
-use crate::{blob_recovery::Peers, config::RecoveryConfig, metrics::RecoveryMetrics, node_recovery::Recovery, server::RecoveryServer, store::RecoveryStore};
+use crate::{
+    blob_recovery::Peers, config::RecoveryConfig, metrics::RecoveryMetrics, node_recovery::Recovery,
+    server::RecoveryServer, store::RecoveryStore,
+};
 
 /// Tries to reach etcd at start before giving up (about 35 s with the backoff).
 const CONNECT_ATTEMPTS: u32 = 10;
@@ -54,14 +57,21 @@ impl RecoveryServiceHandle {
         let closed = self.recovery.store_closed();
         let result = self.task.await.context("recovery-service task")?;
         drop(self.recovery);
-        tokio::time::timeout(std::time::Duration::from_secs(30), closed).await.context("the recovery store was still in use 30 s after shutdown")?;
+        tokio::time::timeout(std::time::Duration::from_secs(30), closed)
+            .await
+            .context("the recovery store was still in use 30 s after shutdown")?;
         result
     }
 }
 
 /// Starts recovery-service.
 pub async fn start(config: RecoveryConfig) -> anyhow::Result<RecoveryServiceHandle> {
-    let control_plane = ControlPlane::connect_etcd_with_retry(&config.control_plane.etcd_endpoints, &config.control_plane.cluster, CONNECT_ATTEMPTS).await?;
+    let control_plane = ControlPlane::connect_etcd_with_retry(
+        &config.control_plane.etcd_endpoints,
+        &config.control_plane.cluster,
+        CONNECT_ATTEMPTS,
+    )
+    .await?;
     start_with(config, control_plane).await
 }
 
@@ -76,25 +86,44 @@ pub async fn start_with(config: RecoveryConfig, control_plane: ControlPlane) -> 
     let store = tokio::task::spawn_blocking(move || RecoveryStore::open(&store_path)).await??;
     let paused = store.paused()?;
     let listener = serving::bind_with_retry(config.listen).await.with_context(|| format!("bind {}", config.listen))?;
-    let health_listener = serving::bind_with_retry(config.health_listen).await.with_context(|| format!("bind {}", config.health_listen))?;
+    let health_listener = serving::bind_with_retry(config.health_listen)
+        .await
+        .with_context(|| format!("bind {}", config.health_listen))?;
     let addr = listener.local_addr()?;
     let health_addr = health_listener.local_addr()?;
 
     // The node's own sync-service must prove it is this node.
-    let own = connector.channel(&config.sync_service, &me, None).map_err(|s| anyhow::anyhow!("sync_service address: {}", s.message()))?;
+    let own = connector
+        .channel(&config.sync_service, &me, None)
+        .map_err(|s| anyhow::anyhow!("sync_service address: {}", s.message()))?;
     let (sync_state, follower) = sync_state::follow(own.clone());
     let peers = Arc::new(Peers::new(me.clone(), own, connector, config.recovery.peer_timeout()));
-    let recovery = Recovery::new(me.clone(), key, control_plane, store, peers, sync_state, config.recovery.clone(), paused, metrics.clone());
+    let recovery = Recovery::new(
+        me.clone(),
+        key,
+        control_plane,
+        store,
+        peers,
+        sync_state,
+        config.recovery.clone(),
+        paused,
+        metrics.clone(),
+    );
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<RecoveryServiceServer<RecoveryServer>>().await;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let health_server = serving::spawn_health_server(health_listener, health_service.clone(), shutdown_rx.clone())?;
-    let (metrics_addr, metrics_server) = start_metrics_server(config.metrics_listen, metrics.registry.clone(), shutdown_rx.clone()).await.with_context(|| format!("bind {}", config.metrics_listen))?;
+    let (metrics_addr, metrics_server) =
+        start_metrics_server(config.metrics_listen, metrics.registry.clone(), shutdown_rx.clone())
+            .await
+            .with_context(|| format!("bind {}", config.metrics_listen))?;
     let mut builder = tonic::transport::Server::builder();
     match &tls {
         Some(tls) => builder = builder.tls_config(tls.server_config()).context("TLS server configuration")?,
-        None => warn!("TLS is disabled (tls.enabled = false): callers are not authenticated and anyone who can reach this port can pause recovery"),
+        None => warn!(
+            "TLS is disabled (tls.enabled = false): callers are not authenticated and anyone who can reach this port can pause recovery"
+        ),
     }
     let main_server = {
         let mut shutdown = shutdown_rx.clone();
@@ -140,8 +169,13 @@ pub async fn start_with(config: RecoveryConfig, control_plane: ControlPlane) -> 
 
 /// Applies `recovery.max_concurrent_blobs` while running when `config_file` changes; other
 /// changed settings are logged as needing a restart. Returns the guard that keeps the watch.
-pub fn apply_config_changes(recovery: &Arc<Recovery>, initial: RecoveryConfig, config_file: &Path) -> anyhow::Result<config_watch::ConfigWatchGuard> {
-    let (mut changes, guard) = config_watch::watch_config::<RecoveryConfig>(config_file, config::ENV_PREFIX, initial.clone())?;
+pub fn apply_config_changes(
+    recovery: &Arc<Recovery>,
+    initial: RecoveryConfig,
+    config_file: &Path,
+) -> anyhow::Result<config_watch::ConfigWatchGuard> {
+    let (mut changes, guard) =
+        config_watch::watch_config::<RecoveryConfig>(config_file, config::ENV_PREFIX, initial.clone())?;
     let recovery = recovery.clone();
     tokio::spawn(async move {
         let mut applied = initial;
@@ -149,9 +183,15 @@ pub fn apply_config_changes(recovery: &Arc<Recovery>, initial: RecoveryConfig, c
             let new = changes.borrow_and_update().clone();
             if new.recovery.max_concurrent_blobs != applied.recovery.max_concurrent_blobs {
                 let previous = recovery.set_max_concurrent_blobs(new.recovery.max_concurrent_blobs);
-                info!(previous, now = new.recovery.max_concurrent_blobs, "blob recovery concurrency changed by the config file");
+                info!(
+                    previous,
+                    now = new.recovery.max_concurrent_blobs,
+                    "blob recovery concurrency changed by the config file"
+                );
             }
-            if config_watch::needs_restart(&applied, &new, |rest, old| rest.recovery.max_concurrent_blobs = old.recovery.max_concurrent_blobs) {
+            if config_watch::needs_restart(&applied, &new, |rest, old| {
+                rest.recovery.max_concurrent_blobs = old.recovery.max_concurrent_blobs
+            }) {
                 warn!("the config file changed settings that apply only after a restart");
             }
             applied = new;
@@ -162,7 +202,11 @@ pub fn apply_config_changes(recovery: &Arc<Recovery>, initial: RecoveryConfig, c
 
 /// Runs until `signal` resolves. With `config_file`, live settings in it are applied when it
 /// changes.
-pub async fn run_until(config: RecoveryConfig, config_file: Option<&Path>, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run_until(
+    config: RecoveryConfig,
+    config_file: Option<&Path>,
+    signal: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let initial = config.clone();
     let handle = start(config).await?;
     let _watch = match config_file {

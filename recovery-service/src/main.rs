@@ -8,7 +8,11 @@ use ferry_recovery_service::config::{ENV_PREFIX, RecoveryConfig};
 
 /// Ferry recovery-service: node recovery, blob recovery and the single attestation.
 #[derive(Parser, Debug)]
-#[command(version, about, after_help = "Every setting can also be set from the environment as FERRY_RECOVERY__<SECTION>__<KEY>,\ne.g. FERRY_RECOVERY__RECOVERY__MAX_CONCURRENT_BLOBS=16.\n\nExample:\n  recovery-service --config /etc/ferry/recovery-service.toml")]
+#[command(
+    version,
+    about,
+    after_help = "Every setting can also be set from the environment as FERRY_RECOVERY__<SECTION>__<KEY>,\ne.g. FERRY_RECOVERY__RECOVERY__MAX_CONCURRENT_BLOBS=16.\n\nExample:\n  recovery-service --config /etc/ferry/recovery-service.toml"
+)]
 struct Args {
     /// TOML configuration file (see recovery-service.example.toml).
     #[arg(long, env = "FERRY_RECOVERY_CONFIG")]
@@ -28,5 +32,7 @@ async fn main() -> anyhow::Result<()> {
     }
     ferry_shared::tls::install_crypto_provider();
     let _telemetry = ferry_shared::telemetry::init("recovery-service", config.log_format);
-    ferry_recovery_service::run_until(config, args.config.as_deref(), ferry_shared::serving::shutdown_signal()).await.context("recovery-service")
+    ferry_recovery_service::run_until(config, args.config.as_deref(), ferry_shared::serving::shutdown_signal())
+        .await
+        .context("recovery-service")
 }

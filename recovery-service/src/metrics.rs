@@ -29,12 +29,39 @@ impl RecoveryMetrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         Ok(RecoveryMetrics {
-            blobs_scanned: register(&registry, IntCounter::new("ferry_recovery_blobs_scanned_total", "Certified blobs checked for missing slivers.")?),
-            blobs_recovered: register(&registry, IntCounter::new("ferry_recovery_blobs_recovered_total", "Blobs whose missing slivers were rebuilt.")?),
-            blobs_failed: register(&registry, IntCounter::new("ferry_recovery_blobs_failed_total", "Blob recovery attempts that failed; they are retried.")?),
-            bytes_fetched: register(&registry, IntCounter::new("ferry_recovery_bytes_fetched_total", "Sliver bytes fetched from peers for decoding.")?),
-            sync_wait_seconds: register(&registry, Counter::new("ferry_recovery_sync_wait_seconds_total", "Time blob recovery spent waiting for shard syncs to finish.")?),
-            attestations: register(&registry, IntCounter::new("ferry_recovery_attestations_total", "Epoch-sync-done attestations recorded by recovery-service.")?),
+            blobs_scanned: register(
+                &registry,
+                IntCounter::new("ferry_recovery_blobs_scanned_total", "Certified blobs checked for missing slivers.")?,
+            ),
+            blobs_recovered: register(
+                &registry,
+                IntCounter::new("ferry_recovery_blobs_recovered_total", "Blobs whose missing slivers were rebuilt.")?,
+            ),
+            blobs_failed: register(
+                &registry,
+                IntCounter::new(
+                    "ferry_recovery_blobs_failed_total",
+                    "Blob recovery attempts that failed; they are retried.",
+                )?,
+            ),
+            bytes_fetched: register(
+                &registry,
+                IntCounter::new("ferry_recovery_bytes_fetched_total", "Sliver bytes fetched from peers for decoding.")?,
+            ),
+            sync_wait_seconds: register(
+                &registry,
+                Counter::new(
+                    "ferry_recovery_sync_wait_seconds_total",
+                    "Time blob recovery spent waiting for shard syncs to finish.",
+                )?,
+            ),
+            attestations: register(
+                &registry,
+                IntCounter::new(
+                    "ferry_recovery_attestations_total",
+                    "Epoch-sync-done attestations recorded by recovery-service.",
+                )?,
+            ),
             rpc: RpcMetrics::new(&registry)?,
             registry,
         })

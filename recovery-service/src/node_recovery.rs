@@ -9,7 +9,11 @@
 //! Before every pass, before every blob and again before completing, it waits until the
 //! running-sync count is known and zero (rule 3).
 
-use std::{collections::{BTreeMap, HashMap}, sync::Arc, time::{Duration, Instant}};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use ferry_proto::v1::{self as pb};
 use ferry_shared::{
@@ -19,8 +23,11 @@ use ferry_shared::{
     types::{BlobId, Epoch, NodeId, NodeStatus, ShardIndex},
 };
 use thiserror::Error;
-use tokio::{sync::{Semaphore, watch}, task::JoinSet};
-use tracing::{info, info_span, warn, Instrument};
+use tokio::{
+    sync::{Semaphore, watch},
+    task::JoinSet,
+};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
     blob_recovery::{self, Peers},
@@ -82,7 +89,8 @@ impl Work {
                 shards: state.owned_shards.iter().filter(|s| !syncing.contains(s)).map(|s| ShardIndex(*s)).collect(),
             }),
             NodeStatus::Active => {
-                let repair: Vec<ShardIndex> = state.shards_not_active.iter().filter(|s| !syncing.contains(s)).map(|s| ShardIndex(*s)).collect();
+                let repair: Vec<ShardIndex> =
+                    state.shards_not_active.iter().filter(|s| !syncing.contains(s)).map(|s| ShardIndex(*s)).collect();
                 (!repair.is_empty()).then_some(Work { target_epoch: state.epoch, node_recovery: false, shards: repair })
             }
             _ => None,
@@ -124,7 +132,17 @@ struct PassClock {
 impl Recovery {
     /// Sets up recovery; [`Recovery::run`] drives it.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(me: NodeId, key: NodeKeypair, control_plane: ControlPlane, store: RecoveryStore, peers: Arc<Peers>, sync_state: SyncStateRx, tuning: RecoveryTuning, paused: bool, metrics: RecoveryMetrics) -> Arc<Self> {
+    pub fn new(
+        me: NodeId,
+        key: NodeKeypair,
+        control_plane: ControlPlane,
+        store: RecoveryStore,
+        peers: Arc<Peers>,
+        sync_state: SyncStateRx,
+        tuning: RecoveryTuning,
+        paused: bool,
+        metrics: RecoveryMetrics,
+    ) -> Arc<Self> {
         let status = pb::RecoveryStatus { phase: pb::RecoveryPhase::Idle as i32, paused, ..Default::default() };
         let max_blobs = tuning.max_concurrent_blobs;
         Arc::new(Recovery {
@@ -211,7 +229,8 @@ impl Recovery {
                     let state = rx.borrow_and_update().clone();
                     this.update(|s| {
                         s.running_syncs = state.as_ref().map(|st| st.running_syncs);
-                        let busy = s.phase != pb::RecoveryPhase::Idle as i32 && s.phase != pb::RecoveryPhase::Done as i32;
+                        let busy =
+                            s.phase != pb::RecoveryPhase::Idle as i32 && s.phase != pb::RecoveryPhase::Done as i32;
                         // Unknown means waiting, whatever the loop was doing; a count above
                         // zero means waiting only when there is work.
                         if state.is_none() || (busy && state.as_ref().is_some_and(|st| st.running_syncs > 0)) {
@@ -235,7 +254,11 @@ impl Recovery {
             let Some(state) = state else { continue };
             let Some(work) = Work::derive(&state) else {
                 self.update(|s| {
-                    s.phase = if s.phase == pb::RecoveryPhase::Done as i32 { s.phase } else { pb::RecoveryPhase::Idle as i32 };
+                    s.phase = if s.phase == pb::RecoveryPhase::Done as i32 {
+                        s.phase
+                    } else {
+                        pb::RecoveryPhase::Idle as i32
+                    };
                     s.waiting_for_syncs = false;
                     s.running_syncs = Some(state.running_syncs);
                 });
@@ -302,7 +325,12 @@ impl Recovery {
     async fn load_cursor(&self, work: &Work, state: &pb::SyncState) -> Result<Cursor, RecoveryError> {
         let stored = self.store.call(|s| s.cursor()).await?;
         let mut cursor = match stored {
-            Some(c) if c.target_epoch == work.target_epoch && c.shards.keys().copied().collect::<Vec<_>>() == work.shards => return Ok(c),
+            Some(c)
+                if c.target_epoch == work.target_epoch
+                    && c.shards.keys().copied().collect::<Vec<_>>() == work.shards =>
+            {
+                return Ok(c);
+            }
             Some(c) => {
                 // Rule 8: shards the node keeps keep their progress; new ones start at the
                 // beginning; dropped shards leave the work.
@@ -311,7 +339,12 @@ impl Recovery {
                 info!(from = c.target_epoch, to = work.target_epoch, kept = ?kept, saved, "recovery target changed; keeping cursors of kept shards");
                 // A shard that joins the work already ACTIVE was filled by shard sync, which
                 // checked it against the registry when it finished: it needs no scan.
-                let synced: Vec<ShardIndex> = work.shards.iter().copied().filter(|s| !c.shards.contains_key(s) && !state.shards_not_active.contains(&s.0)).collect();
+                let synced: Vec<ShardIndex> = work
+                    .shards
+                    .iter()
+                    .copied()
+                    .filter(|s| !c.shards.contains_key(s) && !state.shards_not_active.contains(&s.0))
+                    .collect();
                 Cursor {
                     target_epoch: work.target_epoch,
                     shards: work.shards.iter().map(|s| (*s, c.shards.get(s).copied().flatten())).collect(),
@@ -323,7 +356,11 @@ impl Recovery {
                     bytes_fetched: c.bytes_fetched,
                 }
             }
-            None => Cursor { target_epoch: work.target_epoch, shards: work.shards.iter().map(|s| (*s, None)).collect(), ..Cursor::default() },
+            None => Cursor {
+                target_epoch: work.target_epoch,
+                shards: work.shards.iter().map(|s| (*s, None)).collect(),
+                ..Cursor::default()
+            },
         };
         cursor.finished.sort();
         let c = cursor.clone();
@@ -332,7 +369,15 @@ impl Recovery {
     }
 
     fn publish_cursor(&self, cursor: &Cursor, failed: &BTreeMap<BlobId, FailedBlob>, clock: &PassClock) {
-        let position = cursor.shards.values().map(|c| c.map(|b| u64::from_be_bytes([b.0[0], b.0[1], b.0[2], b.0[3], b.0[4], b.0[5], b.0[6], b.0[7]])).unwrap_or(0)).min().unwrap_or(0);
+        let position = cursor
+            .shards
+            .values()
+            .map(|c| {
+                c.map(|b| u64::from_be_bytes([b.0[0], b.0[1], b.0[2], b.0[3], b.0[4], b.0[5], b.0[6], b.0[7]]))
+                    .unwrap_or(0)
+            })
+            .min()
+            .unwrap_or(0);
         // Blob ids are uniform hashes, so the cursor's position in id space estimates progress.
         let fraction = position as f64 / u64::MAX as f64;
         let elapsed = clock.started.elapsed().as_secs_f64();
@@ -340,7 +385,12 @@ impl Recovery {
         let now = now_ms();
         let mut stuck: Vec<pb::StuckBlob> = failed
             .iter()
-            .map(|(id, f)| pb::StuckBlob { blob_id: id.to_hex(), attempts: f.attempts, last_error: f.last_error.clone(), stuck_for_secs: now.saturating_sub(f.first_failed_ms) / 1000 })
+            .map(|(id, f)| pb::StuckBlob {
+                blob_id: id.to_hex(),
+                attempts: f.attempts,
+                last_error: f.last_error.clone(),
+                stuck_for_secs: now.saturating_sub(f.first_failed_ms) / 1000,
+            })
             .collect();
         stuck.sort_by(|a, b| b.stuck_for_secs.cmp(&a.stuck_for_secs));
         stuck.truncate(5);
@@ -400,8 +450,10 @@ impl Recovery {
     async fn wait_for_storage(&self, work: &Work) -> Result<(), RecoveryError> {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let status = self.peers.own().get_status(pb::GetStatusRequest {}).await.map_err(sync_err("GetStatus"))?.into_inner();
-            let missing: Vec<u32> = work.shards.iter().filter(|s| !status.shards.iter().any(|r| r.shard == s.0)).map(|s| s.0).collect();
+            let status =
+                self.peers.own().get_status(pb::GetStatusRequest {}).await.map_err(sync_err("GetStatus"))?.into_inner();
+            let missing: Vec<u32> =
+                work.shards.iter().filter(|s| !status.shards.iter().any(|r| r.shard == s.0)).map(|s| s.0).collect();
             if missing.is_empty() {
                 return Ok(());
             }
@@ -413,7 +465,13 @@ impl Recovery {
         }
     }
 
-    async fn scan_pass(&self, work: &Work, cursor: &mut Cursor, failed: &mut BTreeMap<BlobId, FailedBlob>, clock: &mut PassClock) -> Result<(), RecoveryError> {
+    async fn scan_pass(
+        &self,
+        work: &Work,
+        cursor: &mut Cursor,
+        failed: &mut BTreeMap<BlobId, FailedBlob>,
+        clock: &mut PassClock,
+    ) -> Result<(), RecoveryError> {
         // Retry earlier failures first.
         let retry: Vec<BlobId> = failed.keys().copied().collect();
         for chunk in retry.chunks(self.tuning.scan_page) {
@@ -430,7 +488,8 @@ impl Recovery {
         }
         loop {
             self.check_same(work)?;
-            let unfinished: Vec<ShardIndex> = work.shards.iter().copied().filter(|s| !cursor.finished.contains(s)).collect();
+            let unfinished: Vec<ShardIndex> =
+                work.shards.iter().copied().filter(|s| !cursor.finished.contains(s)).collect();
             if unfinished.is_empty() {
                 break;
             }
@@ -457,7 +516,15 @@ impl Recovery {
     }
 
     /// Checks and recovers one page of registry records, then advances the cursors to `last`.
-    async fn recover_page(&self, work: &Work, page: &[BlobRecord], last: Option<BlobId>, cursor: &mut Cursor, failed: &mut BTreeMap<BlobId, FailedBlob>, clock: &mut PassClock) -> Result<(), RecoveryError> {
+    async fn recover_page(
+        &self,
+        work: &Work,
+        page: &[BlobRecord],
+        last: Option<BlobId>,
+        cursor: &mut Cursor,
+        failed: &mut BTreeMap<BlobId, FailedBlob>,
+        clock: &mut PassClock,
+    ) -> Result<(), RecoveryError> {
         let mut certified = Vec::new();
         for record in page {
             let Some(cert) = &record.certificate else { continue };
@@ -479,8 +546,10 @@ impl Recovery {
                 .blobs
         };
         let committee = self.committee(work.target_epoch).await?.ok_or(RecoveryError::Superseded)?;
-        let limit = Arc::new(Semaphore::new(self.max_concurrent_blobs.load(std::sync::atomic::Ordering::Relaxed).max(1)));
-        let mut tasks: JoinSet<(BlobId, Result<blob_recovery::Recovered, blob_recovery::BlobRecoveryError>)> = JoinSet::new();
+        let limit =
+            Arc::new(Semaphore::new(self.max_concurrent_blobs.load(std::sync::atomic::Ordering::Relaxed).max(1)));
+        let mut tasks: JoinSet<(BlobId, Result<blob_recovery::Recovered, blob_recovery::BlobRecoveryError>)> =
+            JoinSet::new();
         let mut present = 0u64;
         for p in presence {
             let Ok(blob) = BlobId::from_bytes(&p.blob_id) else { continue };
@@ -499,7 +568,8 @@ impl Recovery {
             }
             // Rule 3 holds per blob too: no new blob recovery while shard syncs run or paused.
             let permit = loop {
-                let clear = self.sync_state.borrow().as_ref().is_some_and(|s| s.running_syncs == 0) && !*self.paused.borrow();
+                let clear =
+                    self.sync_state.borrow().as_ref().is_some_and(|s| s.running_syncs == 0) && !*self.paused.borrow();
                 if clear {
                     if let Ok(permit) = limit.clone().acquire_owned().await {
                         break permit;
@@ -538,7 +608,12 @@ impl Recovery {
     }
 
     /// Persists the cursor and failed blobs, then publishes them.
-    async fn persist(&self, cursor: &Cursor, failed: &BTreeMap<BlobId, FailedBlob>, clock: &PassClock) -> Result<(), RecoveryError> {
+    async fn persist(
+        &self,
+        cursor: &Cursor,
+        failed: &BTreeMap<BlobId, FailedBlob>,
+        clock: &PassClock,
+    ) -> Result<(), RecoveryError> {
         let c = cursor.clone();
         let f = failed.clone();
         self.store
@@ -551,7 +626,16 @@ impl Recovery {
         Ok(())
     }
 
-    fn record_result(&self, done: Result<(BlobId, Result<blob_recovery::Recovered, blob_recovery::BlobRecoveryError>), tokio::task::JoinError>, cursor: &mut Cursor, failed: &mut BTreeMap<BlobId, FailedBlob>, clock: &mut PassClock) {
+    fn record_result(
+        &self,
+        done: Result<
+            (BlobId, Result<blob_recovery::Recovered, blob_recovery::BlobRecoveryError>),
+            tokio::task::JoinError,
+        >,
+        cursor: &mut Cursor,
+        failed: &mut BTreeMap<BlobId, FailedBlob>,
+        clock: &mut PassClock,
+    ) {
         match done {
             Ok((blob, Ok(r))) => {
                 self.metrics.blobs_recovered.inc();
@@ -572,7 +656,11 @@ impl Recovery {
             Ok((blob, Err(e))) => {
                 self.metrics.blobs_failed.inc();
                 warn!(%blob, error = %e, "blob recovery failed; retried later");
-                let entry = failed.entry(blob).or_insert(FailedBlob { attempts: 0, last_error: String::new(), first_failed_ms: now_ms() });
+                let entry = failed.entry(blob).or_insert(FailedBlob {
+                    attempts: 0,
+                    last_error: String::new(),
+                    first_failed_ms: now_ms(),
+                });
                 entry.attempts += 1;
                 entry.last_error = e.to_string();
             }
@@ -590,7 +678,12 @@ impl Recovery {
         let mut own = self.peers.own();
         let recovered: Vec<u32> = state.shards_not_active.clone();
         if !recovered.is_empty() {
-            own.mark_shards_recovered(pb::MarkShardsRecoveredRequest { shards: recovered.clone(), epoch: work.target_epoch }).await.map_err(sync_err("MarkShardsRecovered"))?;
+            own.mark_shards_recovered(pb::MarkShardsRecoveredRequest {
+                shards: recovered.clone(),
+                epoch: work.target_epoch,
+            })
+            .await
+            .map_err(sync_err("MarkShardsRecovered"))?;
             info!(shards = ?recovered, "shards recovered and marked Active");
         }
         if !work.node_recovery {
@@ -604,11 +697,23 @@ impl Recovery {
             if !committee.is_member(&self.me) {
                 return Err(RecoveryError::Superseded);
             }
-            let evidence = own.get_shard_evidence(pb::GetShardEvidenceRequest {}).await.map_err(sync_err("GetShardEvidence"))?.into_inner();
+            let evidence = own
+                .get_shard_evidence(pb::GetShardEvidenceRequest {})
+                .await
+                .map_err(sync_err("GetShardEvidence"))?
+                .into_inner();
             if evidence.epoch != e {
                 return Err(RecoveryError::Superseded);
             }
-            let evidence: Vec<ShardEvidence> = evidence.evidence.into_iter().map(|x| ShardEvidence { shard: ShardIndex(x.shard), blob_count: x.blob_count, blob_ids_digest: hex::encode(x.blob_ids_digest) }).collect();
+            let evidence: Vec<ShardEvidence> = evidence
+                .evidence
+                .into_iter()
+                .map(|x| ShardEvidence {
+                    shard: ShardIndex(x.shard),
+                    blob_count: x.blob_count,
+                    blob_ids_digest: hex::encode(x.blob_ids_digest),
+                })
+                .collect();
             let record = AttestationRecord::sign(&self.key, self.me.clone(), e, "recovery-service", evidence);
             let stored = match self.control_plane.attest(&record).await? {
                 AttestOutcome::Created { flipped_to_done } => {

@@ -5,12 +5,12 @@
 use std::{pin::Pin, sync::Arc};
 
 use ferry_proto::v1::{self as pb, recovery_service_server::RecoveryService};
-use futures::Stream;
-use tokio_stream::{StreamExt, wrappers::WatchStream};
 use ferry_shared::{
     tls::{self, PeerIdentity},
     types::NodeId,
 };
+use futures::Stream;
+use tokio_stream::{StreamExt, wrappers::WatchStream};
 use tonic::{Request, Response, Status};
 
 use crate::node_recovery::Recovery;
@@ -37,7 +37,9 @@ impl RecoveryServer {
         match tls::caller(request)? {
             Some(PeerIdentity::Client(_)) => Ok(()),
             Some(PeerIdentity::Node(id)) if id == self.me => Ok(()),
-            Some(other) => Err(Status::permission_denied(format!("{other} may not pause or resume recovery on node {}", self.me))),
+            Some(other) => {
+                Err(Status::permission_denied(format!("{other} may not pause or resume recovery on node {}", self.me)))
+            }
             None => Err(Status::unauthenticated("this call needs a client certificate issued by the cluster CA")),
         }
     }
@@ -47,17 +49,26 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl RecoveryService for RecoveryServer {
-    async fn get_recovery_status(&self, _request: Request<pb::GetRecoveryStatusRequest>) -> Result<Response<pb::RecoveryStatus>, Status> {
+    async fn get_recovery_status(
+        &self,
+        _request: Request<pb::GetRecoveryStatusRequest>,
+    ) -> Result<Response<pb::RecoveryStatus>, Status> {
         Ok(Response::new(self.recovery.status()))
     }
 
     type WatchRecoveryStream = BoxStream<pb::RecoveryStatus>;
 
-    async fn watch_recovery(&self, _request: Request<pb::WatchRecoveryRequest>) -> Result<Response<Self::WatchRecoveryStream>, Status> {
+    async fn watch_recovery(
+        &self,
+        _request: Request<pb::WatchRecoveryRequest>,
+    ) -> Result<Response<Self::WatchRecoveryStream>, Status> {
         Ok(Response::new(Box::pin(WatchStream::new(self.recovery.subscribe()).map(Ok))))
     }
 
-    async fn list_attestations(&self, _request: Request<pb::ListAttestationsRequest>) -> Result<Response<pb::ListAttestationsResponse>, Status> {
+    async fn list_attestations(
+        &self,
+        _request: Request<pb::ListAttestationsRequest>,
+    ) -> Result<Response<pb::ListAttestationsResponse>, Status> {
         let records = self.recovery.attestations().await.map_err(|e| Status::internal(e.to_string()))?;
         let attestations = records
             .into_iter()
@@ -66,20 +77,34 @@ impl RecoveryService for RecoveryServer {
                 epoch: a.epoch,
                 attested_by: a.attested_by,
                 created_at_ms: a.created_at_ms,
-                evidence: a.evidence.into_iter().map(|e| pb::ShardEvidence { shard: e.shard.0, blob_count: e.blob_count, blob_ids_digest: hex::decode(e.blob_ids_digest).unwrap_or_default() }).collect(),
+                evidence: a
+                    .evidence
+                    .into_iter()
+                    .map(|e| pb::ShardEvidence {
+                        shard: e.shard.0,
+                        blob_count: e.blob_count,
+                        blob_ids_digest: hex::decode(e.blob_ids_digest).unwrap_or_default(),
+                    })
+                    .collect(),
                 signature: hex::decode(a.signature).unwrap_or_default(),
             })
             .collect();
         Ok(Response::new(pb::ListAttestationsResponse { attestations }))
     }
 
-    async fn pause_recovery(&self, request: Request<pb::PauseRecoveryRequest>) -> Result<Response<pb::PauseRecoveryResponse>, Status> {
+    async fn pause_recovery(
+        &self,
+        request: Request<pb::PauseRecoveryRequest>,
+    ) -> Result<Response<pb::PauseRecoveryResponse>, Status> {
         self.authorize_operator(&request)?;
         self.recovery.set_paused(true).await.map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::PauseRecoveryResponse {}))
     }
 
-    async fn resume_recovery(&self, request: Request<pb::ResumeRecoveryRequest>) -> Result<Response<pb::ResumeRecoveryResponse>, Status> {
+    async fn resume_recovery(
+        &self,
+        request: Request<pb::ResumeRecoveryRequest>,
+    ) -> Result<Response<pb::ResumeRecoveryResponse>, Status> {
         self.authorize_operator(&request)?;
         self.recovery.set_paused(false).await.map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::ResumeRecoveryResponse {}))

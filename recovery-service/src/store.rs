@@ -87,7 +87,9 @@ impl RecoveryStore {
 
     fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         match self.db.get(key).map_err(|e| RecoveryStoreError::Rocks(e.to_string()))? {
-            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| RecoveryStoreError::Corrupt(format!("{key}: {e}"))),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes).map(Some).map_err(|e| RecoveryStoreError::Corrupt(format!("{key}: {e}")))
+            }
             None => Ok(None),
         }
     }
@@ -100,7 +102,10 @@ impl RecoveryStore {
     }
 
     /// Runs a blocking call off the async workers.
-    pub async fn call<T: Send + 'static>(&self, f: impl FnOnce(&RecoveryStore) -> Result<T> + Send + 'static) -> Result<T> {
+    pub async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&RecoveryStore) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let s = self.clone();
         tokio::task::spawn_blocking(move || f(&s)).await.map_err(|e| RecoveryStoreError::Task(e.to_string()))?
     }

@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use ferry_proto::v1::{self as pb, sync_service_client::SyncServiceClient};
+use ferry_shared::grpc::TracedChannel;
 use rand::Rng;
 use tokio::sync::watch;
-use ferry_shared::grpc::TracedChannel;
 use tracing::{debug, info, warn};
 
 /// The last sync state seen, or `None` while the stream is down.

@@ -27,7 +27,9 @@ fn bench_encode(c: &mut Criterion) {
         let k = erasure::original_count(N_SHARDS).expect("valid n") as usize;
         let len = erasure::sliver_len(size as u64, k as u32).expect("valid length");
         group.throughput(Throughput::Bytes(size as u64));
-        group.bench_with_input(BenchmarkId::new("ferry", size), &data, |b, data| b.iter(|| erasure::encode(black_box(data), N_SHARDS).expect("encode")));
+        group.bench_with_input(BenchmarkId::new("ferry", size), &data, |b, data| {
+            b.iter(|| erasure::encode(black_box(data), N_SHARDS).expect("encode"))
+        });
         group.bench_with_input(BenchmarkId::new("rs-simd", size), &data, |b, data| {
             b.iter(|| {
                 let mut originals: Vec<Vec<u8>> = data.chunks(len).map(<[u8]>::to_vec).collect();
@@ -49,13 +51,22 @@ fn bench_decode(c: &mut Criterion) {
         let encoded = erasure::encode(&data, N_SHARDS).expect("encode");
         let k = encoded.metadata.k as usize;
         // The worst case: every original lost, decode from recovery slivers only.
-        let from: Vec<(ShardIndex, &[u8])> = (k..N_SHARDS as usize).take(k).map(|i| (ShardIndex(i as u32), encoded.slivers[i].as_slice())).collect();
+        let from: Vec<(ShardIndex, &[u8])> =
+            (k..N_SHARDS as usize).take(k).map(|i| (ShardIndex(i as u32), encoded.slivers[i].as_slice())).collect();
         group.throughput(Throughput::Bytes(size as u64));
-        group.bench_function(BenchmarkId::new("ferry", size), |b| b.iter(|| erasure::decode(&encoded.metadata, black_box(&from)).expect("decode")));
+        group.bench_function(BenchmarkId::new("ferry", size), |b| {
+            b.iter(|| erasure::decode(&encoded.metadata, black_box(&from)).expect("decode"))
+        });
         group.bench_function(BenchmarkId::new("rs-simd", size), |b| {
             b.iter(|| {
                 let recovery = from.iter().map(|(s, d)| (s.as_usize() - k, *d));
-                reed_solomon_simd::decode(k, N_SHARDS as usize - k, std::iter::empty::<(usize, &[u8])>(), black_box(recovery)).expect("decode")
+                reed_solomon_simd::decode(
+                    k,
+                    N_SHARDS as usize - k,
+                    std::iter::empty::<(usize, &[u8])>(),
+                    black_box(recovery),
+                )
+                .expect("decode")
             })
         });
     }
@@ -69,14 +80,18 @@ fn bench_rebuild(c: &mut Criterion) {
         let encoded = erasure::encode(&data, N_SHARDS).expect("encode");
         let k = encoded.metadata.k as usize;
         // Shard 0 is lost; rebuild it from the next k slivers (what blob recovery does).
-        let from: Vec<(ShardIndex, &[u8])> = (1..=k).map(|i| (ShardIndex(i as u32), encoded.slivers[i].as_slice())).collect();
+        let from: Vec<(ShardIndex, &[u8])> =
+            (1..=k).map(|i| (ShardIndex(i as u32), encoded.slivers[i].as_slice())).collect();
         group.throughput(Throughput::Bytes(encoded.slivers[0].len() as u64));
-        group.bench_function(BenchmarkId::new("ferry", size), |b| b.iter(|| erasure::rebuild(&encoded.metadata, black_box(&from), &[ShardIndex(0)]).expect("rebuild")));
+        group.bench_function(BenchmarkId::new("ferry", size), |b| {
+            b.iter(|| erasure::rebuild(&encoded.metadata, black_box(&from), &[ShardIndex(0)]).expect("rebuild"))
+        });
         group.bench_function(BenchmarkId::new("rs-simd", size), |b| {
             b.iter(|| {
                 let originals = from.iter().filter(|(s, _)| s.as_usize() < k).map(|(s, d)| (s.as_usize(), *d));
                 let recovery = from.iter().filter(|(s, _)| s.as_usize() >= k).map(|(s, d)| (s.as_usize() - k, *d));
-                reed_solomon_simd::decode(k, N_SHARDS as usize - k, black_box(originals), black_box(recovery)).expect("decode")
+                reed_solomon_simd::decode(k, N_SHARDS as usize - k, black_box(originals), black_box(recovery))
+                    .expect("decode")
             })
         });
     }

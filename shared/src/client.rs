@@ -12,9 +12,6 @@ use std::{
     time::Duration,
 };
 
-use ferry_proto::v1::{self as pb, sync_service_client::SyncServiceClient};
-use futures::{StreamExt, stream::FuturesUnordered};
-use thiserror::Error;
 use crate::{
     committee::Committee,
     control_plane::{BlobRecord, Certificate, Confirmation, ControlPlane, ControlPlaneError},
@@ -23,6 +20,9 @@ use crate::{
     grpc::{self, Connector, TracedChannel},
     types::{BlobId, NodeId, ShardIndex},
 };
+use ferry_proto::v1::{self as pb, sync_service_client::SyncServiceClient};
+use futures::{StreamExt, stream::FuturesUnordered};
+use thiserror::Error;
 
 /// A client failure.
 #[derive(Debug, Error)]
@@ -83,9 +83,16 @@ impl std::fmt::Debug for BlobClient {
     }
 }
 
-fn sync_client(connector: &Connector, address: &str, node: &NodeId, timeout: Duration) -> Result<SyncServiceClient<TracedChannel>, String> {
+fn sync_client(
+    connector: &Connector,
+    address: &str,
+    node: &NodeId,
+    timeout: Duration,
+) -> Result<SyncServiceClient<TracedChannel>, String> {
     let channel = connector.channel(address, node, Some(timeout)).map_err(|s| s.message().to_string())?;
-    Ok(SyncServiceClient::new(channel).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES).max_encoding_message_size(grpc::MAX_MESSAGE_BYTES))
+    Ok(SyncServiceClient::new(channel)
+        .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES))
 }
 
 impl BlobClient {
@@ -123,7 +130,12 @@ impl BlobClient {
     /// Stores an encoded blob under `committee`.
     pub async fn store_encoded(&self, committee: &Committee, encoded: &EncodedBlob) -> Result<BlobId, ClientError> {
         let id = encoded.blob_id;
-        let record = BlobRecord { blob_id: id, length: encoded.metadata.length, registered_epoch: committee.epoch, certificate: None };
+        let record = BlobRecord {
+            blob_id: id,
+            length: encoded.metadata.length,
+            registered_epoch: committee.epoch,
+            certificate: None,
+        };
         let stored = self.control_plane.register_blob(&record).await?;
         if stored.certificate.is_some() {
             return Ok(id);
@@ -140,18 +152,25 @@ impl BlobClient {
             let address = member.sync_address.clone();
             let owner = owner.clone();
             let metadata = encoded.metadata.to_proto();
-            let slivers: Vec<(ShardIndex, Vec<u8>)> = shards.iter().map(|s| (*s, encoded.slivers[s.as_usize()].clone())).collect();
+            let slivers: Vec<(ShardIndex, Vec<u8>)> =
+                shards.iter().map(|s| (*s, encoded.slivers[s.as_usize()].clone())).collect();
             let timeout = self.timeout;
             let (sent, progress) = (sent.clone(), self.progress.clone());
             let connector = self.connector.clone();
             tasks.push(async move {
                 let result: Result<Option<pb::StorageConfirmation>, String> = async {
                     let mut client = sync_client(&connector, &address, &owner, timeout)?;
-                    client.store_metadata(pb::StoreMetadataRequest { blob_id: id.0.to_vec(), metadata: Some(metadata) }).await.map_err(|s| s.message().to_string())?;
+                    client
+                        .store_metadata(pb::StoreMetadataRequest { blob_id: id.0.to_vec(), metadata: Some(metadata) })
+                        .await
+                        .map_err(|s| s.message().to_string())?;
                     let mut confirmation = None;
                     for (shard, data) in slivers {
                         let len = data.len() as u64;
-                        let r = client.store_sliver(pb::StoreSliverRequest { blob_id: id.0.to_vec(), shard: shard.0, data }).await.map_err(|s| s.message().to_string())?;
+                        let r = client
+                            .store_sliver(pb::StoreSliverRequest { blob_id: id.0.to_vec(), shard: shard.0, data })
+                            .await
+                            .map_err(|s| s.message().to_string())?;
                         confirmation = r.into_inner().confirmation.or(confirmation);
                         let now = sent.fetch_add(len, Ordering::Relaxed) + len;
                         if let Some(p) = &progress {
@@ -172,11 +191,21 @@ impl BlobClient {
                     // Keep only confirmations of this committee's epoch, from the node itself.
                     let valid = c.epoch == committee.epoch
                         && c.node_id == owner.as_str()
-                        && committee.member(&owner).is_some_and(|m| crypto::verify(&m.public_key, &crypto::confirmation_message(&owner, &id, c.epoch), &c.signature).is_ok());
+                        && committee.member(&owner).is_some_and(|m| {
+                            crypto::verify(
+                                &m.public_key,
+                                &crypto::confirmation_message(&owner, &id, c.epoch),
+                                &c.signature,
+                            )
+                            .is_ok()
+                        });
                     if valid {
                         confirmations.push(Confirmation { node_id: owner, signature: hex::encode(&c.signature) });
                     } else {
-                        errors.push(format!("{owner}: confirmation for epoch {} does not verify under epoch {}", c.epoch, committee.epoch));
+                        errors.push(format!(
+                            "{owner}: confirmation for epoch {} does not verify under epoch {}",
+                            c.epoch, committee.epoch
+                        ));
                     }
                 }
                 Ok(None) => errors.push(format!("{owner}: no confirmation")),
@@ -186,7 +215,12 @@ impl BlobClient {
         let certificate = Certificate { epoch: committee.epoch, confirmations };
         let have = committee.shards_owned_by(certificate.confirmations.iter().map(|c| &c.node_id));
         if certificate.verify(&id, committee).is_err() {
-            return Err(ClientError::NoQuorum { blob: id, have, need: committee.quorum_shards(), detail: errors.join("; ") });
+            return Err(ClientError::NoQuorum {
+                blob: id,
+                have,
+                need: committee.quorum_shards(),
+                detail: errors.join("; "),
+            });
         }
         self.control_plane.certify_blob(&id, certificate).await?;
         Ok(id)
@@ -213,7 +247,10 @@ impl BlobClient {
             tasks.push(async move {
                 let r = async {
                     let mut c = sync_client(&connector, &address, &node, timeout)?;
-                    c.get_sliver(pb::GetSliverRequest { blob_id: blob.0.to_vec(), shard: shard.0 }).await.map(|r| r.into_inner().data).map_err(|s| s.message().to_string())
+                    c.get_sliver(pb::GetSliverRequest { blob_id: blob.0.to_vec(), shard: shard.0 })
+                        .await
+                        .map(|r| r.into_inner().data)
+                        .map_err(|s| s.message().to_string())
                 }
                 .await;
                 (shard, r)
@@ -232,7 +269,12 @@ impl BlobClient {
             }
         }
         if got.len() < k {
-            return Err(ClientError::NotEnoughSlivers { blob: *id, have: got.len(), need: k, detail: errors.join("; ") });
+            return Err(ClientError::NotEnoughSlivers {
+                blob: *id,
+                have: got.len(),
+                need: k,
+                detail: errors.join("; "),
+            });
         }
         let slivers: Vec<(ShardIndex, &[u8])> = got.iter().map(|(s, d)| (*s, d.as_slice())).collect();
         Ok(erasure::decode(&metadata, &slivers)?)
@@ -243,7 +285,13 @@ impl BlobClient {
         for member in &committee.members {
             let result = async {
                 let mut c = sync_client(&self.connector, &member.sync_address, &member.node_id, self.timeout)?;
-                let proto = c.get_metadata(pb::GetMetadataRequest { blob_id: id.0.to_vec() }).await.map_err(|s| s.message().to_string())?.into_inner().metadata.ok_or("empty metadata")?;
+                let proto = c
+                    .get_metadata(pb::GetMetadataRequest { blob_id: id.0.to_vec() })
+                    .await
+                    .map_err(|s| s.message().to_string())?
+                    .into_inner()
+                    .metadata
+                    .ok_or("empty metadata")?;
                 let m = BlobMetadata::from_proto(&proto).map_err(|e| e.to_string())?;
                 m.verify_id(id).map_err(|e| e.to_string())?;
                 Ok::<_, String>(m)
@@ -254,6 +302,11 @@ impl BlobClient {
                 Err(e) => errors.push(format!("{}: {e}", member.node_id)),
             }
         }
-        Err(ClientError::NotEnoughSlivers { blob: *id, have: 0, need: 1, detail: format!("no verified metadata: {}", errors.join("; ")) })
+        Err(ClientError::NotEnoughSlivers {
+            blob: *id,
+            have: 0,
+            need: 1,
+            detail: format!("no verified metadata: {}", errors.join("; ")),
+        })
     }
 }

@@ -83,10 +83,7 @@ impl Committee {
             return Err(CommitteeError::ShardCount(self.n_shards));
         }
         if self.assignment.len() != self.n_shards as usize {
-            return Err(CommitteeError::AssignmentLength {
-                got: self.assignment.len(),
-                n_shards: self.n_shards,
-            });
+            return Err(CommitteeError::AssignmentLength { got: self.assignment.len(), n_shards: self.n_shards });
         }
         let mut seen = BTreeSet::new();
         for m in &self.members {
@@ -226,12 +223,10 @@ pub fn rebalance(current: &Committee, mut members: Vec<Member>) -> Result<Commit
         }
     }
     // Hand freed shards to members below target, in node-id order.
-    let mut deficits = targets
-        .iter()
-        .flat_map(|(node, target)| {
-            let have = kept.get(node).copied().unwrap_or(0);
-            std::iter::repeat_n(node.clone(), target.saturating_sub(have) as usize)
-        });
+    let mut deficits = targets.iter().flat_map(|(node, target)| {
+        let have = kept.get(node).copied().unwrap_or(0);
+        std::iter::repeat_n(node.clone(), target.saturating_sub(have) as usize)
+    });
     let mut out = Vec::with_capacity(assignment.len());
     for (shard, slot) in assignment.into_iter().enumerate() {
         match slot.or_else(|| deficits.next()) {
@@ -289,9 +284,8 @@ pub(crate) mod tests {
     }
 
     fn members_strategy() -> impl Strategy<Value = Vec<Member>> {
-        proptest::collection::btree_map(0u8..12, 0u64..5, 1..8).prop_map(|m| {
-            m.into_iter().map(|(id, w)| member(&format!("n{id}"), w)).collect()
-        })
+        proptest::collection::btree_map(0u8..12, 0u64..5, 1..8)
+            .prop_map(|m| m.into_iter().map(|(id, w)| member(&format!("n{id}"), w)).collect())
     }
 
     proptest! {

@@ -101,10 +101,8 @@ where
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-            let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                origin: path.display().to_string(),
-                message: e.to_string(),
-            })?;
+            let table: toml::Table = toml::from_str(&text)
+                .map_err(|e| ConfigError::Parse { origin: path.display().to_string(), message: e.to_string() })?;
             (table, path.display().to_string())
         }
         None => (toml::Table::new(), "defaults".to_string()),
@@ -115,15 +113,14 @@ where
     vars.sort();
     for (name, value) in vars {
         let path: Vec<String> = name[marker.len()..].split("__").map(str::to_ascii_lowercase).collect();
-        set_path(&mut table, &path, parse_scalar(&value)).map_err(|message| ConfigError::Parse {
-            origin: format!("environment variable {name}"),
-            message,
-        })?;
+        set_path(&mut table, &path, parse_scalar(&value))
+            .map_err(|message| ConfigError::Parse { origin: format!("environment variable {name}"), message })?;
         overridden.push(name);
     }
     let origin = if overridden.is_empty() { origin } else { format!("{origin} with {}", overridden.join(", ")) };
     // Round-trip through text so the parser's error names the field and its location.
-    let text = toml::to_string(&table).map_err(|e| ConfigError::Parse { origin: origin.clone(), message: e.to_string() })?;
+    let text =
+        toml::to_string(&table).map_err(|e| ConfigError::Parse { origin: origin.clone(), message: e.to_string() })?;
     let config: T = toml::from_str(&text).map_err(|e| ConfigError::Parse { origin, message: e.to_string() })?;
     config.validate()?;
     Ok(config)
@@ -156,7 +153,8 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Res
 
 /// Renders a config as TOML (for `--print-config` and documentation).
 pub fn to_toml<T: Serialize>(config: &T) -> Result<String, ConfigError> {
-    toml::to_string_pretty(config).map_err(|e| ConfigError::Parse { origin: "serialise".into(), message: e.to_string() })
+    toml::to_string_pretty(config)
+        .map_err(|e| ConfigError::Parse { origin: "serialise".into(), message: e.to_string() })
 }
 
 #[cfg(test)]
@@ -200,7 +198,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "[inner]\nworkers = 8\n").unwrap();
-        let c: Top = load_from(Some(&path), "T", env(&[("T__INNER__NAME", "node-1"), ("T_CONFIG", "ignored"), ("T__PEERS", "[\"a\", \"b\"]")])).unwrap();
+        let c: Top = load_from(
+            Some(&path),
+            "T",
+            env(&[("T__INNER__NAME", "node-1"), ("T_CONFIG", "ignored"), ("T__PEERS", "[\"a\", \"b\"]")]),
+        )
+        .unwrap();
         assert_eq!(c, Top { inner: Inner { workers: 8, name: "node-1".into() }, peers: vec!["a".into(), "b".into()] });
         let c: Top = load_from(Some(&path), "T", env(&[("T__INNER__WORKERS", "2")])).unwrap();
         assert_eq!(c.inner.workers, 2);

@@ -17,7 +17,10 @@ use std::{
 use notify::{RecursiveMode, Watcher};
 use serde::{Serialize, de::DeserializeOwned};
 use thiserror::Error;
-use tokio::{sync::{Notify, watch}, task::JoinHandle};
+use tokio::{
+    sync::{Notify, watch},
+    task::JoinHandle,
+};
 use tracing::{info, warn};
 
 use crate::config::{Validate, load};
@@ -57,7 +60,11 @@ pub fn needs_restart<T: Clone + PartialEq>(applied: &T, new: &T, copy_live: impl
 }
 
 /// Watches `file` and publishes each new valid configuration, starting from `initial`.
-pub fn watch_config<T>(file: &Path, env_prefix: &'static str, initial: T) -> Result<(watch::Receiver<T>, ConfigWatchGuard), ConfigWatchError>
+pub fn watch_config<T>(
+    file: &Path,
+    env_prefix: &'static str,
+    initial: T,
+) -> Result<(watch::Receiver<T>, ConfigWatchGuard), ConfigWatchError>
 where
     T: DeserializeOwned + Serialize + Default + Validate + PartialEq + Send + Sync + 'static,
 {
@@ -73,7 +80,9 @@ where
         }
     })
     .map_err(|source| ConfigWatchError { path: dir.display().to_string(), source })?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive).map_err(|source| ConfigWatchError { path: dir.display().to_string(), source })?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(|source| ConfigWatchError { path: dir.display().to_string(), source })?;
 
     let (tx, rx) = watch::channel(initial);
     let file = file.to_path_buf();
@@ -97,7 +106,9 @@ where
                         info!(file = %file.display(), "configuration changed");
                     }
                 }
-                Ok(Err(e)) => warn!(file = %file.display(), error = %e, "changed configuration ignored; the running one stays"),
+                Ok(Err(e)) => {
+                    warn!(file = %file.display(), error = %e, "changed configuration ignored; the running one stays")
+                }
                 Err(e) => warn!(error = %e, "configuration reload task failed"),
             }
             if tx.is_closed() {
@@ -132,7 +143,10 @@ mod tests {
     }
 
     async fn next(rx: &mut watch::Receiver<Conf>) -> Conf {
-        tokio::time::timeout(Duration::from_secs(10), rx.changed()).await.expect("no configuration change published within 10 s").unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .expect("no configuration change published within 10 s")
+            .unwrap();
         rx.borrow_and_update().clone()
     }
 

@@ -191,17 +191,12 @@ impl Certificate {
         }
         let mut confirmers = Vec::new();
         for c in &self.confirmations {
-            let member = committee
-                .member(&c.node_id)
-                .ok_or_else(|| CertificateError::BadConfirmation(c.node_id.clone()))?;
-            let signature = hex::decode(&c.signature)
+            let member =
+                committee.member(&c.node_id).ok_or_else(|| CertificateError::BadConfirmation(c.node_id.clone()))?;
+            let signature =
+                hex::decode(&c.signature).map_err(|_| CertificateError::BadConfirmation(c.node_id.clone()))?;
+            crypto::verify(&member.public_key, &crypto::confirmation_message(&c.node_id, blob, self.epoch), &signature)
                 .map_err(|_| CertificateError::BadConfirmation(c.node_id.clone()))?;
-            crypto::verify(
-                &member.public_key,
-                &crypto::confirmation_message(&c.node_id, blob, self.epoch),
-                &signature,
-            )
-            .map_err(|_| CertificateError::BadConfirmation(c.node_id.clone()))?;
             if !confirmers.contains(&&c.node_id) {
                 confirmers.push(&c.node_id);
             }
@@ -253,7 +248,13 @@ pub struct AttestationRecord {
 
 impl AttestationRecord {
     /// Builds and signs an attestation.
-    pub fn sign(key: &crypto::NodeKeypair, node_id: NodeId, epoch: Epoch, attested_by: &str, evidence: Vec<ShardEvidence>) -> Self {
+    pub fn sign(
+        key: &crypto::NodeKeypair,
+        node_id: NodeId,
+        epoch: Epoch,
+        attested_by: &str,
+        evidence: Vec<ShardEvidence>,
+    ) -> Self {
         let created_at_ms = crypto::now_ms();
         let msg = crypto::attestation_message(&node_id, epoch, attested_by, created_at_ms, &evidence);
         AttestationRecord {
@@ -270,7 +271,13 @@ impl AttestationRecord {
     pub fn verify(&self, committee: &Committee) -> std::result::Result<(), crypto::CryptoError> {
         let member = committee.member(&self.node_id).ok_or(crypto::CryptoError::PublicKey)?;
         let sig = hex::decode(&self.signature).map_err(|_| crypto::CryptoError::BadSignature)?;
-        let msg = crypto::attestation_message(&self.node_id, self.epoch, &self.attested_by, self.created_at_ms, &self.evidence);
+        let msg = crypto::attestation_message(
+            &self.node_id,
+            self.epoch,
+            &self.attested_by,
+            self.created_at_ms,
+            &self.evidence,
+        );
         crypto::verify(&member.public_key, &msg, &sig)
     }
 }
@@ -436,24 +443,34 @@ impl ControlPlane {
         let (guard, phase) = match (&current, e) {
             (None, 0) => (Guard::Absent(current_key.clone()), EpochPhase::Done(0)),
             (None, _) => {
-                return Err(ControlPlaneError::EpochOrder { proposed: e, reason: "the cluster has not started; propose epoch 0 first".into() });
+                return Err(ControlPlaneError::EpochOrder {
+                    proposed: e,
+                    reason: "the cluster has not started; propose epoch 0 first".into(),
+                });
             }
             (Some((c, rev)), _) if c.phase == EpochPhase::Done(e.wrapping_sub(1)) && e > 0 => {
                 if let Some(prev) = self.committee(e - 1).await?
                     && prev.n_shards != committee.n_shards
                 {
-                    return Err(ControlPlaneError::EpochOrder { proposed: e, reason: format!("the cluster has {} shards; a committee cannot change that", prev.n_shards) });
+                    return Err(ControlPlaneError::EpochOrder {
+                        proposed: e,
+                        reason: format!("the cluster has {} shards; a committee cannot change that", prev.n_shards),
+                    });
                 }
                 (Guard::ModRevision(current_key.clone(), *rev), EpochPhase::ChangeSync(e))
             }
             (Some((c, _)), _) => {
-                return Err(ControlPlaneError::EpochOrder { proposed: e, reason: format!("the current phase is {:?}; the next epoch can start only after the current one is done", c.phase) });
+                return Err(ControlPlaneError::EpochOrder {
+                    proposed: e,
+                    reason: format!(
+                        "the current phase is {:?}; the next epoch can start only after the current one is done",
+                        c.phase
+                    ),
+                });
             }
         };
-        let mut puts = vec![
-            (self.epoch_key(e), Self::encode(committee)),
-            (current_key, Self::encode(&CurrentRecord { phase })),
-        ];
+        let mut puts =
+            vec![(self.epoch_key(e), Self::encode(committee)), (current_key, Self::encode(&CurrentRecord { phase }))];
         // The proposer's trace, so every node's epoch change and shard syncs join it.
         if let Some(traceparent) = crate::telemetry::current_traceparent() {
             puts.push((self.trace_key(e), traceparent.into_bytes()));
@@ -461,7 +478,10 @@ impl ControlPlane {
         if self.kv.txn(vec![guard, Guard::Absent(self.epoch_key(e))], puts).await? {
             Ok(())
         } else {
-            Err(ControlPlaneError::EpochOrder { proposed: e, reason: "another proposal changed the epoch concurrently".into() })
+            Err(ControlPlaneError::EpochOrder {
+                proposed: e,
+                reason: "another proposal changed the epoch concurrently".into(),
+            })
         }
     }
 
@@ -502,12 +522,17 @@ impl ControlPlane {
     pub async fn certify_blob(&self, id: &BlobId, certificate: Certificate) -> Result<BlobRecord> {
         let key = self.blob_key(id);
         for _ in 0..CAS_RETRIES {
-            let (mut record, rev) = self.get_json::<BlobRecord>(&key).await?.ok_or(ControlPlaneError::UnknownBlob(*id))?;
+            let (mut record, rev) =
+                self.get_json::<BlobRecord>(&key).await?.ok_or(ControlPlaneError::UnknownBlob(*id))?;
             if record.certificate.is_some() {
                 return Ok(record);
             }
             record.certificate = Some(certificate.clone());
-            if self.kv.txn(vec![Guard::ModRevision(key.clone(), rev)], vec![(key.clone(), Self::encode(&record))]).await? {
+            if self
+                .kv
+                .txn(vec![Guard::ModRevision(key.clone(), rev)], vec![(key.clone(), Self::encode(&record))])
+                .await?
+            {
                 return Ok(record);
             }
         }
@@ -534,17 +559,19 @@ impl ControlPlane {
             .await?
             .ok_or_else(|| ControlPlaneError::AttestationRefused(format!("epoch {e} has no committee")))?;
         if !committee.is_member(&attestation.node_id) {
-            return Err(ControlPlaneError::AttestationRefused(format!("{} is not a member of epoch {e}", attestation.node_id)));
+            return Err(ControlPlaneError::AttestationRefused(format!(
+                "{} is not a member of epoch {e}",
+                attestation.node_id
+            )));
         }
-        attestation
-            .verify(&committee)
-            .map_err(|err| ControlPlaneError::AttestationRefused(format!("signature of {}: {err}", attestation.node_id)))?;
+        attestation.verify(&committee).map_err(|err| {
+            ControlPlaneError::AttestationRefused(format!("signature of {}: {err}", attestation.node_id))
+        })?;
         let key = self.attestation_key(e, &attestation.node_id);
         if !self.kv.txn(vec![Guard::Absent(key.clone())], vec![(key.clone(), Self::encode(attestation))]).await? {
-            let (existing, _) = self
-                .get_json::<AttestationRecord>(&key)
-                .await?
-                .ok_or_else(|| ControlPlaneError::Corrupt { key: key.clone(), message: "attestation vanished".into() })?;
+            let (existing, _) = self.get_json::<AttestationRecord>(&key).await?.ok_or_else(|| {
+                ControlPlaneError::Corrupt { key: key.clone(), message: "attestation vanished".into() }
+            })?;
             return Ok(AttestOutcome::AlreadyPresent(existing));
         }
         let flipped_to_done = self.flip_to_done_if_quorum(&committee).await?;
@@ -568,7 +595,14 @@ impl ControlPlane {
                 return Ok(false);
             }
             let done = CurrentRecord { phase: EpochPhase::Done(e) };
-            if self.kv.txn(vec![Guard::ModRevision(current_key.clone(), rev)], vec![(current_key.clone(), Self::encode(&done))]).await? {
+            if self
+                .kv
+                .txn(
+                    vec![Guard::ModRevision(current_key.clone(), rev)],
+                    vec![(current_key.clone(), Self::encode(&done))],
+                )
+                .await?
+            {
                 return Ok(true);
             }
         }

@@ -57,10 +57,8 @@ impl NodeKeypair {
     pub fn load(path: &Path) -> Result<Self, CryptoError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| CryptoError::KeyFile { path: path.display().to_string(), source })?;
-        let bytes = hex::decode(text.trim())
-            .map_err(|_| CryptoError::KeyFormat(path.display().to_string()))?;
-        let seed: [u8; 32] =
-            bytes.try_into().map_err(|_| CryptoError::KeyFormat(path.display().to_string()))?;
+        let bytes = hex::decode(text.trim()).map_err(|_| CryptoError::KeyFormat(path.display().to_string()))?;
+        let seed: [u8; 32] = bytes.try_into().map_err(|_| CryptoError::KeyFormat(path.display().to_string()))?;
         Ok(Self::from_seed(seed))
     }
 
@@ -89,10 +87,7 @@ impl NodeKeypair {
 
 /// Verifies `signature` over `message` with a hex public key from the committee.
 pub fn verify(public_hex: &str, message: &[u8], signature: &[u8]) -> Result<(), CryptoError> {
-    let key: [u8; 32] = hex::decode(public_hex)
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .ok_or(CryptoError::PublicKey)?;
+    let key: [u8; 32] = hex::decode(public_hex).ok().and_then(|b| b.try_into().ok()).ok_or(CryptoError::PublicKey)?;
     let key = VerifyingKey::from_bytes(&key).map_err(|_| CryptoError::PublicKey)?;
     let signature = Signature::from_slice(signature).map_err(|_| CryptoError::BadSignature)?;
     key.verify(message, &signature).map_err(|_| CryptoError::BadSignature)
@@ -178,7 +173,13 @@ pub struct ShardEvidence {
 }
 
 /// Bytes an attestation signs.
-pub fn attestation_message(node: &NodeId, epoch: Epoch, attested_by: &str, created_at_ms: u64, evidence: &[ShardEvidence]) -> Vec<u8> {
+pub fn attestation_message(
+    node: &NodeId,
+    epoch: Epoch,
+    attested_by: &str,
+    created_at_ms: u64,
+    evidence: &[ShardEvidence],
+) -> Vec<u8> {
     let mut out = b"ferry/epoch-sync-done/v1".to_vec();
     put_str(&mut out, node.as_str());
     out.extend_from_slice(&epoch.to_be_bytes());
@@ -194,10 +195,7 @@ pub fn attestation_message(node: &NodeId, epoch: Epoch, attested_by: &str, creat
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -61,8 +61,7 @@ pub struct EpochDiff {
 impl EpochDiff {
     /// Every shard the node owns next, ascending.
     pub fn owned_next(&self) -> Vec<ShardIndex> {
-        let mut all: Vec<ShardIndex> =
-            self.gained.iter().map(|g| g.shard).chain(self.kept.iter().copied()).collect();
+        let mut all: Vec<ShardIndex> = self.gained.iter().map(|g| g.shard).chain(self.kept.iter().copied()).collect();
         all.sort();
         all
     }
@@ -73,15 +72,8 @@ pub fn diff(previous: PreviousAssignment<'_>, next: &Committee, node: &NodeId) -
     let owned_next = next.shards_of(node);
     match previous {
         PreviousAssignment::Unknown | PreviousAssignment::Genesis => EpochDiff {
-            path: if matches!(previous, PreviousAssignment::Unknown) {
-                FillPath::CatchUp
-            } else {
-                FillPath::Genesis
-            },
-            gained: owned_next
-                .into_iter()
-                .map(|shard| GainedShard { shard, previous_owner: None })
-                .collect(),
+            path: if matches!(previous, PreviousAssignment::Unknown) { FillPath::CatchUp } else { FillPath::Genesis },
+            gained: owned_next.into_iter().map(|shard| GainedShard { shard, previous_owner: None }).collect(),
             lost: Vec::new(),
             kept: Vec::new(),
         },

@@ -46,9 +46,7 @@ const METADATA_DOMAIN: &[u8] = b"ferry-blob-metadata-v1";
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ErasureError {
     /// A number of shards outside `1..=MAX_SHARDS`.
-    #[error(
-        "FERRY-EC-001: a blob must be encoded into 1 to {max} shards, but {n_shards} shards were asked for"
-    )]
+    #[error("FERRY-EC-001: a blob must be encoded into 1 to {max} shards, but {n_shards} shards were asked for")]
     ShardCount {
         /// The number of shards given.
         n_shards: u32,
@@ -72,9 +70,7 @@ pub enum ErasureError {
         max: u64,
     },
     /// Metadata of an encoding version this build does not know.
-    #[error(
-        "FERRY-EC-004: blob metadata has encoding version {version}, but only version {supported} is supported"
-    )]
+    #[error("FERRY-EC-004: blob metadata has encoding version {version}, but only version {supported} is supported")]
     UnsupportedVersion {
         /// The version in the metadata.
         version: u32,
@@ -114,9 +110,7 @@ pub enum ErasureError {
         got: usize,
     },
     /// Metadata that does not hash to the blob id it was given for.
-    #[error(
-        "FERRY-EC-008: the blob metadata does not belong to blob {expected}: it hashes to blob id {actual}"
-    )]
+    #[error("FERRY-EC-008: the blob metadata does not belong to blob {expected}: it hashes to blob id {actual}")]
     IdMismatch {
         /// The id the metadata was expected to have.
         expected: BlobId,
@@ -134,9 +128,7 @@ pub enum ErasureError {
         n_shards: u32,
     },
     /// A sliver of the wrong length.
-    #[error(
-        "FERRY-EC-010: sliver for shard {shard} is {got} bytes long, but this blob's slivers are {expected} bytes"
-    )]
+    #[error("FERRY-EC-010: sliver for shard {shard} is {got} bytes long, but this blob's slivers are {expected} bytes")]
     SliverLength {
         /// The sliver's shard.
         shard: u32,
@@ -245,17 +237,10 @@ impl BlobMetadata {
         }
         let expected = original_count(self.n_shards)?;
         if self.k != expected {
-            return Err(ErasureError::WrongOriginalCount {
-                n_shards: self.n_shards,
-                k: self.k,
-                expected,
-            });
+            return Err(ErasureError::WrongOriginalCount { n_shards: self.n_shards, k: self.k, expected });
         }
         if self.sliver_digests.len() != self.n_shards as usize {
-            return Err(ErasureError::DigestCount {
-                n_shards: self.n_shards,
-                got: self.sliver_digests.len(),
-            });
+            return Err(ErasureError::DigestCount { n_shards: self.n_shards, got: self.sliver_digests.len() });
         }
         if self.length > MAX_BLOB_LEN {
             return Err(ErasureError::BlobTooLarge { length: self.length, max: MAX_BLOB_LEN });
@@ -270,10 +255,7 @@ impl BlobMetadata {
     /// sliver digest in shard order.
     pub fn canonical_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
-            METADATA_DOMAIN
-                .len()
-                .saturating_add(20)
-                .saturating_add(self.sliver_digests.len().saturating_mul(32)),
+            METADATA_DOMAIN.len().saturating_add(20).saturating_add(self.sliver_digests.len().saturating_mul(32)),
         );
         out.extend_from_slice(METADATA_DOMAIN);
         out.extend_from_slice(&self.length.to_be_bytes());
@@ -307,8 +289,7 @@ impl BlobMetadata {
     /// Checks that `data` is this blob's sliver for `shard`: the shard is in range, `data`
     /// has the sliver length and its BLAKE3 digest is the one in the metadata.
     pub fn verify_sliver(&self, shard: ShardIndex, data: &[u8]) -> Result<(), ErasureError> {
-        let out_of_range =
-            || ErasureError::ShardOutOfRange { shard: shard.0, n_shards: self.n_shards };
+        let out_of_range = || ErasureError::ShardOutOfRange { shard: shard.0, n_shards: self.n_shards };
         if shard.0 >= self.n_shards {
             return Err(out_of_range());
         }
@@ -342,18 +323,14 @@ impl BlobMetadata {
         // Cheap checks first, so a huge digest list is refused before it is copied.
         original_count(p.n_shards)?;
         if p.sliver_digests.len() != p.n_shards as usize {
-            return Err(ErasureError::DigestCount {
-                n_shards: p.n_shards,
-                got: p.sliver_digests.len(),
-            });
+            return Err(ErasureError::DigestCount { n_shards: p.n_shards, got: p.sliver_digests.len() });
         }
         let sliver_digests = p
             .sliver_digests
             .iter()
             .enumerate()
             .map(|(shard, d)| {
-                <[u8; 32]>::try_from(d.as_slice())
-                    .map_err(|_| ErasureError::DigestLength { shard, got: d.len() })
+                <[u8; 32]>::try_from(d.as_slice()).map_err(|_| ErasureError::DigestLength { shard, got: d.len() })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let metadata = BlobMetadata {
@@ -385,8 +362,8 @@ pub struct EncodedBlob {
 /// [`MAX_BLOB_LEN`].
 pub fn encode(data: &[u8], n_shards: u32) -> Result<EncodedBlob, ErasureError> {
     let k_u32 = original_count(n_shards)?;
-    let length = u64::try_from(data.len())
-        .map_err(|_| ErasureError::BlobTooLarge { length: u64::MAX, max: MAX_BLOB_LEN })?;
+    let length =
+        u64::try_from(data.len()).map_err(|_| ErasureError::BlobTooLarge { length: u64::MAX, max: MAX_BLOB_LEN })?;
     let len = sliver_len(length, k_u32)?;
     let k = k_u32 as usize;
 
@@ -408,10 +385,7 @@ pub fn encode(data: &[u8], n_shards: u32) -> Result<EncodedBlob, ErasureError> {
     }
     if originals.len() != k {
         // Impossible: len * k >= data.len().
-        return Err(ErasureError::Codec(format!(
-            "cut the blob into {} originals instead of {k}",
-            originals.len()
-        )));
+        return Err(ErasureError::Codec(format!("cut the blob into {} originals instead of {k}", originals.len())));
     }
 
     let n = n_shards as usize;
@@ -449,10 +423,7 @@ fn encode_recovery<T: AsRef<[u8]>>(
 
 /// The given slivers that pass verification, by shard, each shard once. Unverifiable slivers
 /// (out of range, wrong length, wrong digest) are dropped.
-fn verified<'a>(
-    metadata: &BlobMetadata,
-    slivers: &[(ShardIndex, &'a [u8])],
-) -> BTreeMap<u32, &'a [u8]> {
+fn verified<'a>(metadata: &BlobMetadata, slivers: &[(ShardIndex, &'a [u8])]) -> BTreeMap<u32, &'a [u8]> {
     let mut good = BTreeMap::new();
     for &(shard, data) in slivers {
         if !good.contains_key(&shard.0) && metadata.verify_sliver(shard, data).is_ok() {
@@ -465,10 +436,7 @@ fn verified<'a>(
 /// All `k` original slivers of a validated blob, from its verified slivers: borrowed where
 /// available, restored with one Reed-Solomon decode otherwise. Restored originals are checked
 /// against their digests.
-fn originals<'a>(
-    metadata: &BlobMetadata,
-    good: &BTreeMap<u32, &'a [u8]>,
-) -> Result<Vec<Cow<'a, [u8]>>, ErasureError> {
+fn originals<'a>(metadata: &BlobMetadata, good: &BTreeMap<u32, &'a [u8]>) -> Result<Vec<Cow<'a, [u8]>>, ErasureError> {
     let k = metadata.k;
     let need = k as usize;
     if good.len() < need {
@@ -480,11 +448,9 @@ fn originals<'a>(
     }
 
     let len = metadata.sliver_len()?;
-    let recovery_count = metadata
-        .n_shards
-        .checked_sub(k)
-        .ok_or_else(|| ErasureError::Codec("more originals than shards".to_owned()))?
-        as usize;
+    let recovery_count =
+        metadata.n_shards.checked_sub(k).ok_or_else(|| ErasureError::Codec("more originals than shards".to_owned()))?
+            as usize;
     if recovery_count == 0 {
         // Without recovery slivers every original is needed, and `good.len() >= k` means
         // they are all present; unreachable for validated metadata.
@@ -505,9 +471,9 @@ fn originals<'a>(
         match good.get(&shard) {
             Some(data) => out.push(Cow::Borrowed(*data)),
             None => {
-                let restored = result.restored_original(shard as usize).ok_or_else(|| {
-                    ErasureError::Codec(format!("original sliver {shard} was not restored"))
-                })?;
+                let restored = result
+                    .restored_original(shard as usize)
+                    .ok_or_else(|| ErasureError::Codec(format!("original sliver {shard} was not restored")))?;
                 check_rebuilt(metadata, shard, restored)?;
                 out.push(Cow::Owned(restored.to_vec()));
             }
@@ -520,9 +486,7 @@ fn originals<'a>(
 fn check_rebuilt(metadata: &BlobMetadata, shard: u32, data: &[u8]) -> Result<(), ErasureError> {
     match metadata.verify_sliver(ShardIndex(shard), data) {
         Ok(()) => Ok(()),
-        Err(ErasureError::SliverDigest { shard }) => {
-            Err(ErasureError::InconsistentEncoding { shard })
-        }
+        Err(ErasureError::SliverDigest { shard }) => Err(ErasureError::InconsistentEncoding { shard }),
         Err(e) => Err(e),
     }
 }
@@ -534,10 +498,7 @@ fn check_rebuilt(metadata: &BlobMetadata, shard: u32, data: &[u8]) -> Result<(),
 /// fewer than `k` distinct verified slivers remain, and with
 /// [`ErasureError::InconsistentEncoding`] if a restored original does not match its digest.
 /// The result is exactly `metadata.length` bytes.
-pub fn decode(
-    metadata: &BlobMetadata,
-    slivers: &[(ShardIndex, &[u8])],
-) -> Result<Vec<u8>, ErasureError> {
+pub fn decode(metadata: &BlobMetadata, slivers: &[(ShardIndex, &[u8])]) -> Result<Vec<u8>, ErasureError> {
     metadata.validate()?;
     let good = verified(metadata, slivers);
     let originals = originals(metadata, &good)?;
@@ -553,10 +514,7 @@ pub fn decode(
         out.extend_from_slice(original.get(..take).unwrap_or_default());
     }
     if out.len() != length {
-        return Err(ErasureError::Codec(format!(
-            "decoded {} bytes instead of {length}",
-            out.len()
-        )));
+        return Err(ErasureError::Codec(format!("decoded {} bytes instead of {length}", out.len())));
     }
     Ok(out)
 }
@@ -602,18 +560,18 @@ pub fn rebuild(
             let len = metadata.sliver_len()?;
             let recovery = encode_recovery(&originals, n_shards.saturating_sub(k) as usize, len)?;
             for &shard in distinct.iter().filter(|s| missing(s) && **s >= k) {
-                let sliver = recovery.get(shard.saturating_sub(k) as usize).ok_or_else(|| {
-                    ErasureError::Codec(format!("recovery sliver {shard} was not produced"))
-                })?;
+                let sliver = recovery
+                    .get(shard.saturating_sub(k) as usize)
+                    .ok_or_else(|| ErasureError::Codec(format!("recovery sliver {shard} was not produced")))?;
                 check_rebuilt(metadata, shard, sliver)?;
                 rebuilt.insert(shard, sliver.clone());
             }
         }
         for &shard in distinct.iter().filter(|s| missing(s) && **s < k) {
             // Restored originals were already checked by `originals`.
-            let sliver = originals.get(shard as usize).ok_or_else(|| {
-                ErasureError::Codec(format!("original sliver {shard} was not produced"))
-            })?;
+            let sliver = originals
+                .get(shard as usize)
+                .ok_or_else(|| ErasureError::Codec(format!("original sliver {shard} was not produced")))?;
             rebuilt.insert(shard, sliver.to_vec());
         }
     }
@@ -623,9 +581,9 @@ pub fn rebuild(
         .map(|shard| {
             let sliver = match good.get(&shard) {
                 Some(data) => data.to_vec(),
-                None => rebuilt.remove(&shard).ok_or_else(|| {
-                    ErasureError::Codec(format!("sliver {shard} was not rebuilt"))
-                })?,
+                None => rebuilt
+                    .remove(&shard)
+                    .ok_or_else(|| ErasureError::Codec(format!("sliver {shard} was not rebuilt")))?,
             };
             Ok((ShardIndex(shard), sliver))
         })
@@ -852,10 +810,7 @@ mod tests {
             enc.metadata.verify_sliver(ShardIndex(0), &enc.slivers[0][1..]),
             Err(ErasureError::SliverLength { .. })
         ));
-        assert!(matches!(
-            enc.metadata.verify_sliver(ShardIndex(0), &[]),
-            Err(ErasureError::SliverLength { .. })
-        ));
+        assert!(matches!(enc.metadata.verify_sliver(ShardIndex(0), &[]), Err(ErasureError::SliverLength { .. })));
     }
 
     #[test]
@@ -898,10 +853,7 @@ mod tests {
     fn from_proto_rejects_31_byte_digest() {
         let mut p = encode(&blob(10, 13), 4).unwrap().metadata.to_proto();
         p.sliver_digests[2].pop();
-        assert_eq!(
-            BlobMetadata::from_proto(&p),
-            Err(ErasureError::DigestLength { shard: 2, got: 31 })
-        );
+        assert_eq!(BlobMetadata::from_proto(&p), Err(ErasureError::DigestLength { shard: 2, got: 31 }));
     }
 
     #[test]
@@ -912,16 +864,10 @@ mod tests {
         assert!(matches!(BlobMetadata::from_proto(&p), Err(ErasureError::DigestCount { .. })));
         let mut p = good.clone();
         p.k = 4;
-        assert!(matches!(
-            BlobMetadata::from_proto(&p),
-            Err(ErasureError::WrongOriginalCount { .. })
-        ));
+        assert!(matches!(BlobMetadata::from_proto(&p), Err(ErasureError::WrongOriginalCount { .. })));
         let mut p = good.clone();
         p.encoding_version = 0;
-        assert!(matches!(
-            BlobMetadata::from_proto(&p),
-            Err(ErasureError::UnsupportedVersion { .. })
-        ));
+        assert!(matches!(BlobMetadata::from_proto(&p), Err(ErasureError::UnsupportedVersion { .. })));
         let mut p = good;
         p.n_shards = 0;
         assert!(matches!(BlobMetadata::from_proto(&p), Err(ErasureError::ShardCount { .. })));
@@ -952,20 +898,14 @@ mod tests {
             ));
         }
         let enc = encode(b"x", 4).unwrap();
-        assert_eq!(
-            decode(&enc.metadata, &[]),
-            Err(ErasureError::NotEnoughSlivers { have: 0, need: 2 })
-        );
+        assert_eq!(decode(&enc.metadata, &[]), Err(ErasureError::NotEnoughSlivers { have: 0, need: 2 }));
     }
 
     #[test]
     fn duplicate_shards_count_once() {
         let enc = encode(&blob(500, 17), 7).unwrap();
         let input = refs(&enc, &[5, 5, 5]);
-        assert_eq!(
-            decode(&enc.metadata, &as_input(&input)),
-            Err(ErasureError::NotEnoughSlivers { have: 1, need: 3 })
-        );
+        assert_eq!(decode(&enc.metadata, &as_input(&input)), Err(ErasureError::NotEnoughSlivers { have: 1, need: 3 }));
         // A bad copy before a good one of the same shard does not hide the good one.
         let mut input = refs(&enc, &[5, 5, 6, 0]);
         input[0].1[0] ^= 0xff;
@@ -983,10 +923,7 @@ mod tests {
         input[3].1 = enc.slivers[4].clone();
         assert_eq!(decode(&enc.metadata, &as_input(&input)).unwrap(), data);
         input[4].1[0] ^= 1;
-        assert_eq!(
-            decode(&enc.metadata, &as_input(&input)),
-            Err(ErasureError::NotEnoughSlivers { have: 2, need: 3 })
-        );
+        assert_eq!(decode(&enc.metadata, &as_input(&input)), Err(ErasureError::NotEnoughSlivers { have: 2, need: 3 }));
     }
 
     #[test]
@@ -1033,10 +970,8 @@ mod tests {
         let input = refs(&enc, &[6, 4, 5]);
         let wanted = [6, 0, 3, 1, 0, 2].map(ShardIndex);
         let got = rebuild(&enc.metadata, &as_input(&input), &wanted).unwrap();
-        let expected: Vec<_> = [6, 0, 3, 1, 2]
-            .into_iter()
-            .map(|s| (ShardIndex(s), enc.slivers[s as usize].clone()))
-            .collect();
+        let expected: Vec<_> =
+            [6, 0, 3, 1, 2].into_iter().map(|s| (ShardIndex(s), enc.slivers[s as usize].clone())).collect();
         assert_eq!(got, expected);
     }
 
@@ -1099,18 +1034,16 @@ mod tests {
                 any::<prop::sample::Index>(),
                 1u8..=255,
             )
-                .prop_map(
-                    move |(len, seed, subset, wanted, flip_shard, flip_byte, flip_mask)| Case {
-                        n,
-                        len,
-                        seed,
-                        subset,
-                        wanted,
-                        flip_shard,
-                        flip_byte,
-                        flip_mask,
-                    },
-                )
+                .prop_map(move |(len, seed, subset, wanted, flip_shard, flip_byte, flip_mask)| Case {
+                    n,
+                    len,
+                    seed,
+                    subset,
+                    wanted,
+                    flip_shard,
+                    flip_byte,
+                    flip_mask,
+                })
         })
     }
 

@@ -12,7 +12,11 @@ use tonic::{
     transport::{Channel, Endpoint},
 };
 
-use crate::{telemetry::TraceContextInjector, tls::TlsMaterial, types::{NodeId, TypeError}};
+use crate::{
+    telemetry::TraceContextInjector,
+    tls::TlsMaterial,
+    types::{NodeId, TypeError},
+};
 
 /// Largest gRPC message Ferry sends or accepts (a sliver plus its metadata fits easily).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -48,7 +52,12 @@ impl Connector {
     }
 
     /// A lazily connecting channel to node `server` at `address` (`host:port`).
-    pub fn channel(&self, address: &str, server: &NodeId, request_timeout: Option<Duration>) -> Result<TracedChannel, Status> {
+    pub fn channel(
+        &self,
+        address: &str,
+        server: &NodeId,
+        request_timeout: Option<Duration>,
+    ) -> Result<TracedChannel, Status> {
         let host_port = address.split_once("://").map_or(address, |(_, rest)| rest);
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let mut endpoint = Endpoint::from_shared(format!("{scheme}://{host_port}"))
@@ -62,7 +71,9 @@ impl Connector {
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(20));
         if let Some(tls) = &self.tls {
-            endpoint = endpoint.tls_config(tls.client_config(server)).map_err(|e| Status::internal(format!("TLS set-up for {server}: {e}")))?;
+            endpoint = endpoint
+                .tls_config(tls.client_config(server))
+                .map_err(|e| Status::internal(format!("TLS set-up for {server}: {e}")))?;
         }
         if let Some(t) = request_timeout {
             endpoint = endpoint.timeout(t);

@@ -6,12 +6,12 @@
 pub mod client;
 pub mod committee;
 pub mod config;
+pub mod config_watch;
 pub mod control_plane;
 pub mod crypto;
 pub mod diff;
 pub mod erasure;
 pub mod grpc;
-pub mod config_watch;
 pub mod lifecycle;
 pub mod metrics;
 pub mod serving;

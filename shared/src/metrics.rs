@@ -44,7 +44,11 @@ pub fn render(registry: &Registry) -> String {
 
 /// Serves `GET /metrics` on `listener` until `shutdown` turns true. Anything else gets 404 (or
 /// 405/400); requests are read with a size and time bound.
-pub fn spawn_metrics_server(listener: TcpListener, registry: Registry, mut shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+pub fn spawn_metrics_server(
+    listener: TcpListener,
+    registry: Registry,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -101,7 +105,11 @@ async fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<(
     } else {
         ("200 OK", "text/plain; version=0.0.4; charset=utf-8", render(registry))
     };
-    let mut response = format!("HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).into_bytes();
+    let mut response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
     if method != "HEAD" {
         response.extend_from_slice(body.as_bytes());
     }
@@ -110,7 +118,11 @@ async fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<(
 }
 
 /// Binds the metrics port and starts serving `registry` on it.
-pub async fn start_metrics_server(addr: SocketAddr, registry: Registry, shutdown: watch::Receiver<bool>) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+pub async fn start_metrics_server(
+    addr: SocketAddr,
+    registry: Registry,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = crate::serving::bind_with_retry(addr).await?;
     let local = listener.local_addr()?;
     Ok((local, spawn_metrics_server(listener, registry, shutdown)))
@@ -119,13 +131,20 @@ pub async fn start_metrics_server(addr: SocketAddr, registry: Registry, shutdown
 /// Fetches `/metrics` from `addr` (benchmarks and tests read counters this way, as Prometheus
 /// would).
 pub async fn scrape(addr: SocketAddr) -> std::io::Result<String> {
-    let mut stream = tokio::time::timeout(REQUEST_TIMEOUT, TcpStream::connect(addr)).await.map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    let mut stream = tokio::time::timeout(REQUEST_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: ferry\r\nConnection: close\r\n\r\n").await?;
     let mut out = String::new();
-    tokio::time::timeout(REQUEST_TIMEOUT, stream.read_to_string(&mut out)).await.map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "read timed out"))??;
+    tokio::time::timeout(REQUEST_TIMEOUT, stream.read_to_string(&mut out))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "read timed out"))??;
     match out.split_once("\r\n\r\n") {
         Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
-        _ => Err(std::io::Error::other(format!("unexpected metrics response: {}", out.lines().next().unwrap_or_default()))),
+        _ => Err(std::io::Error::other(format!(
+            "unexpected metrics response: {}",
+            out.lines().next().unwrap_or_default()
+        ))),
     }
 }
 
@@ -149,8 +168,14 @@ pub struct RpcMetrics {
 impl RpcMetrics {
     /// Registers `ferry_rpc_duration_seconds{method, code}` in `registry`.
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let buckets = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
-        let opts = HistogramOpts::new("ferry_rpc_duration_seconds", "Served RPCs: time from request to the end of the response stream, by method and gRPC status code.").buckets(buckets);
+        let buckets = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+        ];
+        let opts = HistogramOpts::new(
+            "ferry_rpc_duration_seconds",
+            "Served RPCs: time from request to the end of the response stream, by method and gRPC status code.",
+        )
+        .buckets(buckets);
         let latency = HistogramVec::new(opts, &["method", "code"])?;
         Ok(RpcMetrics { latency: register(registry, latency) })
     }
@@ -210,7 +235,10 @@ where
             let response = future.await?;
             // A trailers-only response (most errors) carries the code in its headers.
             let code = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(code_name);
-            Ok(response.map(|inner| MeteredBody { inner: Box::pin(inner), record: Some(Record { metrics, method, started, code }) }))
+            Ok(response.map(|inner| MeteredBody {
+                inner: Box::pin(inner),
+                record: Some(Record { metrics, method, started, code }),
+            }))
         })
     }
 }
@@ -247,7 +275,10 @@ impl<B: Body> Body for MeteredBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let polled = self.inner.as_mut().poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -335,7 +366,10 @@ mod tests {
     #[tokio::test]
     async fn scrape_and_sample_read_what_is_served() {
         let registry = Registry::new();
-        let by_shard = register(&registry, prometheus::IntCounterVec::new(prometheus::Opts::new("ferry_x_total", "x"), &["shard"]).unwrap());
+        let by_shard = register(
+            &registry,
+            prometheus::IntCounterVec::new(prometheus::Opts::new("ferry_x_total", "x"), &["shard"]).unwrap(),
+        );
         by_shard.with_label_values(&["1"]).inc_by(2);
         by_shard.with_label_values(&["2"]).inc_by(3);
         let (_tx, rx) = watch::channel(false);

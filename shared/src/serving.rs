@@ -13,18 +13,31 @@ fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
 }
 
 /// Reflection service v1.
-pub fn reflection_v1() -> Result<tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>, ReflectionError> {
+pub fn reflection_v1() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    ReflectionError,
+> {
     reflection_builder().build_v1()
 }
 
 /// Reflection service v1alpha.
-pub fn reflection_v1alpha() -> Result<tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>, ReflectionError> {
+pub fn reflection_v1alpha() -> Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+    ReflectionError,
+> {
     reflection_builder().build_v1alpha()
 }
 
 /// Serves gRPC health and reflection in plaintext on `listener` until `shutdown` turns true.
-pub fn spawn_health_server<H: Health>(listener: TcpListener, health: HealthServer<H>, mut shutdown: watch::Receiver<bool>) -> Result<JoinHandle<Result<(), tonic::transport::Error>>, ReflectionError> {
-    let router = tonic::transport::Server::builder().add_service(health).add_service(reflection_v1()?).add_service(reflection_v1alpha()?);
+pub fn spawn_health_server<H: Health>(
+    listener: TcpListener,
+    health: HealthServer<H>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<JoinHandle<Result<(), tonic::transport::Error>>, ReflectionError> {
+    let router = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1()?)
+        .add_service(reflection_v1alpha()?);
     Ok(tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
         let _ = shutdown.wait_for(|s| *s).await;
     })))

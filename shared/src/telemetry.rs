@@ -4,7 +4,10 @@
 //! metadata, injected by every Ferry client ([`TraceContextInjector`]) and picked up by every
 //! Ferry server ([`grpc_server_span`]), so one trace follows a recovery across processes.
 
-use opentelemetry::{propagation::{Extractor, Injector}, trace::TracerProvider as _};
+use opentelemetry::{
+    propagation::{Extractor, Injector},
+    trace::TracerProvider as _,
+};
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use serde::{Deserialize, Serialize};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -72,8 +75,14 @@ pub fn init_with_default_filter(service: &str, format: LogFormat, default_filter
 
 fn otlp_provider(service: &str) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
     use opentelemetry_otlp::WithExportConfig as _;
-    let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().with_protocol(opentelemetry_otlp::Protocol::Grpc).build()?;
-    Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(Resource::builder().with_service_name(service.to_string()).build()).build())
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_protocol(opentelemetry_otlp::Protocol::Grpc)
+        .build()?;
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(Resource::builder().with_service_name(service.to_string()).build())
+        .build())
 }
 
 /// [`init`] with a given tracer provider (tests pass one with an in-memory exporter).
@@ -81,7 +90,12 @@ pub fn init_with_provider(service: &str, format: LogFormat, provider: Option<Sdk
     install(service, format, provider, "info")
 }
 
-fn install(service: &str, format: LogFormat, provider: Option<SdkTracerProvider>, default_filter: &str) -> TelemetryGuard {
+fn install(
+    service: &str,
+    format: LogFormat,
+    provider: Option<SdkTracerProvider>,
+    default_filter: &str,
+) -> TelemetryGuard {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service.to_string())));
@@ -117,7 +131,9 @@ impl Injector for MetadataInjector<'_> {
 impl tonic::service::Interceptor for TraceContextInjector {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         let context = tracing::Span::current().context();
-        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&context, &mut MetadataInjector(request.metadata_mut())));
+        opentelemetry::global::get_text_map_propagator(|p| {
+            p.inject_context(&context, &mut MetadataInjector(request.metadata_mut()))
+        });
         Ok(request)
     }
 }
@@ -134,7 +150,8 @@ pub fn current_traceparent() -> Option<String> {
 /// A span named `name` continuing the trace of `traceparent` (from [`current_traceparent`]).
 pub fn continue_trace(span: tracing::Span, traceparent: Option<&str>) -> tracing::Span {
     if let Some(value) = traceparent {
-        let carrier: std::collections::HashMap<String, String> = [("traceparent".to_string(), value.to_string())].into();
+        let carrier: std::collections::HashMap<String, String> =
+            [("traceparent".to_string(), value.to_string())].into();
         let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
         let _ = span.set_parent(parent);
     }
@@ -154,7 +171,10 @@ impl Extractor for HeaderExtractor<'_> {
 
 /// For `tonic::transport::Server::trace_fn`: one span per call, named after the method,
 /// continuing the caller's trace when the request carries W3C trace context.
-pub fn grpc_server_span(service: &'static str, node: String) -> impl Fn(&http::Request<()>) -> tracing::Span + Clone + Send + Sync + 'static {
+pub fn grpc_server_span(
+    service: &'static str,
+    node: String,
+) -> impl Fn(&http::Request<()>) -> tracing::Span + Clone + Send + Sync + 'static {
     move |request: &http::Request<()>| {
         let method = request.uri().path().to_string();
         let span = tracing::info_span!("grpc.server", otel.name = %method, otel.kind = "server", rpc.method = %method, ferry.service = service, ferry.node = %node);

@@ -13,7 +13,10 @@ use std::{
     sync::Arc,
 };
 
-use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
@@ -88,7 +91,12 @@ pub struct TlsConfig {
 
 impl Default for TlsConfig {
     fn default() -> Self {
-        TlsConfig { enabled: true, ca_file: "tls/ca.pem".into(), cert_file: "tls/node.pem".into(), key_file: "tls/node.key".into() }
+        TlsConfig {
+            enabled: true,
+            ca_file: "tls/ca.pem".into(),
+            cert_file: "tls/node.pem".into(),
+            key_file: "tls/node.key".into(),
+        }
     }
 }
 
@@ -100,13 +108,20 @@ impl TlsConfig {
 
     /// TLS from the files `ferryctl certs` writes for `name` in `dir`.
     pub fn from_dir(dir: &Path, name: &str) -> Self {
-        TlsConfig { enabled: true, ca_file: dir.join("ca.pem"), cert_file: dir.join(format!("{name}.pem")), key_file: dir.join(format!("{name}.key")) }
+        TlsConfig {
+            enabled: true,
+            ca_file: dir.join("ca.pem"),
+            cert_file: dir.join(format!("{name}.pem")),
+            key_file: dir.join(format!("{name}.key")),
+        }
     }
 
     /// Checks the paths are set when TLS is on.
     pub fn validate(&self, section: &str) -> Result<(), ConfigError> {
         if self.enabled {
-            for (field, path) in [("ca_file", &self.ca_file), ("cert_file", &self.cert_file), ("key_file", &self.key_file)] {
+            for (field, path) in
+                [("ca_file", &self.ca_file), ("cert_file", &self.cert_file), ("key_file", &self.key_file)]
+            {
                 if path.as_os_str().is_empty() {
                     return Err(invalid(&format!("{section}.{field}"), "must be set when TLS is enabled"));
                 }
@@ -125,21 +140,40 @@ impl TlsConfig {
         let ca = read(&self.ca_file, "CA certificate")?;
         let cert = read(&self.cert_file, "certificate")?;
         let key = read(&self.key_file, "private key")?;
-        let leaf = first_pem_der(&cert).ok_or_else(|| TlsError::Invalid { what: "certificate", path: self.cert_file.display().to_string(), reason: "no PEM certificate in it".into() })?;
-        let identity = identity_of(&leaf).map_err(|reason| TlsError::Invalid { what: "certificate", path: self.cert_file.display().to_string(), reason })?;
+        let leaf = first_pem_der(&cert).ok_or_else(|| TlsError::Invalid {
+            what: "certificate",
+            path: self.cert_file.display().to_string(),
+            reason: "no PEM certificate in it".into(),
+        })?;
+        let identity = identity_of(&leaf).map_err(|reason| TlsError::Invalid {
+            what: "certificate",
+            path: self.cert_file.display().to_string(),
+            reason,
+        })?;
         if let Some(node) = expected {
             if identity != PeerIdentity::Node(node.clone()) {
                 return Err(TlsError::Invalid {
                     what: "certificate",
                     path: self.cert_file.display().to_string(),
-                    reason: format!("it names {identity}, but this is node {node} (expected {})", node_server_name(node)),
+                    reason: format!(
+                        "it names {identity}, but this is node {node} (expected {})",
+                        node_server_name(node)
+                    ),
                 });
             }
         }
         if first_pem_der(&ca).is_none() {
-            return Err(TlsError::Invalid { what: "CA certificate", path: self.ca_file.display().to_string(), reason: "no PEM certificate in it".into() });
+            return Err(TlsError::Invalid {
+                what: "CA certificate",
+                path: self.ca_file.display().to_string(),
+                reason: "no PEM certificate in it".into(),
+            });
         }
-        Ok(Some(Arc::new(TlsMaterial { ca: Certificate::from_pem(ca), identity: Identity::from_pem(cert, key), own: identity })))
+        Ok(Some(Arc::new(TlsMaterial {
+            ca: Certificate::from_pem(ca),
+            identity: Identity::from_pem(cert, key),
+            own: identity,
+        })))
     }
 }
 
@@ -167,13 +201,19 @@ impl TlsMaterial {
     /// offered. They are optional at the TLS layer so public calls (status, health through the
     /// main port) work without one; each protected call checks the identity itself.
     pub fn server_config(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new().identity(self.identity.clone()).client_ca_root(self.ca.clone()).client_auth_optional(true)
+        ServerTlsConfig::new()
+            .identity(self.identity.clone())
+            .client_ca_root(self.ca.clone())
+            .client_auth_optional(true)
     }
 
     /// Client side towards `server`: present our certificate and accept only a server whose
     /// certificate names `server`.
     pub fn client_config(&self, server: &NodeId) -> ClientTlsConfig {
-        ClientTlsConfig::new().ca_certificate(self.ca.clone()).identity(self.identity.clone()).domain_name(node_server_name(server))
+        ClientTlsConfig::new()
+            .ca_certificate(self.ca.clone())
+            .identity(self.identity.clone())
+            .domain_name(node_server_name(server))
     }
 }
 
@@ -278,7 +318,11 @@ impl ClusterCa {
     pub fn load(dir: &Path) -> Result<Self, TlsError> {
         let key_path = dir.join("ca.key");
         let key_pem = String::from_utf8_lossy(&read(&key_path, "CA key")?).into_owned();
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| TlsError::Invalid { what: "CA key", path: key_path.display().to_string(), reason: e.to_string() })?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| TlsError::Invalid {
+            what: "CA key",
+            path: key_path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         let cert_pem = String::from_utf8_lossy(&read(&dir.join("ca.pem"), "CA certificate")?).into_owned();
         // Certificates are issued under the CA's name and key; both are recreated exactly.
         Ok(ClusterCa { params: ca_params(), key, cert_pem })
@@ -308,7 +352,12 @@ impl ClusterCa {
         self.issue(name, vec![format!("{name}{CLIENT_SUFFIX}")], vec![ExtendedKeyUsagePurpose::ClientAuth])
     }
 
-    fn issue(&self, common_name: &str, sans: Vec<String>, usages: Vec<ExtendedKeyUsagePurpose>) -> Result<IssuedCert, TlsError> {
+    fn issue(
+        &self,
+        common_name: &str,
+        sans: Vec<String>,
+        usages: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Result<IssuedCert, TlsError> {
         let mut params = CertificateParams::new(sans).map_err(gen_err)?;
         params.distinguished_name.push(DnType::CommonName, common_name);
         params.extended_key_usages = usages;

@@ -22,9 +22,7 @@ pub enum TypeError {
         n_shards: u32,
     },
     /// A node id that is empty, too long or has characters outside `[a-z0-9-]`.
-    #[error(
-        "FERRY-TYPE-003: node id {0:?} is invalid: use 1 to 63 characters of a-z, 0-9 and '-'"
-    )]
+    #[error("FERRY-TYPE-003: node id {0:?} is invalid: use 1 to 63 characters of a-z, 0-9 and '-'")]
     NodeId(String),
     /// A status enum value that is unspecified or unknown.
     #[error("FERRY-TYPE-004: unknown or unspecified {kind} value {value}")]
@@ -51,9 +49,7 @@ impl BlobId {
 
     /// Parses an id from raw bytes received over the network.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, TypeError> {
-        <[u8; 32]>::try_from(bytes)
-            .map(BlobId)
-            .map_err(|_| TypeError::BlobIdLength(format!("{} bytes", bytes.len())))
+        <[u8; 32]>::try_from(bytes).map(BlobId).map_err(|_| TypeError::BlobIdLength(format!("{} bytes", bytes.len())))
     }
 
     /// The raw bytes.
@@ -86,8 +82,8 @@ impl FromStr for BlobId {
     type Err = TypeError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bytes = hex::decode(s.trim())
-            .map_err(|_| TypeError::BlobIdLength(format!("{:?} (not hex)", truncate(s))))?;
+        let bytes =
+            hex::decode(s.trim()).map_err(|_| TypeError::BlobIdLength(format!("{:?} (not hex)", truncate(s))))?;
         BlobId::from_bytes(&bytes).map_err(|_| TypeError::BlobIdLength(format!("{:?}", truncate(s))))
     }
 }
@@ -122,20 +118,14 @@ impl fmt::Debug for BlobId {
 }
 
 /// The index of a shard, `0..n_shards`.
-#[derive(
-    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug, Default,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug, Default)]
 #[serde(transparent)]
 pub struct ShardIndex(pub u32);
 
 impl ShardIndex {
     /// Validates a raw index against the cluster's number of shards.
     pub fn checked(index: u32, n_shards: u32) -> Result<Self, TypeError> {
-        if index < n_shards {
-            Ok(ShardIndex(index))
-        } else {
-            Err(TypeError::ShardOutOfRange { index, n_shards })
-        }
+        if index < n_shards { Ok(ShardIndex(index)) } else { Err(TypeError::ShardOutOfRange { index, n_shards }) }
     }
 
     /// As a `usize` for indexing.
@@ -161,9 +151,7 @@ impl NodeId {
         let id = id.into();
         let valid = !id.is_empty()
             && id.len() <= 63
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if valid { Ok(NodeId(id)) } else { Err(TypeError::NodeId(truncate(&id))) }
     }
 
@@ -241,9 +229,7 @@ impl NodeStatus {
             Ok(pb::NodeStatus::Standby) => Ok(NodeStatus::Standby),
             Ok(pb::NodeStatus::Active) => Ok(NodeStatus::Active),
             Ok(pb::NodeStatus::RecoveryCatchUp) => Ok(NodeStatus::RecoveryCatchUp),
-            Ok(pb::NodeStatus::RecoveryInProgress) => {
-                Ok(NodeStatus::RecoveryInProgress(recovery_epoch))
-            }
+            Ok(pb::NodeStatus::RecoveryInProgress) => Ok(NodeStatus::RecoveryInProgress(recovery_epoch)),
             _ => Err(TypeError::Status { kind: "NodeStatus", value: status }),
         }
     }
@@ -343,20 +329,14 @@ mod tests {
     #[test]
     fn shard_index_is_checked() {
         assert!(ShardIndex::checked(3, 4).is_ok());
-        assert_eq!(
-            ShardIndex::checked(4, 4),
-            Err(TypeError::ShardOutOfRange { index: 4, n_shards: 4 })
-        );
+        assert_eq!(ShardIndex::checked(4, 4), Err(TypeError::ShardOutOfRange { index: 4, n_shards: 4 }));
     }
 
     #[test]
     fn statuses_round_trip_through_proto() {
-        for s in [
-            NodeStatus::Standby,
-            NodeStatus::Active,
-            NodeStatus::RecoveryCatchUp,
-            NodeStatus::RecoveryInProgress(7),
-        ] {
+        for s in
+            [NodeStatus::Standby, NodeStatus::Active, NodeStatus::RecoveryCatchUp, NodeStatus::RecoveryInProgress(7)]
+        {
             let (p, e) = s.to_proto();
             assert_eq!(NodeStatus::from_proto(p as i32, e), Ok(s));
         }

@@ -262,15 +262,26 @@ async fn a_client_started_before_etcd_waits_for_it() {
     let port = free_port();
     let endpoint = format!("http://127.0.0.1:{port}");
     // The client starts first and retries; etcd comes up once the first attempt has failed.
-    let connecting = tokio::spawn(async move { ControlPlane::connect_etcd_with_retry(std::slice::from_ref(&endpoint), "test", 10).await });
-    let refused = tokio::time::timeout(STEP, ControlPlane::connect_etcd(&[format!("http://127.0.0.1:{port}")], "test")).await.expect("in time");
+    let connecting = tokio::spawn(async move {
+        ControlPlane::connect_etcd_with_retry(std::slice::from_ref(&endpoint), "test", 10).await
+    });
+    let refused = tokio::time::timeout(STEP, ControlPlane::connect_etcd(&[format!("http://127.0.0.1:{port}")], "test"))
+        .await
+        .expect("in time");
     assert!(refused.is_err(), "nothing listens yet");
     let _etcd = EtcdProcess::start_on(port).await.unwrap();
-    let cp = tokio::time::timeout(Duration::from_secs(40), connecting).await.expect("the retrying client connects once etcd is up").unwrap().unwrap();
+    let cp = tokio::time::timeout(Duration::from_secs(40), connecting)
+        .await
+        .expect("the retrying client connects once etcd is up")
+        .unwrap()
+        .unwrap();
     assert!(cp.revision().await.unwrap() >= 1);
     // With one attempt only, a dead endpoint is the typed error at once.
     let dead = format!("http://127.0.0.1:{}", free_port());
-    assert!(matches!(ControlPlane::connect_etcd_with_retry(std::slice::from_ref(&dead), "test", 1).await, Err(ControlPlaneError::Unavailable { .. })));
+    assert!(matches!(
+        ControlPlane::connect_etcd_with_retry(std::slice::from_ref(&dead), "test", 1).await,
+        Err(ControlPlaneError::Unavailable { .. })
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

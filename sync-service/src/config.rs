@@ -81,7 +81,13 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { path: PathBuf::from("data/sync"), block_cache_mib: 64, write_buffer_mib: 16, max_open_files: 512, max_background_jobs: 2 }
+        StoreConfig {
+            path: PathBuf::from("data/sync"),
+            block_cache_mib: 64,
+            write_buffer_mib: 16,
+            max_open_files: 512,
+            max_background_jobs: 2,
+        }
     }
 }
 
@@ -166,7 +172,15 @@ pub struct StreamConfig {
 
 impl Default for StreamConfig {
     fn default() -> Self {
-        StreamConfig { max_concurrent_streams: 4, channel_capacity: 16, read_batch_items: 32, send_timeout_ms: 60_000, max_clock_skew_ms: 300_000, max_items: 10_000_000, max_bytes_per_sec: 0 }
+        StreamConfig {
+            max_concurrent_streams: 4,
+            channel_capacity: 16,
+            read_batch_items: 32,
+            send_timeout_ms: 60_000,
+            max_clock_skew_ms: 300_000,
+            max_items: 10_000_000,
+            max_bytes_per_sec: 0,
+        }
     }
 }
 

@@ -8,7 +8,13 @@ pub mod node;
 pub mod server;
 pub mod store;
 
-use std::{future::Future, net::SocketAddr, path::Path, sync::{Arc, atomic::Ordering}, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use anyhow::Context;
 use ferry_proto::v1::{sync_admin_server::SyncAdminServer, sync_service_server::SyncServiceServer};
@@ -55,7 +61,9 @@ impl SyncServiceHandle {
         drop(self.node);
         // Blocking store calls still in flight hold the store for a moment; wait for them so a
         // restart in the same process can open it again.
-        tokio::time::timeout(Duration::from_secs(30), closed).await.context("the shard store was still in use 30 s after shutdown")?;
+        tokio::time::timeout(Duration::from_secs(30), closed)
+            .await
+            .context("the shard store was still in use 30 s after shutdown")?;
         result
     }
 
@@ -68,14 +76,21 @@ impl SyncServiceHandle {
 /// Starts sync-service: opens the store, connects to etcd, catches up, and serves until
 /// `shutdown` resolves or a background task fails (fatal).
 pub async fn start(config: SyncConfig) -> anyhow::Result<SyncServiceHandle> {
-    let control_plane = ControlPlane::connect_etcd_with_retry(&config.control_plane.etcd_endpoints, &config.control_plane.cluster, CONNECT_ATTEMPTS).await?;
+    let control_plane = ControlPlane::connect_etcd_with_retry(
+        &config.control_plane.etcd_endpoints,
+        &config.control_plane.cluster,
+        CONNECT_ATTEMPTS,
+    )
+    .await?;
     start_with(config, control_plane).await
 }
 
 /// [`start`] with a given control plane.
 pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyhow::Result<SyncServiceHandle> {
     let listener = serving::bind_with_retry(config.listen).await.with_context(|| format!("bind {}", config.listen))?;
-    let health_listener = serving::bind_with_retry(config.health_listen).await.with_context(|| format!("bind {}", config.health_listen))?;
+    let health_listener = serving::bind_with_retry(config.health_listen)
+        .await
+        .with_context(|| format!("bind {}", config.health_listen))?;
     let addr = listener.local_addr()?;
     let health_addr = health_listener.local_addr()?;
     let node = Node::open(config, control_plane).await?;
@@ -84,9 +99,10 @@ pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyh
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<SyncServiceServer<SyncServer>>().await;
     let health_server = serving::spawn_health_server(health_listener, health_service.clone(), shutdown_rx.clone())?;
-    let (metrics_addr, metrics_server) = start_metrics_server(node.config.metrics_listen, node.metrics.registry.clone(), shutdown_rx.clone())
-        .await
-        .with_context(|| format!("bind {}", node.config.metrics_listen))?;
+    let (metrics_addr, metrics_server) =
+        start_metrics_server(node.config.metrics_listen, node.metrics.registry.clone(), shutdown_rx.clone())
+            .await
+            .with_context(|| format!("bind {}", node.config.metrics_listen))?;
     {
         // The gauge mirrors the running-sync counter.
         let gauge = node.metrics.running_syncs.clone();
@@ -106,7 +122,9 @@ pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyh
     let mut builder = tonic::transport::Server::builder();
     match &node.tls {
         Some(tls) => builder = builder.tls_config(tls.server_config()).context("TLS server configuration")?,
-        None => warn!("TLS is disabled (tls.enabled = false): peers are not authenticated and anyone who can reach this port can call every method"),
+        None => warn!(
+            "TLS is disabled (tls.enabled = false): peers are not authenticated and anyone who can reach this port can call every method"
+        ),
     }
     let main_server = {
         let mut shutdown = shutdown_rx.clone();
@@ -116,7 +134,11 @@ pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyh
             .add_service(health_service)
             .add_service(serving::reflection_v1()?)
             .add_service(serving::reflection_v1alpha()?)
-            .add_service(SyncServiceServer::new(server.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES))
+            .add_service(
+                SyncServiceServer::new(server.clone())
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
             .add_service(SyncAdminServer::new(server))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 let _ = shutdown.wait_for(|s| *s).await;
@@ -178,7 +200,8 @@ pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyh
 /// `shard_sync.max_concurrent_syncs` and `stream.max_bytes_per_sec`. Others are logged as
 /// needing a restart. Returns the guard that keeps the watch alive.
 pub fn apply_config_changes(node: &Arc<Node>, config_file: &Path) -> anyhow::Result<config_watch::ConfigWatchGuard> {
-    let (mut changes, guard) = config_watch::watch_config::<SyncConfig>(config_file, config::ENV_PREFIX, node.config.clone())?;
+    let (mut changes, guard) =
+        config_watch::watch_config::<SyncConfig>(config_file, config::ENV_PREFIX, node.config.clone())?;
     let node = node.clone();
     tokio::spawn(async move {
         let mut applied = node.config.clone();
@@ -186,7 +209,11 @@ pub fn apply_config_changes(node: &Arc<Node>, config_file: &Path) -> anyhow::Res
             let new = changes.borrow_and_update().clone();
             if new.shard_sync.max_concurrent_syncs != applied.shard_sync.max_concurrent_syncs {
                 let previous = node.sync_limit.set_limit(new.shard_sync.max_concurrent_syncs as usize);
-                info!(previous, now = new.shard_sync.max_concurrent_syncs, "shard sync concurrency changed by the config file");
+                info!(
+                    previous,
+                    now = new.shard_sync.max_concurrent_syncs,
+                    "shard sync concurrency changed by the config file"
+                );
             }
             if new.stream.max_bytes_per_sec != applied.stream.max_bytes_per_sec {
                 node.stream_rate.store(new.stream.max_bytes_per_sec, Ordering::Relaxed);
@@ -207,7 +234,11 @@ pub fn apply_config_changes(node: &Arc<Node>, config_file: &Path) -> anyhow::Res
 
 /// Runs until `signal` resolves, then shuts down gracefully. With `config_file`, changes of
 /// the live settings in it are applied while running.
-pub async fn run_until(config: SyncConfig, config_file: Option<&Path>, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run_until(
+    config: SyncConfig,
+    config_file: Option<&Path>,
+    signal: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let handle = start(config).await?;
     let _watch = match config_file {
         Some(file) => Some(apply_config_changes(&handle.node, file)?),

@@ -8,7 +8,11 @@ use ferry_sync_service::config::{ENV_PREFIX, SyncConfig};
 
 /// Ferry sync-service: the node's shard store, data plane and shard sync.
 #[derive(Parser, Debug)]
-#[command(version, about, after_help = "Every setting can also be set from the environment as FERRY_SYNC__<SECTION>__<KEY>,\ne.g. FERRY_SYNC__SHARD_SYNC__MAX_CONCURRENT_SYNCS=8.\n\nExample:\n  sync-service --config /etc/ferry/sync-service.toml")]
+#[command(
+    version,
+    about,
+    after_help = "Every setting can also be set from the environment as FERRY_SYNC__<SECTION>__<KEY>,\ne.g. FERRY_SYNC__SHARD_SYNC__MAX_CONCURRENT_SYNCS=8.\n\nExample:\n  sync-service --config /etc/ferry/sync-service.toml"
+)]
 struct Args {
     /// TOML configuration file (see sync-service.example.toml).
     #[arg(long, env = "FERRY_SYNC_CONFIG")]
@@ -28,5 +32,7 @@ async fn main() -> anyhow::Result<()> {
     }
     ferry_shared::tls::install_crypto_provider();
     let _telemetry = ferry_shared::telemetry::init("sync-service", config.log_format);
-    ferry_sync_service::run_until(config, args.config.as_deref(), ferry_shared::serving::shutdown_signal()).await.context("sync-service")
+    ferry_sync_service::run_until(config, args.config.as_deref(), ferry_shared::serving::shutdown_signal())
+        .await
+        .context("sync-service")
 }

@@ -37,14 +37,41 @@ impl SyncMetrics {
         let by_shard = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["shard"]);
         Ok(SyncMetrics {
             running_syncs: register(&registry, IntGauge::new("ferry_sync_running", "Shard-sync tasks running now.")?),
-            synced_slivers: register(&registry, by_shard("ferry_sync_slivers_total", "Slivers written by shard sync, by shard.")?),
-            synced_bytes: register(&registry, by_shard("ferry_sync_bytes_total", "Sliver bytes written by shard sync, by shard.")?),
-            sync_retries: register(&registry, IntCounter::new("ferry_sync_retries_total", "Shard-sync attempts that failed and were retried.")?),
-            sync_failures: register(&registry, IntCounter::new("ferry_sync_failures_total", "Shard syncs given up; their shard goes to blob recovery.")?),
-            sync_completed: register(&registry, IntCounter::new("ferry_sync_completed_total", "Shard syncs finished.")?),
-            streamed_items: register(&registry, by_shard("ferry_stream_items_total", "Slivers served to peers by StreamShard, by shard.")?),
-            streamed_bytes: register(&registry, by_shard("ferry_stream_bytes_total", "Sliver bytes served to peers by StreamShard, by shard.")?),
-            attestations: register(&registry, IntCounter::new("ferry_attestations_total", "Epoch-sync-done attestations this node recorded.")?),
+            synced_slivers: register(
+                &registry,
+                by_shard("ferry_sync_slivers_total", "Slivers written by shard sync, by shard.")?,
+            ),
+            synced_bytes: register(
+                &registry,
+                by_shard("ferry_sync_bytes_total", "Sliver bytes written by shard sync, by shard.")?,
+            ),
+            sync_retries: register(
+                &registry,
+                IntCounter::new("ferry_sync_retries_total", "Shard-sync attempts that failed and were retried.")?,
+            ),
+            sync_failures: register(
+                &registry,
+                IntCounter::new(
+                    "ferry_sync_failures_total",
+                    "Shard syncs given up; their shard goes to blob recovery.",
+                )?,
+            ),
+            sync_completed: register(
+                &registry,
+                IntCounter::new("ferry_sync_completed_total", "Shard syncs finished.")?,
+            ),
+            streamed_items: register(
+                &registry,
+                by_shard("ferry_stream_items_total", "Slivers served to peers by StreamShard, by shard.")?,
+            ),
+            streamed_bytes: register(
+                &registry,
+                by_shard("ferry_stream_bytes_total", "Sliver bytes served to peers by StreamShard, by shard.")?,
+            ),
+            attestations: register(
+                &registry,
+                IntCounter::new("ferry_attestations_total", "Epoch-sync-done attestations this node recorded.")?,
+            ),
             rpc: RpcMetrics::new(&registry)?,
             registry,
         })

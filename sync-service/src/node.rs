@@ -12,7 +12,10 @@ pub mod epoch_change;
 pub mod shard_sync;
 pub mod sync_counter;
 
-use std::{collections::{BTreeMap, HashMap}, sync::{Arc, Mutex as StdMutex, atomic::AtomicU64}};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex as StdMutex, atomic::AtomicU64},
+};
 
 use anyhow::Context as _;
 use ferry_shared::{
@@ -46,7 +49,9 @@ pub enum NodeError {
     ControlPlane(#[from] ControlPlaneError),
     /// The control plane is behind what this node already processed (etcd replaced or
     /// restored from an old backup): following it would undo applied epochs.
-    #[error("FERRY-NODE-001: etcd is at revision {etcd} but this node already processed revision {processed}; restore etcd or wipe the node")]
+    #[error(
+        "FERRY-NODE-001: etcd is at revision {etcd} but this node already processed revision {processed}; restore etcd or wipe the node"
+    )]
     ControlPlaneBehind {
         /// etcd's revision.
         etcd: u64,
@@ -168,10 +173,17 @@ impl Drop for TransitionGuard<'_> {
             (Ok(state), Ok(shards)) => {
                 self.node.view.send_if_modified(|v| {
                     let new = NodeView { state, shards };
-                    if *v == new { false } else { *v = new; true }
+                    if *v == new {
+                        false
+                    } else {
+                        *v = new;
+                        true
+                    }
                 });
             }
-            (Err(e), _) | (_, Err(e)) => tracing::error!(error = %e, "cannot reload node state after a transition; the published view is stale"),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "cannot reload node state after a transition; the published view is stale")
+            }
         }
     }
 }
@@ -242,7 +254,9 @@ impl Node {
     /// Checks that the committee lists this node with this node's key.
     pub fn check_key(&self, committee: &Committee) -> Result<(), NodeError> {
         match committee.member(&self.id) {
-            Some(m) if m.public_key != self.key.public_hex() => Err(NodeError::KeyMismatch { epoch: committee.epoch, node: self.id.clone() }),
+            Some(m) if m.public_key != self.key.public_hex() => {
+                Err(NodeError::KeyMismatch { epoch: committee.epoch, node: self.id.clone() })
+            }
             _ => Ok(()),
         }
     }
@@ -251,14 +265,22 @@ impl Node {
     /// persisted status in the store is the truth).
     pub async fn mirror_status(&self) {
         let view = self.view();
-        let record = NodeRecord { node_id: self.id.clone(), status: view.status(), epoch: view.epoch(), updated_at_ms: crypto::now_ms() };
+        let record = NodeRecord {
+            node_id: self.id.clone(),
+            status: view.status(),
+            epoch: view.epoch(),
+            updated_at_ms: crypto::now_ms(),
+        };
         if let Err(e) = self.control_plane.put_node(&record).await {
             tracing::warn!(error = %e, "could not mirror node status to etcd");
         }
     }
 
     /// Spawns a background task owned by the node (stopped by [`Node::stop_background`]).
-    pub fn spawn_background(&self, task: impl std::future::Future<Output = ()> + Send + 'static) -> tokio::task::AbortHandle {
+    pub fn spawn_background(
+        &self,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::AbortHandle {
         let mut set = self.background.lock().unwrap_or_else(|p| p.into_inner());
         while set.try_join_next().is_some() {} // reap finished tasks so the set stays small
         set.spawn(task)

@@ -9,7 +9,12 @@
 //! reads and writes for committee members and clients, the sync-state stream and the recovery
 //! calls for this node itself, `SyncAdmin` for this node and operator clients.
 
-use std::{collections::HashMap, pin::Pin, sync::{Arc, Mutex, atomic::Ordering}, time::Duration};
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::Duration,
+};
 
 use ferry_proto::v1::{self as pb, sync_admin_server::SyncAdmin, sync_service_server::SyncService};
 use ferry_shared::{
@@ -89,7 +94,12 @@ impl SyncServer {
     /// A server for `node`; streams end when `shutdown` turns true.
     pub fn new(node: Arc<Node>, shutdown: watch::Receiver<bool>) -> Self {
         let permits = node.config.stream.max_concurrent_streams;
-        SyncServer { node, stream_permits: Arc::new(Semaphore::new(permits)), replay: Arc::new(ReplayGuard::default()), shutdown }
+        SyncServer {
+            node,
+            stream_permits: Arc::new(Semaphore::new(permits)),
+            replay: Arc::new(ReplayGuard::default()),
+            shutdown,
+        }
     }
 
     /// Checks the caller's certificate against `access`; returns the verified identity (`None`
@@ -98,19 +108,27 @@ impl SyncServer {
         if self.node.tls.is_none() {
             return Ok(None);
         }
-        let caller = tls::caller(request)?.ok_or_else(|| Status::unauthenticated("this call needs a client certificate issued by the cluster CA"))?;
+        let caller = tls::caller(request)?
+            .ok_or_else(|| Status::unauthenticated("this call needs a client certificate issued by the cluster CA"))?;
         let allowed = match (&caller, access) {
             (_, Access::Node) => matches!(caller, PeerIdentity::Node(_)),
             (PeerIdentity::Client(_), Access::MemberOrClient | Access::SelfOrClient) => true,
             (PeerIdentity::Client(_), Access::SelfOnly) => false,
             (PeerIdentity::Node(id), Access::SelfOnly | Access::SelfOrClient) => id == &self.node.id,
-            (PeerIdentity::Node(id), Access::MemberOrClient) => id == &self.node.id || self.node.view().committee().is_some_and(|c| c.is_member(id)),
+            (PeerIdentity::Node(id), Access::MemberOrClient) => {
+                id == &self.node.id || self.node.view().committee().is_some_and(|c| c.is_member(id))
+            }
         };
-        if allowed { Ok(Some(caller)) } else { Err(Status::permission_denied(format!("{caller} may not make this call on node {}", self.node.id))) }
+        if allowed {
+            Ok(Some(caller))
+        } else {
+            Err(Status::permission_denied(format!("{caller} may not make this call on node {}", self.node.id)))
+        }
     }
 
     fn committee_shard(&self, view: &NodeView, raw: u32) -> Result<ShardIndex, Status> {
-        let committee = view.committee().ok_or_else(|| Status::unavailable("this node has not loaded a committee yet; retry"))?;
+        let committee =
+            view.committee().ok_or_else(|| Status::unavailable("this node has not loaded a committee yet; retry"))?;
         Ok(ShardIndex::checked(raw, committee.n_shards)?)
     }
 
@@ -120,7 +138,10 @@ impl SyncServer {
         let shard = self.committee_shard(&view, req.shard)?;
         let my_epoch = view.epoch();
         if req.epoch > my_epoch {
-            return Err(Status::unavailable(format!("this node has processed epoch {my_epoch} only, not {}; retry later", req.epoch)));
+            return Err(Status::unavailable(format!(
+                "this node has processed epoch {my_epoch} only, not {}; retry later",
+                req.epoch
+            )));
         }
         let requester = NodeId::new(req.requester.clone())?;
         let start = if req.start_blob_id.is_empty() { None } else { Some(blob_id(&req.start_blob_id)?) };
@@ -128,13 +149,24 @@ impl SyncServer {
         let member = committee
             .member(&requester)
             .ok_or_else(|| Status::permission_denied(format!("{requester} is not a member of epoch {my_epoch}")))?;
-        let intent = StreamShardIntent { shard, epoch: req.epoch, start, requester: &requester, timestamp_ms: req.timestamp_ms, include_metadata: req.include_metadata, limit: req.limit };
+        let intent = StreamShardIntent {
+            shard,
+            epoch: req.epoch,
+            start,
+            requester: &requester,
+            timestamp_ms: req.timestamp_ms,
+            include_metadata: req.include_metadata,
+            limit: req.limit,
+        };
         crypto::verify(&member.public_key, &intent.message(), &req.signature)
             .map_err(|_| Status::permission_denied(format!("the signature of {requester} does not verify")))?;
         let now = crypto::now_ms();
         let skew = self.node.config.stream.max_clock_skew_ms;
         if req.timestamp_ms.abs_diff(now) > skew {
-            return Err(Status::permission_denied(format!("request timestamp is {} ms off this node's clock (allowed {skew} ms)", req.timestamp_ms.abs_diff(now))));
+            return Err(Status::permission_denied(format!(
+                "request timestamp is {} ms off this node's clock (allowed {skew} ms)",
+                req.timestamp_ms.abs_diff(now)
+            )));
         }
         if !self.replay.first_use(&req.signature, req.timestamp_ms.saturating_add(skew), now) {
             return Err(Status::permission_denied("replayed request: this signature was used before"));
@@ -148,7 +180,9 @@ impl SyncServer {
         }
         match view.shards.get(&shard).map(|r| r.status) {
             Some(ShardStatus::Active | ShardStatus::LockedToMove) => Ok((shard, start)),
-            Some(other) => Err(Status::failed_precondition(format!("this node holds shard {shard} as {other}, not complete; it cannot serve it"))),
+            Some(other) => Err(Status::failed_precondition(format!(
+                "this node holds shard {shard} as {other}, not complete; it cannot serve it"
+            ))),
             None => Err(Status::failed_precondition(format!("this node holds no storage for shard {shard}"))),
         }
     }
@@ -158,7 +192,10 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl SyncService for SyncServer {
-    async fn store_metadata(&self, request: Request<pb::StoreMetadataRequest>) -> Result<Response<pb::StoreMetadataResponse>, Status> {
+    async fn store_metadata(
+        &self,
+        request: Request<pb::StoreMetadataRequest>,
+    ) -> Result<Response<pb::StoreMetadataResponse>, Status> {
         self.authorize(&request, Access::MemberOrClient)?;
         let req = request.into_inner();
         let id = blob_id(&req.blob_id)?;
@@ -166,20 +203,31 @@ impl SyncService for SyncServer {
         let metadata = BlobMetadata::from_proto(&proto).map_err(|e| Status::invalid_argument(e.to_string()))?;
         metadata.verify_id(&id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let record = self.node.control_plane.blob(&id).await.map_err(|e| Status::unavailable(e.to_string()))?;
-        let record = record.ok_or_else(|| Status::failed_precondition(format!("blob {id} is not registered; register it before storing")))?;
+        let record = record.ok_or_else(|| {
+            Status::failed_precondition(format!("blob {id} is not registered; register it before storing"))
+        })?;
         if record.length != metadata.length {
-            return Err(Status::invalid_argument(format!("metadata says {} bytes but blob {id} is registered with {}", metadata.length, record.length)));
+            return Err(Status::invalid_argument(format!(
+                "metadata says {} bytes but blob {id} is registered with {}",
+                metadata.length, record.length
+            )));
         }
         if let Some(c) = self.node.view().committee() {
             if metadata.n_shards != c.n_shards {
-                return Err(Status::invalid_argument(format!("metadata is for {} shards; this cluster has {}", metadata.n_shards, c.n_shards)));
+                return Err(Status::invalid_argument(format!(
+                    "metadata is for {} shards; this cluster has {}",
+                    metadata.n_shards, c.n_shards
+                )));
             }
         }
         self.node.store.call(move |s| s.put_metadata(&id, &metadata)).await.map_err(internal)?;
         Ok(Response::new(pb::StoreMetadataResponse {}))
     }
 
-    async fn store_sliver(&self, request: Request<pb::StoreSliverRequest>) -> Result<Response<pb::StoreSliverResponse>, Status> {
+    async fn store_sliver(
+        &self,
+        request: Request<pb::StoreSliverRequest>,
+    ) -> Result<Response<pb::StoreSliverResponse>, Status> {
         self.authorize(&request, Access::MemberOrClient)?;
         let req = request.into_inner();
         let id = blob_id(&req.blob_id)?;
@@ -187,21 +235,33 @@ impl SyncService for SyncServer {
         let shard = self.committee_shard(&view, req.shard)?;
         let epoch = view.epoch();
         match view.shards.get(&shard).map(|r| r.status) {
-            Some(ShardStatus::LockedToMove) => return Err(Status::failed_precondition(format!("shard {shard} is locked: it moved to another node in epoch {epoch}"))),
+            Some(ShardStatus::LockedToMove) => {
+                return Err(Status::failed_precondition(format!(
+                    "shard {shard} is locked: it moved to another node in epoch {epoch}"
+                )));
+            }
             None => {
                 let owner = view.committee().and_then(|c| c.owner(shard)).map(|o| o.to_string()).unwrap_or_default();
-                return Err(Status::failed_precondition(format!("this node does not own shard {shard} in epoch {epoch} (owner: {owner})")));
+                return Err(Status::failed_precondition(format!(
+                    "this node does not own shard {shard} in epoch {epoch} (owner: {owner})"
+                )));
             }
             Some(_) => {}
         }
-        let owned: Vec<ShardIndex> = view.owned(&self.node.id).into_iter().filter(|s| view.shards.get(s).is_some_and(|r| r.status.is_owned())).collect();
+        let owned: Vec<ShardIndex> = view
+            .owned(&self.node.id)
+            .into_iter()
+            .filter(|s| view.shards.get(s).is_some_and(|r| r.status.is_owned()))
+            .collect();
         let data = req.data;
         let complete = self
             .node
             .store
             .call(move |s| {
                 let metadata = s.metadata(&id)?;
-                let Some(metadata) = metadata else { return Ok(Err(Status::failed_precondition(format!("no metadata for blob {id}: store it first")))) };
+                let Some(metadata) = metadata else {
+                    return Ok(Err(Status::failed_precondition(format!("no metadata for blob {id}: store it first"))));
+                };
                 if let Err(e) = metadata.verify_sliver(shard, &data) {
                     return Ok(Err(Status::invalid_argument(e.to_string())));
                 }
@@ -224,14 +284,20 @@ impl SyncService for SyncServer {
         Ok(Response::new(pb::StoreSliverResponse { confirmation }))
     }
 
-    async fn get_metadata(&self, request: Request<pb::GetMetadataRequest>) -> Result<Response<pb::GetMetadataResponse>, Status> {
+    async fn get_metadata(
+        &self,
+        request: Request<pb::GetMetadataRequest>,
+    ) -> Result<Response<pb::GetMetadataResponse>, Status> {
         let id = blob_id(&request.into_inner().blob_id)?;
         let metadata = self.node.store.call(move |s| s.metadata(&id)).await.map_err(internal)?;
         let metadata = metadata.ok_or_else(|| Status::not_found(format!("no metadata for blob {id} on this node")))?;
         Ok(Response::new(pb::GetMetadataResponse { metadata: Some(metadata.to_proto()) }))
     }
 
-    async fn get_sliver(&self, request: Request<pb::GetSliverRequest>) -> Result<Response<pb::GetSliverResponse>, Status> {
+    async fn get_sliver(
+        &self,
+        request: Request<pb::GetSliverRequest>,
+    ) -> Result<Response<pb::GetSliverResponse>, Status> {
         self.authorize(&request, Access::MemberOrClient)?;
         let req = request.into_inner();
         let id = blob_id(&req.blob_id)?;
@@ -253,19 +319,27 @@ impl SyncService for SyncServer {
             })
             .await
             .map_err(internal)?;
-        let data = data.ok_or_else(|| Status::not_found(format!("no verified sliver of blob {id} in shard {shard} on this node")))?;
+        let data = data.ok_or_else(|| {
+            Status::not_found(format!("no verified sliver of blob {id} in shard {shard} on this node"))
+        })?;
         Ok(Response::new(pb::GetSliverResponse { data }))
     }
 
     type StreamShardStream = BoxStream<pb::ShardItem>;
 
-    async fn stream_shard(&self, request: Request<pb::StreamShardRequest>) -> Result<Response<Self::StreamShardStream>, Status> {
+    async fn stream_shard(
+        &self,
+        request: Request<pb::StreamShardRequest>,
+    ) -> Result<Response<Self::StreamShardStream>, Status> {
         let caller = self.authorize(&request, Access::Node)?;
         let req = request.into_inner();
         if let Some(PeerIdentity::Node(id)) = &caller {
             // The signature proves the key; the certificate must prove the same node.
             if id.as_str() != req.requester {
-                return Err(Status::permission_denied(format!("node {id} may not stream shards on behalf of {:?}", req.requester)));
+                return Err(Status::permission_denied(format!(
+                    "node {id} may not stream shards on behalf of {:?}",
+                    req.requester
+                )));
             }
         }
         let (shard, start) = self.authorize_stream(&req)?;
@@ -273,7 +347,12 @@ impl SyncService for SyncServer {
         // The permit moves into the producer, so it bounds streams for their whole life.
         let permit = tokio::time::timeout(Duration::from_secs(5), self.stream_permits.clone().acquire_owned())
             .await
-            .map_err(|_| Status::resource_exhausted(format!("this node is serving {} shard streams already; retry", cfg.max_concurrent_streams)))?
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "this node is serving {} shard streams already; retry",
+                    cfg.max_concurrent_streams
+                ))
+            })?
             .map_err(internal)?;
         let limit = if req.limit == 0 { cfg.max_items } else { req.limit.min(cfg.max_items) };
         let (tx, rx) = mpsc::channel(cfg.channel_capacity);
@@ -284,7 +363,10 @@ impl SyncService for SyncServer {
         info!(shard = shard.0, %requester, start = ?start, "serving shard stream");
         let node = self.node.clone();
         let label = shard.0.to_string();
-        let (streamed_items, streamed_bytes) = (node.metrics.streamed_items.with_label_values(&[label.as_str()]), node.metrics.streamed_bytes.with_label_values(&[label.as_str()]));
+        let (streamed_items, streamed_bytes) = (
+            node.metrics.streamed_items.with_label_values(&[label.as_str()]),
+            node.metrics.streamed_bytes.with_label_values(&[label.as_str()]),
+        );
         self.node.spawn_background(async move {
             let _permit = permit;
             let mut cursor = start;
@@ -361,33 +443,42 @@ impl SyncService for SyncServer {
 
     type WatchSyncStateStream = BoxStream<pb::SyncState>;
 
-    async fn watch_sync_state(&self, request: Request<pb::WatchSyncStateRequest>) -> Result<Response<Self::WatchSyncStateStream>, Status> {
+    async fn watch_sync_state(
+        &self,
+        request: Request<pb::WatchSyncStateRequest>,
+    ) -> Result<Response<Self::WatchSyncStateStream>, Status> {
         self.authorize(&request, Access::SelfOnly)?;
         let node = self.node.clone();
         let views = node.subscribe();
         let counts = node.counter.subscribe();
         let shutdown = self.shutdown.clone();
-        let stream = futures::stream::unfold((node, views, counts, shutdown, None::<pb::SyncState>), |(node, mut views, mut counts, mut shutdown, last)| async move {
-            loop {
-                if last.is_some() {
-                    tokio::select! {
-                        r = views.changed() => if r.is_err() { return None },
-                        r = counts.changed() => if r.is_err() { return None },
-                        _ = shutdown.wait_for(|s| *s) => return None,
+        let stream = futures::stream::unfold(
+            (node, views, counts, shutdown, None::<pb::SyncState>),
+            |(node, mut views, mut counts, mut shutdown, last)| async move {
+                loop {
+                    if last.is_some() {
+                        tokio::select! {
+                            r = views.changed() => if r.is_err() { return None },
+                            r = counts.changed() => if r.is_err() { return None },
+                            _ = shutdown.wait_for(|s| *s) => return None,
+                        }
+                    }
+                    let view = views.borrow_and_update().clone();
+                    let running = *counts.borrow_and_update();
+                    let state = sync_state(&node, &view, running);
+                    if last.as_ref() != Some(&state) {
+                        return Some((Ok(state.clone()), (node, views, counts, shutdown, Some(state))));
                     }
                 }
-                let view = views.borrow_and_update().clone();
-                let running = *counts.borrow_and_update();
-                let state = sync_state(&node, &view, running);
-                if last.as_ref() != Some(&state) {
-                    return Some((Ok(state.clone()), (node, views, counts, shutdown, Some(state))));
-                }
-            }
-        });
+            },
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn get_status(&self, _request: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
+    async fn get_status(
+        &self,
+        _request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
         let view = self.node.view();
         let (status, recovery_epoch) = view.status().to_proto();
         let counts = self
@@ -418,7 +509,9 @@ impl SyncService for SyncServer {
                     sync: record.sync.as_ref().map(|p| {
                         let rate = live
                             .as_ref()
-                            .and_then(|l| l.started.map(|t| l.blobs_this_attempt as f64 / t.elapsed().as_secs_f64().max(0.001)))
+                            .and_then(|l| {
+                                l.started.map(|t| l.blobs_this_attempt as f64 / t.elapsed().as_secs_f64().max(0.001))
+                            })
                             .unwrap_or(0.0);
                         pb::ShardSyncProgress {
                             gained_epoch: p.gained_epoch,
@@ -449,15 +542,22 @@ impl SyncService for SyncServer {
         }))
     }
 
-    async fn check_blobs(&self, request: Request<pb::CheckBlobsRequest>) -> Result<Response<pb::CheckBlobsResponse>, Status> {
+    async fn check_blobs(
+        &self,
+        request: Request<pb::CheckBlobsRequest>,
+    ) -> Result<Response<pb::CheckBlobsResponse>, Status> {
         self.authorize(&request, Access::MemberOrClient)?;
         let req = request.into_inner();
         if req.blob_ids.len() > MAX_CHECK_BLOBS {
-            return Err(Status::invalid_argument(format!("at most {MAX_CHECK_BLOBS} blob ids per request, got {}", req.blob_ids.len())));
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_CHECK_BLOBS} blob ids per request, got {}",
+                req.blob_ids.len()
+            )));
         }
         let ids = req.blob_ids.iter().map(|b| blob_id(b)).collect::<Result<Vec<_>, _>>()?;
         let view = self.node.view();
-        let owned: Vec<ShardIndex> = view.owned(&self.node.id).into_iter().filter(|s| view.shards.contains_key(s)).collect();
+        let owned: Vec<ShardIndex> =
+            view.owned(&self.node.id).into_iter().filter(|s| view.shards.contains_key(s)).collect();
         let blobs = self
             .node
             .store
@@ -480,14 +580,21 @@ impl SyncService for SyncServer {
         Ok(Response::new(pb::CheckBlobsResponse { blobs }))
     }
 
-    async fn mark_shards_recovered(&self, request: Request<pb::MarkShardsRecoveredRequest>) -> Result<Response<pb::MarkShardsRecoveredResponse>, Status> {
+    async fn mark_shards_recovered(
+        &self,
+        request: Request<pb::MarkShardsRecoveredRequest>,
+    ) -> Result<Response<pb::MarkShardsRecoveredResponse>, Status> {
         self.authorize(&request, Access::SelfOnly)?;
         let req = request.into_inner();
         let activated = {
             let guard = self.node.transition().await;
             let view = guard.view().await.map_err(internal)?;
             if req.epoch != view.epoch() {
-                return Err(Status::failed_precondition(format!("the node is at epoch {}, not {}; rescan and retry", view.epoch(), req.epoch)));
+                return Err(Status::failed_precondition(format!(
+                    "the node is at epoch {}, not {}; rescan and retry",
+                    view.epoch(),
+                    req.epoch
+                )));
             }
             let owned = view.owned(&self.node.id);
             let mut updates = Vec::new();
@@ -501,7 +608,12 @@ impl SyncService for SyncServer {
                         updates.push((shard, r));
                     }
                     Some(r) if r.status == ShardStatus::Active => {}
-                    other => return Err(Status::failed_precondition(format!("shard {shard} is {:?}, not ACTIVE_RECOVER on this node", other.map(|r| r.status)))),
+                    other => {
+                        return Err(Status::failed_precondition(format!(
+                            "shard {shard} is {:?}, not ACTIVE_RECOVER on this node",
+                            other.map(|r| r.status)
+                        )));
+                    }
                 }
             }
             let activated: Vec<u32> = updates.iter().map(|(s, _)| s.0).collect();
@@ -525,7 +637,10 @@ impl SyncService for SyncServer {
         Ok(Response::new(pb::MarkShardsRecoveredResponse { activated }))
     }
 
-    async fn get_shard_evidence(&self, request: Request<pb::GetShardEvidenceRequest>) -> Result<Response<pb::GetShardEvidenceResponse>, Status> {
+    async fn get_shard_evidence(
+        &self,
+        request: Request<pb::GetShardEvidenceRequest>,
+    ) -> Result<Response<pb::GetShardEvidenceResponse>, Status> {
         self.authorize(&request, Access::SelfOnly)?;
         let view = self.node.view();
         let evidence = attestation::evidence(&self.node, &view).await.map_err(internal)?;
@@ -534,20 +649,32 @@ impl SyncService for SyncServer {
             epoch: view.epoch(),
             evidence: evidence
                 .into_iter()
-                .map(|e| pb::ShardEvidence { shard: e.shard.0, blob_count: e.blob_count, blob_ids_digest: hex::decode(&e.blob_ids_digest).unwrap_or_default() })
+                .map(|e| pb::ShardEvidence {
+                    shard: e.shard.0,
+                    blob_count: e.blob_count,
+                    blob_ids_digest: hex::decode(&e.blob_ids_digest).unwrap_or_default(),
+                })
                 .collect(),
         }))
     }
 
-    async fn complete_recovery(&self, request: Request<pb::CompleteRecoveryRequest>) -> Result<Response<pb::CompleteRecoveryResponse>, Status> {
+    async fn complete_recovery(
+        &self,
+        request: Request<pb::CompleteRecoveryRequest>,
+    ) -> Result<Response<pb::CompleteRecoveryResponse>, Status> {
         self.authorize(&request, Access::SelfOnly)?;
         let epoch = request.into_inner().epoch;
         {
             let guard = self.node.transition().await;
             let view = guard.view().await.map_err(internal)?;
-            let Some(mut state) = view.state.clone() else { return Err(Status::failed_precondition("the node has no state yet")) };
+            let Some(mut state) = view.state.clone() else {
+                return Err(Status::failed_precondition("the node has no state yet"));
+            };
             if state.status != NodeStatus::RecoveryInProgress(epoch) {
-                return Err(Status::failed_precondition(format!("the node is {}, not RecoveryInProgress({epoch})", state.status)));
+                return Err(Status::failed_precondition(format!(
+                    "the node is {}, not RecoveryInProgress({epoch})",
+                    state.status
+                )));
             }
             if !state.committee.is_member(&self.node.id) {
                 return Err(Status::failed_precondition(format!("the node is not a member of epoch {epoch}")));
@@ -556,7 +683,15 @@ impl SyncService for SyncServer {
             if let Some(s) = owned.iter().find(|s| view.shards.get(s).map(|r| r.status) != Some(ShardStatus::Active)) {
                 return Err(Status::failed_precondition(format!("shard {s} is not ACTIVE yet")));
             }
-            if epoch > 0 && self.node.control_plane.attestation(epoch, &self.node.id).await.map_err(|e| Status::unavailable(e.to_string()))?.is_none() {
+            if epoch > 0
+                && self
+                    .node
+                    .control_plane
+                    .attestation(epoch, &self.node.id)
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?
+                    .is_none()
+            {
                 return Err(Status::failed_precondition(format!("attest epoch {epoch} before completing recovery")));
             }
             state.status = NodeStatus::Active;
@@ -571,8 +706,16 @@ impl SyncService for SyncServer {
 fn sync_state(node: &Node, view: &NodeView, running: u32) -> pb::SyncState {
     let (status, recovery_epoch) = view.status().to_proto();
     let owned = view.owned(&node.id);
-    let not_active = owned.iter().filter(|s| view.shards.get(s).map(|r| r.status) != Some(ShardStatus::Active)).map(|s| s.0).collect();
-    let syncing = owned.iter().filter(|s| view.shards.get(s).map(|r| r.status) == Some(ShardStatus::ActiveSync)).map(|s| s.0).collect();
+    let not_active = owned
+        .iter()
+        .filter(|s| view.shards.get(s).map(|r| r.status) != Some(ShardStatus::Active))
+        .map(|s| s.0)
+        .collect();
+    let syncing = owned
+        .iter()
+        .filter(|s| view.shards.get(s).map(|r| r.status) == Some(ShardStatus::ActiveSync))
+        .map(|s| s.0)
+        .collect();
     pb::SyncState {
         epoch: view.epoch(),
         node_status: status as i32,
@@ -586,16 +729,28 @@ fn sync_state(node: &Node, view: &NodeView, running: u32) -> pb::SyncState {
 
 #[tonic::async_trait]
 impl SyncAdmin for SyncServer {
-    async fn retry_shard_sync(&self, request: Request<pb::RetryShardSyncRequest>) -> Result<Response<pb::RetryShardSyncResponse>, Status> {
+    async fn retry_shard_sync(
+        &self,
+        request: Request<pb::RetryShardSyncRequest>,
+    ) -> Result<Response<pb::RetryShardSyncResponse>, Status> {
         self.authorize(&request, Access::SelfOrClient)?;
         let raw = request.into_inner().shard;
         {
             let guard = self.node.transition().await;
             let view = guard.view().await.map_err(internal)?;
             let shard = self.committee_shard(&view, raw)?;
-            let mut record = view.shards.get(&shard).cloned().ok_or_else(|| Status::not_found(format!("no storage for shard {shard}")))?;
-            if record.status != ShardStatus::ActiveRecover || record.sync.as_ref().and_then(|p| p.source.as_ref()).is_none() {
-                return Err(Status::failed_precondition(format!("shard {shard} is {} and has no failed sync to retry", record.status)));
+            let mut record = view
+                .shards
+                .get(&shard)
+                .cloned()
+                .ok_or_else(|| Status::not_found(format!("no storage for shard {shard}")))?;
+            if record.status != ShardStatus::ActiveRecover
+                || record.sync.as_ref().and_then(|p| p.source.as_ref()).is_none()
+            {
+                return Err(Status::failed_precondition(format!(
+                    "shard {shard} is {} and has no failed sync to retry",
+                    record.status
+                )));
             }
             record.status = ShardStatus::ActiveSync;
             if let Some(p) = record.sync.as_mut() {
@@ -612,7 +767,10 @@ impl SyncAdmin for SyncServer {
         Ok(Response::new(pb::RetryShardSyncResponse {}))
     }
 
-    async fn set_sync_concurrency(&self, request: Request<pb::SetSyncConcurrencyRequest>) -> Result<Response<pb::SetSyncConcurrencyResponse>, Status> {
+    async fn set_sync_concurrency(
+        &self,
+        request: Request<pb::SetSyncConcurrencyRequest>,
+    ) -> Result<Response<pb::SetSyncConcurrencyResponse>, Status> {
         self.authorize(&request, Access::SelfOrClient)?;
         let n = request.into_inner().max_concurrent_syncs;
         if n == 0 || n > 1024 {

@@ -11,16 +11,23 @@
 //! the same batch (rule 7), and an epoch transition is one batch, so a crash replays into a
 //! state that still completes. Calls block: async callers use [`ShardStore::call`].
 
-use std::{collections::BTreeMap, path::{Path, PathBuf}, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use ferry_shared::{
     Committee,
-    lifecycle::Closing,
     erasure::BlobMetadata,
+    lifecycle::Closing,
     types::{BlobId, Epoch, NodeId, NodeStatus, ShardIndex, ShardStatus},
 };
 use prost::Message;
-use rocksdb::{BoundColumnFamily, ColumnFamilyDescriptor, DBWithThreadMode, Direction, IteratorMode, MultiThreaded, Options, WriteBatch, WriteOptions};
+use rocksdb::{
+    BoundColumnFamily, ColumnFamilyDescriptor, DBWithThreadMode, Direction, IteratorMode, MultiThreaded, Options,
+    WriteBatch, WriteOptions,
+};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -170,7 +177,8 @@ impl ShardStore {
         table.set_block_cache(&cache);
         opts.set_block_based_table_factory(&table);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        std::fs::create_dir_all(&path).map_err(|e| StoreError::Rocks { path: path.display().to_string(), message: e.to_string() })?;
+        std::fs::create_dir_all(&path)
+            .map_err(|e| StoreError::Rocks { path: path.display().to_string(), message: e.to_string() })?;
         let mut names: Vec<String> = match Db::list_cf(&opts, &path) {
             Ok(names) => names,
             Err(_) => Vec::new(), // a new store has no column families yet
@@ -205,7 +213,10 @@ impl ShardStore {
     }
 
     fn cf(&self, name: &str) -> Result<Arc<BoundColumnFamily<'_>>> {
-        self.inner.cf_handle(name).ok_or_else(|| StoreError::Rocks { path: self.path.display().to_string(), message: format!("column family {name} missing") })
+        self.inner.cf_handle(name).ok_or_else(|| StoreError::Rocks {
+            path: self.path.display().to_string(),
+            message: format!("column family {name} missing"),
+        })
     }
 
     fn shard_cf(&self, shard: ShardIndex) -> Result<Arc<BoundColumnFamily<'_>>> {
@@ -219,7 +230,8 @@ impl ShardStore {
     }
 
     fn json<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
-        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { what: what.to_string(), message: e.to_string() })
+        serde_json::from_slice(bytes)
+            .map_err(|e| StoreError::Corrupt { what: what.to_string(), message: e.to_string() })
     }
 
     fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
@@ -249,7 +261,10 @@ impl ShardStore {
         let mut out = BTreeMap::new();
         for item in self.inner.iterator_cf(&self.cf(CF_SHARDS)?, IteratorMode::Start) {
             let (k, v) = item.map_err(|e| self.rocks(e))?;
-            let raw: [u8; 4] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt { what: "shard key".into(), message: format!("{} bytes", k.len()) })?;
+            let raw: [u8; 4] = k
+                .as_ref()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt { what: "shard key".into(), message: format!("{} bytes", k.len()) })?;
             let shard = ShardIndex(u32::from_be_bytes(raw));
             out.insert(shard, Self::json(&format!("shard {shard}"), &v)?);
         }
@@ -364,7 +379,13 @@ impl ShardStore {
 
     /// Writes a batch of synced slivers, their metadata, the blobs handed to blob recovery and
     /// the shard's progress record atomically (rule 7).
-    pub fn write_sync_batch(&self, shard: ShardIndex, items: &[SliverWrite], pending: &[BlobId], record: &ShardRecord) -> Result<()> {
+    pub fn write_sync_batch(
+        &self,
+        shard: ShardIndex,
+        items: &[SliverWrite],
+        pending: &[BlobId],
+        record: &ShardRecord,
+    ) -> Result<()> {
         let mut batch = WriteBatch::default();
         let shard_cf = self.shard_cf(shard)?;
         let meta_cf = self.cf(CF_METADATA)?;
@@ -386,14 +407,21 @@ impl ShardStore {
     /// Up to `max_items` slivers of a shard from `start` (inclusive) in blob-id order, stopping
     /// early once `max_bytes` is reached. A read error fails the call; it is never taken as the
     /// end of the data.
-    pub fn read_shard(&self, shard: ShardIndex, start: Option<BlobId>, max_items: usize, max_bytes: usize) -> Result<Vec<(BlobId, Vec<u8>)>> {
+    pub fn read_shard(
+        &self,
+        shard: ShardIndex,
+        start: Option<BlobId>,
+        max_items: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(BlobId, Vec<u8>)>> {
         let cf = self.shard_cf(shard)?;
         let from = start.unwrap_or(BlobId::MIN);
         let mut out = Vec::new();
         let mut bytes = 0;
         for item in self.inner.iterator_cf(&cf, IteratorMode::From(from.as_bytes(), Direction::Forward)) {
             let (k, v) = item.map_err(|e| self.rocks(e))?;
-            let id = BlobId::from_bytes(&k).map_err(|e| StoreError::Corrupt { what: format!("key in shard {shard}"), message: e.to_string() })?;
+            let id = BlobId::from_bytes(&k)
+                .map_err(|e| StoreError::Corrupt { what: format!("key in shard {shard}"), message: e.to_string() })?;
             bytes += v.len();
             out.push((id, v.into_vec()));
             if out.len() >= max_items || bytes >= max_bytes {
@@ -409,7 +437,8 @@ impl ShardStore {
         let mut n = 0;
         for item in self.inner.iterator_cf(&cf, IteratorMode::Start) {
             let (k, _) = item.map_err(|e| self.rocks(e))?;
-            let id = BlobId::from_bytes(&k).map_err(|e| StoreError::Corrupt { what: format!("key in shard {shard}"), message: e.to_string() })?;
+            let id = BlobId::from_bytes(&k)
+                .map_err(|e| StoreError::Corrupt { what: format!("key in shard {shard}"), message: e.to_string() })?;
             f(&id);
             n += 1;
         }
@@ -425,7 +454,10 @@ impl ShardStore {
             if !k.starts_with(&prefix) || out.len() >= limit {
                 break;
             }
-            out.push(BlobId::from_bytes(&k[4..]).map_err(|e| StoreError::Corrupt { what: "pending key".into(), message: e.to_string() })?);
+            out.push(
+                BlobId::from_bytes(&k[4..])
+                    .map_err(|e| StoreError::Corrupt { what: "pending key".into(), message: e.to_string() })?,
+            );
         }
         Ok(out)
     }
@@ -455,18 +487,27 @@ mod tests {
             for i in 0..50u32 {
                 let enc = erasure::encode(&i.to_be_bytes().repeat(100), 4).unwrap();
                 ids.push(enc.blob_id);
-                items.push(SliverWrite { blob_id: enc.blob_id, data: enc.slivers[2].clone(), metadata: Some(enc.metadata) });
+                items.push(SliverWrite {
+                    blob_id: enc.blob_id,
+                    data: enc.slivers[2].clone(),
+                    metadata: Some(enc.metadata),
+                });
             }
-            let record = ShardRecord { status: ShardStatus::ActiveSync, sync: Some(SyncProgress { cursor: Some(ids[49]), blobs_done: 50, ..Default::default() }) };
+            let record = ShardRecord {
+                status: ShardStatus::ActiveSync,
+                sync: Some(SyncProgress { cursor: Some(ids[49]), blobs_done: 50, ..Default::default() }),
+            };
             store.write_sync_batch(shard, &items, &[ids[0]], &record).unwrap();
         }
         let store = open_default(dir.path()).unwrap();
         let rec = store.shard_record(shard).unwrap().unwrap();
         assert_eq!(rec.sync.unwrap().blobs_done, 50);
         ids.sort();
-        let read: Vec<BlobId> = store.read_shard(shard, None, 1000, usize::MAX).unwrap().into_iter().map(|(id, _)| id).collect();
+        let read: Vec<BlobId> =
+            store.read_shard(shard, None, 1000, usize::MAX).unwrap().into_iter().map(|(id, _)| id).collect();
         assert_eq!(read, ids, "iteration is in blob-id order");
-        let from: Vec<BlobId> = store.read_shard(shard, Some(ids[10]), 5, usize::MAX).unwrap().into_iter().map(|(id, _)| id).collect();
+        let from: Vec<BlobId> =
+            store.read_shard(shard, Some(ids[10]), 5, usize::MAX).unwrap().into_iter().map(|(id, _)| id).collect();
         assert_eq!(from, ids[10..15].to_vec(), "start is inclusive and the page is capped");
         assert!(store.metadata(&ids[3]).unwrap().is_some());
         assert_eq!(store.metadata_count().unwrap(), 50);

@@ -98,7 +98,10 @@ impl Kv for MemoryKv {
                 match item {
                     Ok(e) if e.revision > last && e.key.starts_with(&prefix) => Some(Ok(e)),
                     Ok(_) => None,
-                    Err(_) => Some(Err(super::ControlPlaneError::WatchResume { after: last, reason: "in-memory watcher lagged".into() })),
+                    Err(_) => Some(Err(super::ControlPlaneError::WatchResume {
+                        after: last,
+                        reason: "in-memory watcher lagged".into(),
+                    })),
                 }
             }
         });

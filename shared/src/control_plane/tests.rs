@@ -18,7 +18,13 @@ pub(crate) async fn fixture(nodes: usize, shards: u32) -> Fixture {
     let keys: Vec<_> = (0..nodes).map(|i| (NodeId::new(format!("n{i}")).unwrap(), NodeKeypair::generate())).collect();
     let members = keys
         .iter()
-        .map(|(id, k)| Member { node_id: id.clone(), public_key: k.public_hex(), sync_address: String::new(), recovery_address: String::new(), weight: 1 })
+        .map(|(id, k)| Member {
+            node_id: id.clone(),
+            public_key: k.public_hex(),
+            sync_address: String::new(),
+            recovery_address: String::new(),
+            weight: 1,
+        })
         .collect();
     let c0 = Committee::genesis(shards, members).unwrap();
     cp.propose_epoch(&c0).await.unwrap();
@@ -82,7 +88,8 @@ async fn forged_and_foreign_attestations_are_refused() {
     let mut forged = f.attestation(1, 0);
     forged.node_id = f.keys[2].0.clone();
     assert!(matches!(f.cp.attest(&forged).await, Err(ControlPlaneError::AttestationRefused(_))));
-    let stranger = AttestationRecord::sign(&NodeKeypair::generate(), NodeId::new("zz").unwrap(), 0, "sync-service", Vec::new());
+    let stranger =
+        AttestationRecord::sign(&NodeKeypair::generate(), NodeId::new("zz").unwrap(), 0, "sync-service", Vec::new());
     assert!(matches!(f.cp.attest(&stranger).await, Err(ControlPlaneError::AttestationRefused(_))));
     assert!(matches!(f.cp.attest(&f.attestation(0, 9)).await, Err(ControlPlaneError::AttestationRefused(_))));
 }
@@ -108,7 +115,10 @@ async fn blobs_register_once_certify_once_and_list_in_order() {
     assert_eq!(rec.certified_epoch(), Some(0));
     let other = Certificate { epoch: 5, confirmations: Vec::new() };
     assert_eq!(f.cp.certify_blob(&ids[0], other).await.unwrap().certificate, Some(cert));
-    assert!(matches!(f.cp.certify_blob(&BlobId([0xee; 32]), Certificate { epoch: 0, confirmations: vec![] }).await, Err(ControlPlaneError::UnknownBlob(_))));
+    assert!(matches!(
+        f.cp.certify_blob(&BlobId([0xee; 32]), Certificate { epoch: 0, confirmations: vec![] }).await,
+        Err(ControlPlaneError::UnknownBlob(_))
+    ));
 }
 
 #[tokio::test]
@@ -117,7 +127,10 @@ async fn certificates_need_valid_signatures_from_a_quorum() {
     let blob = BlobId([3; 32]);
     let confirm = |i: usize| {
         let (id, key) = &f.keys[i];
-        Confirmation { node_id: id.clone(), signature: hex::encode(key.sign(&crypto::confirmation_message(id, &blob, 0))) }
+        Confirmation {
+            node_id: id.clone(),
+            signature: hex::encode(key.sign(&crypto::confirmation_message(id, &blob, 0))),
+        }
     };
     let two = Certificate { epoch: 0, confirmations: vec![confirm(0), confirm(1)] };
     assert!(matches!(two.verify(&blob, &f.c0), Err(CertificateError::NoQuorum { have: 2, need: 3 })));

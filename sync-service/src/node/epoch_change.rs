@@ -171,7 +171,10 @@ async fn apply_event(node: &Arc<Node>, event: WatchedEpochEvent) -> Result<(), N
             } else {
                 None
             };
-            let span = telemetry::continue_trace(info_span!("epoch_change", ferry.service = "sync-service", ferry.node = %node.id, epoch = committee.epoch), traceparent.as_deref());
+            let span = telemetry::continue_trace(
+                info_span!("epoch_change", ferry.service = "sync-service", ferry.node = %node.id, epoch = committee.epoch),
+                traceparent.as_deref(),
+            );
             apply_committee(node, &committee, previous, event.revision).instrument(span).await
         }
         EpochEvent::Done(epoch) => {
@@ -184,7 +187,12 @@ async fn apply_event(node: &Arc<Node>, event: WatchedEpochEvent) -> Result<(), N
 }
 
 /// Applies the committee of a new epoch (see the module docs for the order of writes).
-pub async fn apply_committee(node: &Arc<Node>, committee: &Committee, previous: PreviousAssignment<'_>, revision: u64) -> Result<(), NodeError> {
+pub async fn apply_committee(
+    node: &Arc<Node>,
+    committee: &Committee,
+    previous: PreviousAssignment<'_>,
+    revision: u64,
+) -> Result<(), NodeError> {
     let d = diff::diff(previous, committee, &node.id);
     let member = committee.is_member(&node.id);
     let epoch = committee.epoch;
@@ -198,7 +206,9 @@ pub async fn apply_committee(node: &Arc<Node>, committee: &Committee, previous: 
         (false, _, _) => NodeStatus::Standby,
         (true, FillPath::Genesis, _) => NodeStatus::Active,
         (true, FillPath::CatchUp, _) => NodeStatus::RecoveryInProgress(epoch),
-        (true, FillPath::Incremental, NodeStatus::RecoveryInProgress(_) | NodeStatus::RecoveryCatchUp) => NodeStatus::RecoveryInProgress(epoch),
+        (true, FillPath::Incremental, NodeStatus::RecoveryInProgress(_) | NodeStatus::RecoveryCatchUp) => {
+            NodeStatus::RecoveryInProgress(epoch)
+        }
         (true, FillPath::Incremental, _) => NodeStatus::Active,
     };
 
@@ -210,7 +220,11 @@ pub async fn apply_committee(node: &Arc<Node>, committee: &Committee, previous: 
             (FillPath::Incremental, Some(source), FillMethod::ShardSync) => ShardRecord {
                 // A re-gained shard keeps its old slivers but is re-synced from scratch.
                 status: ShardStatus::ActiveSync,
-                sync: Some(SyncProgress { gained_epoch: epoch, source: Some(source.clone()), ..SyncProgress::default() }),
+                sync: Some(SyncProgress {
+                    gained_epoch: epoch,
+                    source: Some(source.clone()),
+                    ..SyncProgress::default()
+                }),
             },
             // Catch-up: a shard this node already holds as Active stays Active (node recovery
             // fills what it lacks); anything else is filled by blob recovery.

@@ -7,7 +7,10 @@
 //! recovery while the stream goes on. Transport errors are retried with exponential backoff
 //! and jitter; a sync that fails for good leaves its shard `ActiveRecover` (rule 4).
 
-use std::{sync::Arc, time::{Duration, Instant}};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use ferry_proto::v1::{self as pb, sync_service_client::SyncServiceClient};
 use ferry_shared::{
@@ -97,7 +100,9 @@ fn classify(status: &tonic::Status) -> AttemptError {
     let msg = format!("{}: {}", status.code(), status.message());
     match status.code() {
         // The source does not (or no longer) hold the shard, or refuses the request outright.
-        Code::FailedPrecondition | Code::NotFound | Code::InvalidArgument | Code::Unimplemented => AttemptError::Fatal(msg),
+        Code::FailedPrecondition | Code::NotFound | Code::InvalidArgument | Code::Unimplemented => {
+            AttemptError::Fatal(msg)
+        }
         // Everything else may pass: the source is down, behind the epoch, or overloaded.
         _ => AttemptError::Retryable(msg),
     }
@@ -193,7 +198,12 @@ async fn start_attempt(node: &Arc<Node>, shard: ShardIndex) -> Result<Option<Syn
 }
 
 /// Updates the persisted record of a shard that is still `ActiveSync`, under the lock.
-async fn update_syncing(node: &Arc<Node>, shard: ShardIndex, what: &str, update: impl FnOnce(&mut ShardRecord) + Send + 'static) {
+async fn update_syncing(
+    node: &Arc<Node>,
+    shard: ShardIndex,
+    what: &str,
+    update: impl FnOnce(&mut ShardRecord) + Send + 'static,
+) {
     let _t = node.transition().await;
     let result = node
         .store
@@ -237,7 +247,15 @@ async fn fail_for_good(node: &Arc<Node>, shard: ShardIndex, msg: &str) {
 }
 
 /// Writes a batch under the transition lock, after checking the shard is still ours to sync.
-async fn write_batch(node: &Arc<Node>, shard: ShardIndex, gained_epoch: u64, items: Vec<SliverWrite>, pending: Vec<BlobId>, progress: SyncProgress, finish: Option<ShardStatus>) -> Result<(), AttemptError> {
+async fn write_batch(
+    node: &Arc<Node>,
+    shard: ShardIndex,
+    gained_epoch: u64,
+    items: Vec<SliverWrite>,
+    pending: Vec<BlobId>,
+    progress: SyncProgress,
+    finish: Option<ShardStatus>,
+) -> Result<(), AttemptError> {
     let _t = node.transition().await;
     let n = items.len() as u64;
     let bytes: u64 = items.iter().map(|i| i.data.len() as u64).sum();
@@ -274,7 +292,10 @@ async fn attempt(node: &Arc<Node>, shard: ShardIndex, start: &SyncProgress) -> R
         .member(&source)
         .ok_or_else(|| AttemptError::Fatal(format!("previous owner {source} left the committee")))?
         .clone();
-    let channel = node.connector.channel(&source_member.sync_address, &source, None).map_err(|s| AttemptError::Fatal(s.message().to_string()))?;
+    let channel = node
+        .connector
+        .channel(&source_member.sync_address, &source, None)
+        .map_err(|s| AttemptError::Fatal(s.message().to_string()))?;
     let mut client = SyncServiceClient::new(channel)
         .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES);
@@ -289,9 +310,20 @@ async fn attempt(node: &Arc<Node>, shard: ShardIndex, start: &SyncProgress) -> R
         // The cursor is the largest possible id: the transfer is complete.
         return complete(node, shard, start.clone()).await;
     }
-    let request = StreamShardIntent { shard, epoch: current.epoch, start: resume_from, requester: &node.id, timestamp_ms: crypto::now_ms(), include_metadata: true, limit: 0 }.sign(&node.key);
+    let request = StreamShardIntent {
+        shard,
+        epoch: current.epoch,
+        start: resume_from,
+        requester: &node.id,
+        timestamp_ms: crypto::now_ms(),
+        include_metadata: true,
+        limit: 0,
+    }
+    .sign(&node.key);
     let mut stream = match tokio::time::timeout(cfg.item_timeout(), client.stream_shard(request)).await {
-        Err(_) => return Err(AttemptError::Retryable(format!("{source} did not answer within {:?}", cfg.item_timeout()))),
+        Err(_) => {
+            return Err(AttemptError::Retryable(format!("{source} did not answer within {:?}", cfg.item_timeout())));
+        }
         Ok(Err(status)) => return Err(classify(&status)),
         Ok(Ok(r)) => r.into_inner(),
     };
@@ -303,11 +335,16 @@ async fn attempt(node: &Arc<Node>, shard: ShardIndex, start: &SyncProgress) -> R
     let mut last = start.cursor;
     loop {
         let next = match tokio::time::timeout(cfg.item_timeout(), stream.message()).await {
-            Err(_) => Some(Err(tonic::Status::deadline_exceeded(format!("no item from {source} for {:?}", cfg.item_timeout())))),
+            Err(_) => Some(Err(tonic::Status::deadline_exceeded(format!(
+                "no item from {source} for {:?}",
+                cfg.item_timeout()
+            )))),
             Ok(Err(status)) => Some(Err(status)),
             Ok(Ok(Some(item))) if item.end => None,
             Ok(Ok(Some(item))) => Some(Ok(item)),
-            Ok(Ok(None)) => Some(Err(tonic::Status::unavailable(format!("the stream from {source} ended before the end of the shard")))),
+            Ok(Ok(None)) => Some(Err(tonic::Status::unavailable(format!(
+                "the stream from {source} ended before the end of the shard"
+            )))),
         };
         let item = match next {
             None => break,
@@ -343,7 +380,12 @@ async fn attempt(node: &Arc<Node>, shard: ShardIndex, start: &SyncProgress) -> R
 
 /// Checks an item against the metadata this node holds (or the metadata sent with it, which
 /// must hash to the blob id). `Some(metadata to store with it, if new)`, or `None` if it is bad.
-fn verify_item(shard: ShardIndex, blob_id: &BlobId, item: &pb::ShardItem, local: Option<BlobMetadata>) -> Option<Option<BlobMetadata>> {
+fn verify_item(
+    shard: ShardIndex,
+    blob_id: &BlobId,
+    item: &pb::ShardItem,
+    local: Option<BlobMetadata>,
+) -> Option<Option<BlobMetadata>> {
     let (metadata, is_new) = match (local, &item.metadata) {
         (Some(m), _) => (m, false),
         (None, Some(p)) => (BlobMetadata::from_proto(p).and_then(|m| m.verify_id(blob_id).map(|()| m)).ok()?, true),
@@ -355,7 +397,13 @@ fn verify_item(shard: ShardIndex, blob_id: &BlobId, item: &pb::ShardItem, local:
 
 /// Verifies the items received so far and writes them with the progress in one atomic batch;
 /// items that fail verification go to pending (blob recovery) instead.
-async fn verify_and_write(node: &Arc<Node>, shard: ShardIndex, source: &NodeId, progress: &mut SyncProgress, incoming: &mut Vec<(BlobId, pb::ShardItem)>) -> Result<(), AttemptError> {
+async fn verify_and_write(
+    node: &Arc<Node>,
+    shard: ShardIndex,
+    source: &NodeId,
+    progress: &mut SyncProgress,
+    incoming: &mut Vec<(BlobId, pb::ShardItem)>,
+) -> Result<(), AttemptError> {
     if incoming.is_empty() {
         return Ok(());
     }
@@ -426,7 +474,13 @@ async fn complete(node: &Arc<Node>, shard: ShardIndex, mut progress: SyncProgres
     progress.finished_at_ms = crypto::now_ms();
     progress.cursor = None;
     let status = if progress.pending == 0 { ShardStatus::Active } else { ShardStatus::ActiveRecover };
-    info!(blobs = progress.blobs_done, bytes = progress.bytes_done, pending = progress.pending, ?status, "shard sync finished");
+    info!(
+        blobs = progress.blobs_done,
+        bytes = progress.bytes_done,
+        pending = progress.pending,
+        ?status,
+        "shard sync finished"
+    );
     node.metrics.sync_completed.inc();
     write_batch(node, shard, progress.gained_epoch, Vec::new(), missing, progress, Some(status)).await?;
     node.mirror_status().await;
