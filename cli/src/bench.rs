@@ -349,7 +349,7 @@ async fn fill(options: &BenchOptions, spec: &FillSpec, keep: bool) -> anyhow::Re
     }
     let batch_items = if spec.rate > 0 { 8 } else { 64 };
     let sync_extra = format!(
-        "[shard_sync]\nfill_gained_by = \"{}\"\ninitial_backoff_ms = 50\nmax_backoff_ms = 500\nbatch_items = {batch_items}\n[stream]\nmax_bytes_per_sec = {}\n[epoch]\nlocked_shard_grace_ms = 600000\n",
+        "[shard_sync]\nfill_gained_by = \"{}\"\ninitial_backoff_ms = 50\nmax_backoff_ms = 500\nbatch_items = {batch_items}\n[stream]\nmax_bytes_per_sec = {}\n",
         spec.method, spec.rate
     );
     let up = UpOptions {
@@ -719,7 +719,7 @@ async fn rocksdb_throughput(options: &BenchOptions, scale: usize) -> anyhow::Res
     let k = erasure::original_count(options.shards)?;
     let len = erasure::sliver_len(options.blob_size as u64, k)?;
     let count = options.blobs * scale;
-    let record = ShardRecord { status: ferry_shared::types::ShardStatus::ActiveSync, sync: None };
+    let record = ShardRecord::new(ferry_shared::types::ShardStatus::ActiveSync);
     let mut rng = StdRng::seed_from_u64(7);
     let batches: Vec<Vec<SliverWrite>> = (0..count)
         .collect::<Vec<_>>()

@@ -71,7 +71,7 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<()> {
         dir: options.dir.clone(),
         bin_dir: options.bin_dir.clone(),
         // Pace shard streams so the syncs are long enough to watch recovery wait for them.
-        sync_extra: "[stream]\nmax_bytes_per_sec = 400000\n[epoch]\nlocked_shard_grace_ms = 2000\n".into(),
+        sync_extra: "[stream]\nmax_bytes_per_sec = 400000\n".into(),
         recovery_extra: String::new(),
         tls: true,
     };

@@ -16,7 +16,7 @@ use ferry_shared::{
     types::{BlobId, NodeId},
 };
 use ferryctl::{
-    bench, demo, epoch,
+    audit, bench, demo, epoch,
     local::{LocalCluster, UpOptions},
     status,
 };
@@ -102,6 +102,14 @@ enum Command {
         /// Refresh every second until interrupted.
         #[arg(long)]
         watch: bool,
+    },
+    /// Checks that every node holds a verified sliver of every certified blob in every shard it
+    /// owns; prints what is missing per node and shard. Exit code 1 on any hole.
+    #[command(after_help = "Examples:\n  ferryctl audit\n  ferryctl audit --json | jq '.nodes[] | select(.problem != null)'")]
+    Audit {
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Epoch changes.
     #[command(subcommand)]
@@ -371,6 +379,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     break;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        Command::Audit { json } => {
+            let report = audit::run(&control_plane(&cli).await?, &connector(&cli)?).await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", audit::render(&report));
+            }
+            if report.holes() > 0 {
+                bail!("{} holes found", report.holes());
             }
         }
         Command::Epoch(EpochCommand::Next { add_node, remove_node, weight, yes }) => {

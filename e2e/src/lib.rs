@@ -209,7 +209,8 @@ impl Cluster {
         c.store.path = n.store_dir.clone();
         c.shard_sync.initial_backoff_ms = 50;
         c.shard_sync.max_backoff_ms = 500;
-        c.epoch.locked_shard_grace_ms = 500;
+        // Tests with a source down for good should not wait the production deadline (5 min).
+        c.shard_sync.give_up_after_ms = 3_000;
         (self.tweak_sync)(&mut c);
         c
     }

@@ -227,7 +227,8 @@ async fn sigkill_of_the_recovering_node_mid_recovery_still_completes_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_epoch_change_while_a_node_is_down_brings_it_back_on_the_catch_up_path() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = up(dir.path(), "").await;
+    // Shards whose previous owner is the node that is down go to blob recovery after 3 s.
+    let mut cluster = up(dir.path(), "[shard_sync]\ngive_up_after_ms = 3000\n").await;
     let cp = cluster.control_plane().await.unwrap();
     let mut blobs = store_blobs(&cluster, &cp, 40, 31).await;
     cluster.kill_node(2).unwrap();

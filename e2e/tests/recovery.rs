@@ -169,7 +169,7 @@ async fn recovery_service_restarted_mid_recovery_resumes_from_its_cursor() {
     cluster.stop_recovery(2).await.unwrap();
     let cursor = RecoveryStore::open(&cluster.nodes[2].recovery_dir).unwrap().cursor().unwrap().unwrap();
     assert!(
-        cursor.blobs_recovered >= 16 && cursor.shards.values().all(|c| c.is_some()),
+        cursor.blobs_recovered >= 16 && cursor.shards.values().all(|c| c.after.is_some()),
         "progress was persisted: {cursor:?}"
     );
     cluster.start_recovery(2).await.unwrap();
@@ -233,7 +233,7 @@ async fn a_lagging_node_that_missed_two_epochs_catches_up_by_blob_recovery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_shard_sync_that_fails_for_good_during_recovery_is_covered_by_blob_recovery() {
-    let (mut cluster, blobs) = cluster_with_blobs(40, |c| c.shard_sync.max_attempts = 2).await;
+    let (mut cluster, blobs) = cluster_with_blobs(40, |c| c.shard_sync.give_up_after_ms = 1000).await;
     let c0 = cluster.committee().await.unwrap();
     wipe_and_restart(&mut cluster, 3, true).await;
     let members: Vec<_> = cluster.nodes.iter().enumerate().map(|(i, n)| n.member(if i == 3 { 2 } else { 1 })).collect();

@@ -133,7 +133,7 @@ async fn sync_resumes_from_its_cursor_after_the_previous_owner_dies_mid_stream()
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_previous_owner_gone_for_good_leaves_the_shard_to_blob_recovery() {
     let mut cluster = Cluster::new(4, 4).await.unwrap();
-    cluster.tweak_sync = Box::new(|c| c.shard_sync.max_attempts = 3);
+    cluster.tweak_sync = Box::new(|c| c.shard_sync.give_up_after_ms = 1500);
     let c0 = cluster.start_genesis().await.unwrap();
     cluster.store_random_blobs(20, 1000, 3).await.unwrap();
     let me = cluster.nodes[0].id.clone();
@@ -152,11 +152,11 @@ async fn a_previous_owner_gone_for_good_leaves_the_shard_to_blob_recovery() {
         .await
         .unwrap();
     let sync = view.shards[&shard].sync.clone().unwrap();
-    assert_eq!(sync.attempts, 3);
-    assert!(sync.last_error.is_some_and(|e| e.contains("gave up after 3 attempts")));
+    assert!(sync.attempts >= 2, "retried before giving up: {sync:?}");
+    assert!(sync.last_error.as_ref().is_some_and(|e| e.contains("no progress for")), "{sync:?}");
     let node = cluster.nodes[0].node().unwrap();
     let mut counter = node.counter.subscribe();
-    tokio::time::timeout(WAIT, counter.wait_for(|n| *n == 0)).await.expect("counter returns to zero").unwrap();
+    tokio::time::timeout(WAIT, counter.wait_for(|v| v.running_syncs == 0)).await.expect("counter returns to zero").unwrap();
     // Zero running syncs but an unfilled shard: the node must not attest.
     assert!(
         cluster.control_plane.attestation(1, &me).await.unwrap().is_none(),
@@ -357,6 +357,7 @@ async fn the_data_plane_stores_only_verified_slivers_of_registered_blobs() {
             length: 11,
             registered_epoch: 0,
             certificate: None,
+            invalid: None,
         })
         .await
         .unwrap();

@@ -17,6 +17,7 @@ use std::{
 use ferry_proto::v1::{self as pb, sync_service_client::SyncServiceClient};
 use ferry_shared::{
     Committee,
+    control_plane::InconsistencyProof,
     erasure::{self, BlobMetadata},
     grpc::{self, Connector, TracedChannel},
     types::{BlobId, NodeId, ShardIndex},
@@ -51,6 +52,15 @@ pub enum BlobRecoveryError {
     /// This node's sync-service refused or failed to store the result.
     #[error("FERRY-RECOVER-004: storing recovered slivers of {0} failed: {1}")]
     Store(BlobId, String),
+    /// The blob's verified slivers are not one codeword: its writer encoded it inconsistently.
+    /// It can never be recovered; the proof lets every node check that for itself.
+    #[error("FERRY-RECOVER-005: blob {blob} is encoded inconsistently: decoding shards {:?} rebuilds shard {} unlike its digest", proof.shards.iter().map(|s| s.0).collect::<Vec<_>>(), proof.mismatched.0)]
+    Inconsistent {
+        /// Blob.
+        blob: BlobId,
+        /// The slivers decoded and the sliver that came out wrong.
+        proof: InconsistencyProof,
+    },
 }
 
 /// What a successful recovery did.
@@ -219,4 +229,29 @@ pub async fn recover_blob(
         slivers += 1;
     }
     Ok(Recovered { slivers, bytes_fetched })
+}
+
+/// Checks another node's claim that `blob` is encoded inconsistently: fetches the slivers the
+/// proof names from their owners, checks each against the metadata and decodes them. `false`
+/// if any cannot be fetched or the decode comes out consistent: the claim is then not honoured
+/// and the blob is recovered as any other (which finds a real inconsistency again).
+pub async fn confirm_inconsistency(peers: &Arc<Peers>, committee: &Committee, blob: BlobId, proof: &InconsistencyProof) -> bool {
+    let Ok(metadata) = fetch_metadata(peers, committee, &blob).await else { return false };
+    if proof.shards.len() < metadata.k as usize || proof.shards.iter().any(|s| s.0 >= committee.n_shards) {
+        return false;
+    }
+    let mut got = Vec::new();
+    for shard in &proof.shards {
+        let Some(owner) = committee.owner(*shard).cloned() else { return false };
+        let Some(mut client) = peers.client(committee, &owner) else { return false };
+        let request = pb::GetSliverRequest { blob_id: blob.0.to_vec(), shard: shard.0 };
+        let Ok(Ok(response)) = tokio::time::timeout(peers.timeout, client.get_sliver(request)).await else { return false };
+        let data = response.into_inner().data;
+        if metadata.verify_sliver(*shard, &data).is_err() {
+            return false;
+        }
+        got.push((*shard, data));
+    }
+    let slivers: Vec<(ShardIndex, &[u8])> = got.iter().map(|(s, d)| (*s, d.as_slice())).collect();
+    erasure::confirms_inconsistency(&metadata, &slivers)
 }

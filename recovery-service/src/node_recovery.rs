@@ -2,12 +2,15 @@
 //! then attest epoch-sync-done exactly once.
 //!
 //! The work is re-derived from sync-service's published state every time it changes, never
-//! from what a previous process was doing: a `RecoveryInProgress(e)` node recovers every
-//! owned shard that shard sync is not filling; an `Active` node repairs its `ActiveRecover`
-//! shards. The scan walks the registry of certified blobs in blob-id order with one persisted
-//! cursor per work shard, so an epoch change keeps the progress of kept shards (rule 8).
-//! Before every pass, before every blob and again before completing, it waits until the
-//! running-sync count is known and zero (rule 3).
+//! from what a previous process was doing: the owned `ActiveRecover` shards shard sync is not
+//! filling, each with the scan id sync-service drew for it. The scan walks the registry of
+//! certified blobs in blob-id order with one persisted cursor per work shard and scan id, so an
+//! epoch change keeps the progress of kept shards (rule 8) and anything that broke a shard's
+//! history (a restart, a catch-up, a loss and re-gain) starts its scan over. Before every pass,
+//! before every blob and again before completing, it waits until the running-sync count is
+//! known and zero (rule 3). The cursor and the failed set are written in one batch; a blob
+//! whose recovery task panics is a failed blob like any other; a blob whose slivers are not one
+//! codeword is marked invalid with a proof every node checks, and does not hold recovery up.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -18,7 +21,8 @@ use std::{
 use ferry_proto::v1::{self as pb};
 use ferry_shared::{
     Committee,
-    control_plane::{AttestOutcome, AttestationRecord, BlobRecord, ControlPlane, ControlPlaneError},
+    backoff::Backoff,
+    control_plane::{AttestOutcome, AttestationRecord, Attester, BlobRecord, ControlPlane, ControlPlaneError},
     crypto::{NodeKeypair, ShardEvidence, now_ms},
     types::{BlobId, Epoch, NodeId, NodeStatus, ShardIndex},
 };
@@ -33,7 +37,7 @@ use crate::{
     blob_recovery::{self, Peers},
     config::RecoveryTuning,
     metrics::RecoveryMetrics,
-    store::{Cursor, FailedBlob, RecoveryStore, RecoveryStoreError},
+    store::{Cursor, FailedBlob, RecoveryStore, RecoveryStoreError, ShardCursor},
     sync_state::{self, SyncStateRx},
 };
 
@@ -73,28 +77,67 @@ pub struct Work {
     pub target_epoch: Epoch,
     /// Whether the node is recovering (attest and complete) or only repairing shards.
     pub node_recovery: bool,
-    /// Shards whose blobs are recovered (owned shards that shard sync is not filling).
-    pub shards: Vec<ShardIndex>,
+    /// Shards whose blobs are recovered (the owned `ActiveRecover` shards shard sync is not
+    /// filling), each with the scan id its scan runs under.
+    pub shards: Vec<(ShardIndex, u64)>,
 }
 
 impl Work {
     /// Derives the work from a sync state; `None` when there is nothing to recover.
+    ///
+    /// A recovering node always has work, if only to wait for its syncs and attest. An
+    /// `Active` node has work when a shard of it needs a scan: a failed sync, blobs a sync
+    /// could not get, or a restart that may have missed writes.
     pub fn derive(state: &pb::SyncState) -> Option<Work> {
         let status = NodeStatus::from_proto(state.node_status, state.recovery_epoch).ok()?;
-        let syncing: Vec<u32> = state.syncing_shards.clone();
+        let mut shards: Vec<(ShardIndex, u64)> = state
+            .recovering
+            .iter()
+            .filter(|s| !state.syncing_shards.contains(&s.shard))
+            .map(|s| (ShardIndex(s.shard), s.scan_id))
+            .collect();
+        shards.sort();
         match status {
-            NodeStatus::RecoveryInProgress(e) if !state.owned_shards.is_empty() => Some(Work {
-                target_epoch: e,
-                node_recovery: true,
-                shards: state.owned_shards.iter().filter(|s| !syncing.contains(s)).map(|s| ShardIndex(*s)).collect(),
-            }),
-            NodeStatus::Active => {
-                let repair: Vec<ShardIndex> =
-                    state.shards_not_active.iter().filter(|s| !syncing.contains(s)).map(|s| ShardIndex(*s)).collect();
-                (!repair.is_empty()).then_some(Work { target_epoch: state.epoch, node_recovery: false, shards: repair })
-            }
+            NodeStatus::RecoveryInProgress(e) => Some(Work { target_epoch: e, node_recovery: true, shards }),
+            NodeStatus::Active if !shards.is_empty() => Some(Work { target_epoch: state.epoch, node_recovery: false, shards }),
             _ => None,
         }
+    }
+
+    /// The work shards.
+    pub fn shard_ids(&self) -> Vec<ShardIndex> {
+        self.shards.iter().map(|(s, _)| *s).collect()
+    }
+
+    fn contains(&self, shard: ShardIndex) -> bool {
+        self.shards.iter().any(|(s, _)| *s == shard)
+    }
+
+    /// The cursor to resume this work from, given the one persisted last: a shard keeps its
+    /// progress only if its scan id is the same (rule 8 across an epoch change; a fresh scan
+    /// after anything that broke its history).
+    pub fn resume(&self, stored: Option<Cursor>) -> Cursor {
+        let stored = stored.unwrap_or_default();
+        let epoch_changed = stored.target_epoch != self.target_epoch;
+        let mut saved = 0;
+        let mut any_kept = false;
+        let shards = self
+            .shards
+            .iter()
+            .map(|(shard, scan_id)| {
+                let kept = stored.shards.get(shard).filter(|c| c.scan_id == *scan_id).cloned();
+                if let Some(c) = &kept {
+                    any_kept = true;
+                    if epoch_changed {
+                        saved = saved.max(c.scanned);
+                    }
+                }
+                (*shard, kept.unwrap_or(ShardCursor { scan_id: *scan_id, ..ShardCursor::default() }))
+            })
+            .collect();
+        // The counters describe one recovery: they go on only where its scans go on.
+        let counters = if any_kept || (!epoch_changed && stored.shards.is_empty()) { stored } else { Cursor::default() };
+        Cursor { target_epoch: self.target_epoch, shards, rescans_saved: counters.rescans_saved + saved, ..counters }
     }
 }
 
@@ -122,6 +165,10 @@ pub struct Recovery {
     metrics: RecoveryMetrics,
     /// Blobs recovered at once; read per registry page, so a config change applies at the next page.
     max_concurrent_blobs: std::sync::atomic::AtomicUsize,
+    /// recovery-service's single attester of this node (rule 5).
+    attester: Attester,
+    /// Blobs whose invalidity proof this process checked.
+    invalid: std::sync::Mutex<std::collections::HashSet<BlobId>>,
 }
 
 struct PassClock {
@@ -158,6 +205,8 @@ impl Recovery {
             committees: std::sync::Mutex::new(HashMap::new()),
             metrics,
             max_concurrent_blobs: std::sync::atomic::AtomicUsize::new(max_blobs),
+            attester: Attester::default(),
+            invalid: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -245,7 +294,7 @@ impl Recovery {
         };
         let _mirror = AbortOnDrop(mirror);
         let mut rx = self.sync_state.clone();
-        let mut backoff = Duration::from_millis(self.tuning.retry_initial_ms);
+        let mut backoff = Backoff::new(Duration::from_millis(self.tuning.retry_initial_ms), Duration::from_millis(self.tuning.retry_max_ms));
         loop {
             let state = match rx.wait_for(|s| s.is_some()).await {
                 Ok(s) => s.clone(),
@@ -267,13 +316,17 @@ impl Recovery {
             };
             let span = info_span!("node_recovery", ferry.service = "recovery-service", ferry.node = %self.me, target = work.target_epoch, node_recovery = work.node_recovery);
             match self.run_work(&work).instrument(span).await {
-                Ok(()) => backoff = Duration::from_millis(self.tuning.retry_initial_ms),
+                Ok(()) => {
+                    backoff.reset();
+                    // The completion changes sync-service's state; derive the next work from
+                    // that, not from the state this work came from.
+                    let _ = rx.changed().await;
+                }
                 Err(RecoveryError::Superseded | RecoveryError::Unknown) => {}
                 Err(e) => {
                     warn!(error = %e, "recovery step failed; retrying");
                     self.update(|s| s.last_error = e.to_string());
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(self.tuning.retry_max_ms));
+                    backoff.wait().await;
                 }
             }
         }
@@ -322,58 +375,29 @@ impl Recovery {
         }
     }
 
-    async fn load_cursor(&self, work: &Work, state: &pb::SyncState) -> Result<Cursor, RecoveryError> {
+    async fn load_cursor(&self, work: &Work) -> Result<Cursor, RecoveryError> {
         let stored = self.store.call(|s| s.cursor()).await?;
-        let mut cursor = match stored {
-            Some(c)
-                if c.target_epoch == work.target_epoch
-                    && c.shards.keys().copied().collect::<Vec<_>>() == work.shards =>
-            {
-                return Ok(c);
-            }
-            Some(c) => {
-                // Rule 8: shards the node keeps keep their progress; new ones start at the
-                // beginning; dropped shards leave the work.
-                let kept: Vec<ShardIndex> = work.shards.iter().copied().filter(|s| c.shards.contains_key(s)).collect();
-                let saved = if kept.is_empty() { 0 } else { c.blobs_scanned };
-                info!(from = c.target_epoch, to = work.target_epoch, kept = ?kept, saved, "recovery target changed; keeping cursors of kept shards");
-                // A shard that joins the work already ACTIVE was filled by shard sync, which
-                // checked it against the registry when it finished: it needs no scan.
-                let synced: Vec<ShardIndex> = work
-                    .shards
-                    .iter()
-                    .copied()
-                    .filter(|s| !c.shards.contains_key(s) && !state.shards_not_active.contains(&s.0))
-                    .collect();
-                Cursor {
-                    target_epoch: work.target_epoch,
-                    shards: work.shards.iter().map(|s| (*s, c.shards.get(s).copied().flatten())).collect(),
-                    finished: c.finished.iter().copied().filter(|s| kept.contains(s)).chain(synced).collect(),
-                    pass: c.pass,
-                    blobs_scanned: c.blobs_scanned,
-                    rescans_saved: c.rescans_saved + saved,
-                    blobs_recovered: c.blobs_recovered,
-                    bytes_fetched: c.bytes_fetched,
-                }
-            }
-            None => Cursor {
-                target_epoch: work.target_epoch,
-                shards: work.shards.iter().map(|s| (*s, None)).collect(),
-                ..Cursor::default()
-            },
-        };
-        cursor.finished.sort();
+        let kept: Vec<u32> = work
+            .shards
+            .iter()
+            .filter(|(shard, scan)| stored.as_ref().and_then(|c| c.shards.get(shard)).is_some_and(|c| c.scan_id == *scan))
+            .map(|(s, _)| s.0)
+            .collect();
+        let cursor = work.resume(stored);
+        info!(target = work.target_epoch, ?kept, saved = cursor.rescans_saved, "recovery work resumes; shards keep their scan's progress only under the same scan id");
         let c = cursor.clone();
-        self.store.call(move |s| s.put_cursor(&c)).await?;
+        self.store.call(move |s| s.save_progress(&c, &BTreeMap::new())).await?;
         Ok(cursor)
     }
 
-    fn publish_cursor(&self, cursor: &Cursor, failed: &BTreeMap<BlobId, FailedBlob>, clock: &PassClock) {
+    fn publish_cursor(&self, progress: &Progress, clock: &PassClock) {
+        let cursor = &progress.cursor;
         let position = cursor
             .shards
             .values()
             .map(|c| {
-                c.map(|b| u64::from_be_bytes([b.0[0], b.0[1], b.0[2], b.0[3], b.0[4], b.0[5], b.0[6], b.0[7]]))
+                c.after
+                    .map(|b| u64::from_be_bytes([b.0[0], b.0[1], b.0[2], b.0[3], b.0[4], b.0[5], b.0[6], b.0[7]]))
                     .unwrap_or(0)
             })
             .min()
@@ -383,7 +407,8 @@ impl Recovery {
         let elapsed = clock.started.elapsed().as_secs_f64();
         let eta = (fraction > 0.01 && fraction < 1.0).then(|| (elapsed * (1.0 - fraction) / fraction) as u64);
         let now = now_ms();
-        let mut stuck: Vec<pb::StuckBlob> = failed
+        let mut stuck: Vec<pb::StuckBlob> = progress
+            .failed
             .iter()
             .map(|(id, f)| pb::StuckBlob {
                 blob_id: id.to_hex(),
@@ -395,6 +420,7 @@ impl Recovery {
         stuck.sort_by(|a, b| b.stuck_for_secs.cmp(&a.stuck_for_secs));
         stuck.truncate(5);
         let stalled = clock.last_progress.elapsed() > Duration::from_millis(self.tuning.stall_after_ms);
+        let invalid = self.invalid_count();
         self.update(|s| {
             s.target_epoch = cursor.target_epoch;
             s.pass = cursor.pass;
@@ -402,103 +428,96 @@ impl Recovery {
             s.blobs_recovered = cursor.blobs_recovered;
             s.bytes_fetched = cursor.bytes_fetched;
             s.rescans_saved = cursor.rescans_saved;
-            s.blobs_failed = failed.len() as u64;
+            s.blobs_failed = progress.failed.len() as u64;
+            s.blobs_invalid = invalid;
             s.eta_secs = eta;
             s.stalled = stalled;
             s.stuck_blobs = stuck;
-            s.cursor = cursor.shards.values().filter_map(|c| *c).min().map(|b| b.to_hex()).unwrap_or_default();
+            s.cursor = cursor.shards.values().filter_map(|c| c.after).min().map(|b| b.to_hex()).unwrap_or_default();
         });
     }
 
+    fn invalid_count(&self) -> u64 {
+        self.invalid.lock().unwrap_or_else(|p| p.into_inner()).len() as u64
+    }
+
     async fn run_work(&self, work: &Work) -> Result<(), RecoveryError> {
-        info!(shards = ?work.shards.iter().map(|s| s.0).collect::<Vec<_>>(), "recovery work");
-        let state = self.check_same(work)?;
-        let mut cursor = self.load_cursor(work, &state).await?;
-        let mut failed = self.store.call(|s| s.failed()).await?;
-        let mut backoff = Duration::from_millis(self.tuning.retry_initial_ms);
+        info!(shards = ?work.shards, "recovery work");
+        self.check_same(work)?;
+        let cursor = self.load_cursor(work).await?;
+        let failed = self.store.call(|s| s.failed()).await?;
+        let mut progress = Progress { cursor, failed, changes: BTreeMap::new() };
+        let mut backoff = Backoff::new(Duration::from_millis(self.tuning.retry_initial_ms), Duration::from_millis(self.tuning.retry_max_ms));
         let mut clock = PassClock { started: Instant::now(), last_progress: Instant::now() };
         loop {
             self.wait_until_clear(work).await?;
             self.wait_for_storage(work).await?;
-            cursor.pass += 1;
+            progress.cursor.pass += 1;
             clock.started = Instant::now();
             self.update(|s| {
                 s.phase = pb::RecoveryPhase::Scanning as i32;
                 s.last_error.clear();
             });
-            self.publish_cursor(&cursor, &failed, &clock);
-            info!(pass = cursor.pass, "scan pass starts");
-            self.scan_pass(work, &mut cursor, &mut failed, &mut clock).await?;
-            if failed.is_empty() {
+            self.publish_cursor(&progress, &clock);
+            info!(pass = progress.cursor.pass, "scan pass starts");
+            self.scan_pass(work, &mut progress, &mut clock).await?;
+            if progress.failed.is_empty() {
                 // Rule 3 again: no completion while any shard sync runs.
                 self.update(|s| s.phase = pb::RecoveryPhase::Completing as i32);
                 self.wait_until_clear(work).await?;
                 if self.complete(work).await? {
-                    let c = Cursor::default();
-                    self.store.call(move |s| s.put_cursor(&c)).await?;
                     return Ok(());
                 }
             } else {
-                info!(failed = failed.len(), "pass left blobs unrecovered; retrying them");
+                info!(failed = progress.failed.len(), "pass left blobs unrecovered; retrying them");
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(self.tuning.retry_max_ms));
+            backoff.wait().await;
         }
     }
 
     /// Recovery does not scan while any work shard lacks storage; it waits with backoff.
     async fn wait_for_storage(&self, work: &Work) -> Result<(), RecoveryError> {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            let status =
-                self.peers.own().get_status(pb::GetStatusRequest {}).await.map_err(sync_err("GetStatus"))?.into_inner();
+            let status = self.peers.own().get_status(pb::GetStatusRequest {}).await.map_err(sync_err("GetStatus"))?.into_inner();
             let missing: Vec<u32> =
-                work.shards.iter().filter(|s| !status.shards.iter().any(|r| r.shard == s.0)).map(|s| s.0).collect();
+                work.shard_ids().iter().filter(|s| !status.shards.iter().any(|r| r.shard == s.0)).map(|s| s.0).collect();
             if missing.is_empty() {
                 return Ok(());
             }
             warn!(?missing, "owned shards have no storage yet; waiting");
             self.update(|s| s.last_error = format!("waiting for storage of shards {missing:?}"));
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff.wait().await;
             self.check_same(work)?;
         }
     }
 
-    async fn scan_pass(
-        &self,
-        work: &Work,
-        cursor: &mut Cursor,
-        failed: &mut BTreeMap<BlobId, FailedBlob>,
-        clock: &mut PassClock,
-    ) -> Result<(), RecoveryError> {
+    async fn scan_pass(&self, work: &Work, progress: &mut Progress, clock: &mut PassClock) -> Result<(), RecoveryError> {
         // Retry earlier failures first.
-        let retry: Vec<BlobId> = failed.keys().copied().collect();
+        let retry: Vec<BlobId> = progress.failed.keys().copied().collect();
         for chunk in retry.chunks(self.tuning.scan_page) {
             let mut records = Vec::new();
             for id in chunk {
                 match self.control_plane.blob(id).await? {
                     Some(r) => records.push(r),
-                    None => {
-                        failed.remove(id);
-                    }
+                    None => progress.forget(*id),
                 }
             }
-            self.recover_page(work, &records, None, cursor, failed, clock).await?;
+            self.recover_page(work, &records, None, progress, clock).await?;
         }
         loop {
             self.check_same(work)?;
             let unfinished: Vec<ShardIndex> =
-                work.shards.iter().copied().filter(|s| !cursor.finished.contains(s)).collect();
+                progress.cursor.shards.iter().filter(|(_, c)| !c.finished).map(|(s, _)| *s).collect();
             if unfinished.is_empty() {
                 break;
             }
-            let from = unfinished.iter().map(|s| cursor.shards.get(s).copied().flatten()).min().flatten();
+            let from = unfinished.iter().map(|s| progress.cursor.shards.get(s).and_then(|c| c.after)).min().flatten();
             let start = match from {
                 Some(b) => match b.successor() {
                     Some(next) => Some(next),
                     None => {
-                        cursor.finished.extend(unfinished);
+                        progress.finish(&unfinished);
                         break;
                     }
                 },
@@ -507,12 +526,27 @@ impl Recovery {
             // A registry read error fails the pass (returned); it never ends it as if clean.
             let page = self.control_plane.list_blobs(start, self.tuning.scan_page).await?;
             let Some(last) = page.last().map(|b| b.blob_id) else {
-                cursor.finished.extend(unfinished);
+                progress.finish(&unfinished);
                 break;
             };
-            self.recover_page(work, &page, Some(last), cursor, failed, clock).await?;
+            self.recover_page(work, &page, Some(last), progress, clock).await?;
         }
-        self.persist(cursor, failed, clock).await
+        self.persist(progress, clock).await
+    }
+
+    /// Whether a blob marked invalid really is: the proof is checked once per process.
+    async fn confirmed_invalid(&self, record: &BlobRecord, committee: &Committee) -> bool {
+        let Some(proof) = &record.invalid else { return false };
+        if self.invalid.lock().unwrap_or_else(|p| p.into_inner()).contains(&record.blob_id) {
+            return true;
+        }
+        let confirmed = blob_recovery::confirm_inconsistency(&self.peers, committee, record.blob_id, proof).await;
+        if confirmed {
+            self.invalid.lock().unwrap_or_else(|p| p.into_inner()).insert(record.blob_id);
+        } else {
+            warn!(blob = %record.blob_id, reported_by = %proof.reported_by, "a claim that the blob is invalid does not check out; recovering it as any other");
+        }
+        confirmed
     }
 
     /// Checks and recovers one page of registry records, then advances the cursors to `last`.
@@ -521,18 +555,23 @@ impl Recovery {
         work: &Work,
         page: &[BlobRecord],
         last: Option<BlobId>,
-        cursor: &mut Cursor,
-        failed: &mut BTreeMap<BlobId, FailedBlob>,
+        progress: &mut Progress,
         clock: &mut PassClock,
     ) -> Result<(), RecoveryError> {
+        let committee = self.committee(work.target_epoch).await?.ok_or(RecoveryError::Superseded)?;
         let mut certified = Vec::new();
         for record in page {
             let Some(cert) = &record.certificate else { continue };
-            let Some(committee) = self.committee(cert.epoch).await? else { continue };
-            match cert.verify(&record.blob_id, &committee) {
-                Ok(()) => certified.push(record.blob_id),
-                Err(e) => warn!(blob = %record.blob_id, error = %e, "certificate does not verify; ignoring the blob"),
+            let Some(cert_committee) = self.committee(cert.epoch).await? else { continue };
+            if let Err(e) = cert.verify(&record.blob_id, &cert_committee) {
+                warn!(blob = %record.blob_id, error = %e, "certificate does not verify; ignoring the blob");
+                continue;
             }
+            if self.confirmed_invalid(record, &committee).await {
+                progress.forget(record.blob_id); // never recoverable: not a failure to retry
+                continue;
+            }
+            certified.push(record.blob_id);
         }
         let presence = if certified.is_empty() {
             Vec::new()
@@ -545,11 +584,9 @@ impl Recovery {
                 .into_inner()
                 .blobs
         };
-        let committee = self.committee(work.target_epoch).await?.ok_or(RecoveryError::Superseded)?;
-        let limit =
-            Arc::new(Semaphore::new(self.max_concurrent_blobs.load(std::sync::atomic::Ordering::Relaxed).max(1)));
-        let mut tasks: JoinSet<(BlobId, Result<blob_recovery::Recovered, blob_recovery::BlobRecoveryError>)> =
-            JoinSet::new();
+        let limit = Arc::new(Semaphore::new(self.max_concurrent_blobs().max(1)));
+        let mut tasks: JoinSet<Result<blob_recovery::Recovered, blob_recovery::BlobRecoveryError>> = JoinSet::new();
+        let mut running: HashMap<tokio::task::Id, BlobId> = HashMap::new();
         let mut present = 0u64;
         for p in presence {
             let Ok(blob) = BlobId::from_bytes(&p.blob_id) else { continue };
@@ -558,133 +595,131 @@ impl Recovery {
                 .missing_shards
                 .iter()
                 .map(|s| ShardIndex(*s))
-                .filter(|s| work.shards.contains(s))
-                .filter(|s| last.is_none() || cursor.shards.get(s).copied().flatten().is_none_or(|c| c < blob))
+                .filter(|s| work.contains(*s))
+                .filter(|s| last.is_none() || progress.cursor.shards.get(s).and_then(|c| c.after).is_none_or(|c| c < blob))
                 .collect();
             if wanted.is_empty() {
-                failed.remove(&blob);
+                progress.forget(blob);
                 present += 1;
                 continue;
             }
             // Rule 3 holds per blob too: no new blob recovery while shard syncs run or paused.
             let permit = loop {
-                let clear =
-                    self.sync_state.borrow().as_ref().is_some_and(|s| s.running_syncs == 0) && !*self.paused.borrow();
-                if clear {
-                    if let Ok(permit) = limit.clone().acquire_owned().await {
-                        break permit;
-                    }
+                let clear = self.sync_state.borrow().as_ref().is_some_and(|s| s.running_syncs == 0) && !*self.paused.borrow();
+                if clear && let Ok(permit) = limit.clone().acquire_owned().await {
+                    break permit;
                 }
-                while let Some(done) = tasks.join_next().await {
-                    self.record_result(done, cursor, failed, clock);
+                while let Some(done) = tasks.join_next_with_id().await {
+                    self.record_result(done, &mut running, progress, clock).await;
                 }
                 self.wait_until_clear(work).await?;
             };
             let peers = self.peers.clone();
             let committee = committee.clone();
             let span = info_span!("recover_blob", blob = %blob, shards = wanted.len());
-            tasks.spawn(
+            let handle = tasks.spawn(
                 async move {
                     let _permit = permit;
-                    (blob, blob_recovery::recover_blob(&peers, &committee, blob, &wanted).await)
+                    blob_recovery::recover_blob(&peers, &committee, blob, &wanted).await
                 }
                 .instrument(span),
             );
+            running.insert(handle.id(), blob);
         }
-        while let Some(done) = tasks.join_next().await {
-            self.record_result(done, cursor, failed, clock);
+        while let Some(done) = tasks.join_next_with_id().await {
+            self.record_result(done, &mut running, progress, clock).await;
         }
         self.update(|s| s.blobs_present += present);
         if let Some(last) = last {
-            for (shard, c) in cursor.shards.iter_mut() {
-                if work.shards.contains(shard) && c.is_none_or(|c| c < last) {
-                    *c = Some(last);
+            for c in progress.cursor.shards.values_mut() {
+                if !c.finished && c.after.is_none_or(|a| a < last) {
+                    c.after = Some(last);
+                    c.scanned += certified.len() as u64;
                 }
             }
-            cursor.blobs_scanned += certified.len() as u64;
+            progress.cursor.blobs_scanned += certified.len() as u64;
         }
         self.metrics.blobs_scanned.inc_by(certified.len() as u64);
-        self.persist(cursor, failed, clock).await
+        self.persist(progress, clock).await
     }
 
-    /// Persists the cursor and failed blobs, then publishes them.
-    async fn persist(
-        &self,
-        cursor: &Cursor,
-        failed: &BTreeMap<BlobId, FailedBlob>,
-        clock: &PassClock,
-    ) -> Result<(), RecoveryError> {
-        let c = cursor.clone();
-        let f = failed.clone();
-        self.store
-            .call(move |s| {
-                s.put_cursor(&c)?;
-                s.put_failed(&f)
-            })
-            .await?;
-        self.publish_cursor(cursor, failed, clock);
+    /// Persists the cursor and the failed set's changes in one batch, then publishes them.
+    async fn persist(&self, progress: &mut Progress, clock: &PassClock) -> Result<(), RecoveryError> {
+        let c = progress.cursor.clone();
+        let changes = std::mem::take(&mut progress.changes);
+        self.store.call(move |s| s.save_progress(&c, &changes)).await?;
+        self.publish_cursor(progress, clock);
         Ok(())
     }
 
-    fn record_result(
+    async fn record_result(
         &self,
-        done: Result<
-            (BlobId, Result<blob_recovery::Recovered, blob_recovery::BlobRecoveryError>),
-            tokio::task::JoinError,
-        >,
-        cursor: &mut Cursor,
-        failed: &mut BTreeMap<BlobId, FailedBlob>,
+        done: Result<(tokio::task::Id, Result<blob_recovery::Recovered, blob_recovery::BlobRecoveryError>), tokio::task::JoinError>,
+        running: &mut HashMap<tokio::task::Id, BlobId>,
+        progress: &mut Progress,
         clock: &mut PassClock,
     ) {
-        match done {
-            Ok((blob, Ok(r))) => {
+        let (task, outcome) = match done {
+            Ok((id, result)) => (id, Ok(result)),
+            Err(e) => (e.id(), Err(e)),
+        };
+        let Some(blob) = running.remove(&task) else { return };
+        match outcome {
+            Ok(Ok(r)) => {
                 self.metrics.blobs_recovered.inc();
                 self.metrics.bytes_fetched.inc_by(r.bytes_fetched);
-                cursor.blobs_recovered += 1;
-                cursor.bytes_fetched += r.bytes_fetched;
+                progress.cursor.blobs_recovered += 1;
+                progress.cursor.bytes_fetched += r.bytes_fetched;
+                progress.forget(blob);
                 clock.last_progress = Instant::now();
-                failed.remove(&blob);
                 // Progress is visible per blob, not only per page.
-                let (recovered, fetched) = (cursor.blobs_recovered, cursor.bytes_fetched);
-                let running = self.sync_state.borrow().as_ref().map(|st| st.running_syncs);
+                let (recovered, fetched) = (progress.cursor.blobs_recovered, progress.cursor.bytes_fetched);
+                let running_syncs = self.sync_state.borrow().as_ref().map(|st| st.running_syncs);
                 self.update(|s| {
                     s.blobs_recovered = recovered;
                     s.bytes_fetched = fetched;
-                    s.running_syncs = running;
+                    s.running_syncs = running_syncs;
                 });
             }
-            Ok((blob, Err(e))) => {
+            Ok(Err(blob_recovery::BlobRecoveryError::Inconsistent { proof, .. })) => {
+                warn!(%blob, shards = ?proof.shards, mismatched = proof.mismatched.0, "blob is encoded inconsistently; marking it invalid cluster-wide");
+                match self.control_plane.mark_blob_invalid(&blob, proof).await {
+                    Ok(_) => {
+                        self.invalid.lock().unwrap_or_else(|p| p.into_inner()).insert(blob);
+                        progress.forget(blob);
+                    }
+                    Err(e) => progress.fail(blob, format!("cannot mark the inconsistent blob invalid: {e}")),
+                }
+            }
+            Ok(Err(e)) => {
                 self.metrics.blobs_failed.inc();
                 warn!(%blob, error = %e, "blob recovery failed; retried later");
-                let entry = failed.entry(blob).or_insert(FailedBlob {
-                    attempts: 0,
-                    last_error: String::new(),
-                    first_failed_ms: now_ms(),
-                });
-                entry.attempts += 1;
-                entry.last_error = e.to_string();
+                progress.fail(blob, e.to_string());
             }
-            Err(e) => warn!(error = %e, "blob recovery task failed"),
+            Err(e) => {
+                // A task that panicked is a failure of its blob, retried later like any other.
+                self.metrics.blobs_failed.inc();
+                warn!(%blob, error = %e, "blob recovery task failed");
+                progress.fail(blob, format!("blob recovery task failed: {e}"));
+            }
         }
     }
 
-    /// Finishes the work: marks repaired shards `Active`, then (for node recovery) attests once
-    /// and sets the node `Active`. Returns false if it must scan again.
+    /// Finishes the work: marks the scanned shards `Active` (under the scan ids they were
+    /// scanned with), then, for node recovery, attests once and sets the node `Active`. Returns
+    /// false if it must scan again.
     async fn complete(&self, work: &Work) -> Result<bool, RecoveryError> {
         let state = self.check_same(work)?;
         if !state.syncing_shards.is_empty() {
             return Ok(false); // shard syncs still own some shards; the count will rise again
         }
         let mut own = self.peers.own();
-        let recovered: Vec<u32> = state.shards_not_active.clone();
-        if !recovered.is_empty() {
-            own.mark_shards_recovered(pb::MarkShardsRecoveredRequest {
-                shards: recovered.clone(),
-                epoch: work.target_epoch,
-            })
-            .await
-            .map_err(sync_err("MarkShardsRecovered"))?;
-            info!(shards = ?recovered, "shards recovered and marked Active");
+        if !work.shards.is_empty() {
+            let shards = work.shards.iter().map(|(shard, scan_id)| pb::ShardScan { shard: shard.0, scan_id: *scan_id }).collect();
+            own.mark_shards_recovered(pb::MarkShardsRecoveredRequest { shards, epoch: work.target_epoch })
+                .await
+                .map_err(sync_err("MarkShardsRecovered"))?;
+            info!(shards = ?work.shard_ids().iter().map(|s| s.0).collect::<Vec<_>>(), "shards recovered and marked Active");
         }
         if !work.node_recovery {
             self.update(|s| s.phase = pb::RecoveryPhase::Idle as i32);
@@ -697,39 +732,143 @@ impl Recovery {
             if !committee.is_member(&self.me) {
                 return Err(RecoveryError::Superseded);
             }
-            let evidence = own
-                .get_shard_evidence(pb::GetShardEvidenceRequest {})
-                .await
-                .map_err(sync_err("GetShardEvidence"))?
-                .into_inner();
-            if evidence.epoch != e {
-                return Err(RecoveryError::Superseded);
-            }
-            let evidence: Vec<ShardEvidence> = evidence
-                .evidence
-                .into_iter()
-                .map(|x| ShardEvidence {
-                    shard: ShardIndex(x.shard),
-                    blob_count: x.blob_count,
-                    blob_ids_digest: hex::encode(x.blob_ids_digest),
-                })
-                .collect();
-            let record = AttestationRecord::sign(&self.key, self.me.clone(), e, "recovery-service", evidence);
-            let stored = match self.control_plane.attest(&record).await? {
-                AttestOutcome::Created { flipped_to_done } => {
-                    self.metrics.attestations.inc();
-                    info!(epoch = e, flipped_to_done, "attested epoch-sync-done after recovery");
-                    record
+            // No token: this process attested the epoch already (a retry after a failed
+            // completion); CompleteRecovery checks the attestation exists.
+            if let Some(token) = self.attester.token(e) {
+                let evidence = own.get_shard_evidence(pb::GetShardEvidenceRequest {}).await.map_err(sync_err("GetShardEvidence"))?.into_inner();
+                if evidence.epoch != e {
+                    return Err(RecoveryError::Superseded);
                 }
-                AttestOutcome::AlreadyPresent(existing) => existing,
-            };
-            if stored.node_id == self.me && stored.attested_by == "recovery-service" {
-                self.store.call(move |s| s.log_attestation(&stored)).await?;
+                let evidence: Vec<ShardEvidence> = evidence
+                    .evidence
+                    .into_iter()
+                    .map(|x| ShardEvidence { shard: ShardIndex(x.shard), blob_count: x.blob_count, blob_ids_digest: hex::encode(x.blob_ids_digest) })
+                    .collect();
+                let record = AttestationRecord::sign(&self.key, self.me.clone(), e, "recovery-service", evidence);
+                let stored = match token.attest(&self.control_plane, &record).await? {
+                    AttestOutcome::Created { flipped_to_done } => {
+                        self.metrics.attestations.inc();
+                        info!(epoch = e, flipped_to_done, "attested epoch-sync-done after recovery");
+                        record
+                    }
+                    AttestOutcome::AlreadyPresent(existing) => existing,
+                };
+                if stored.node_id == self.me && stored.attested_by == "recovery-service" {
+                    self.store.call(move |s| s.log_attestation(&stored)).await?;
+                }
             }
         }
         own.complete_recovery(pb::CompleteRecoveryRequest { epoch: e }).await.map_err(sync_err("CompleteRecovery"))?;
         info!(epoch = e, "node recovery complete");
         self.update(|s| s.phase = pb::RecoveryPhase::Done as i32);
         Ok(true)
+    }
+}
+
+/// The scan's state while it runs: the cursor, the failed set, and the failed set's changes
+/// not yet persisted (written with the cursor in one batch).
+struct Progress {
+    cursor: Cursor,
+    failed: BTreeMap<BlobId, FailedBlob>,
+    changes: BTreeMap<BlobId, Option<FailedBlob>>,
+}
+
+impl Progress {
+    /// The blob needs nothing more (recovered, present, invalid or gone).
+    fn forget(&mut self, blob: BlobId) {
+        if self.failed.remove(&blob).is_some() {
+            self.changes.insert(blob, None);
+        }
+    }
+
+    fn fail(&mut self, blob: BlobId, error: String) {
+        let entry = self.failed.entry(blob).or_insert(FailedBlob { attempts: 0, last_error: String::new(), first_failed_ms: now_ms() });
+        entry.attempts += 1;
+        entry.last_error = error;
+        self.changes.insert(blob, Some(entry.clone()));
+    }
+
+    fn finish(&mut self, shards: &[ShardIndex]) {
+        for s in shards {
+            if let Some(c) = self.cursor.shards.get_mut(s) {
+                c.finished = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn state(status: pb::NodeStatus, recovery_epoch: u64, recovering: &[(u32, u64)], syncing: &[u32]) -> pb::SyncState {
+        pb::SyncState {
+            epoch: 4,
+            node_status: status as i32,
+            recovery_epoch,
+            running_syncs: syncing.len() as u32,
+            recovering: recovering.iter().map(|(shard, scan_id)| pb::ShardScan { shard: *shard, scan_id: *scan_id }).collect(),
+            syncing_shards: syncing.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn work_is_the_shards_that_need_a_scan() {
+        use pb::NodeStatus::*;
+        // (state, expected work)
+        let cases = [
+            (state(RecoveryInProgress, 4, &[(1, 10), (2, 20)], &[]), Some((4, true, vec![(1, 10), (2, 20)]))),
+            (state(RecoveryInProgress, 4, &[], &[3]), Some((4, true, vec![])), ), // wait for syncs, then attest
+            (state(Active, 0, &[(5, 50)], &[]), Some((4, false, vec![(5, 50)]))),   // a restart or a failed sync
+            (state(Active, 0, &[], &[3]), None),                                  // only syncing
+            (state(Active, 0, &[], &[]), None),
+            (state(Standby, 0, &[(1, 1)], &[]), None),
+        ];
+        for (st, want) in cases {
+            let got = Work::derive(&st).map(|w| (w.target_epoch, w.node_recovery, w.shards.iter().map(|(s, id)| (s.0, *id)).collect::<Vec<_>>()));
+            assert_eq!(got, want, "{st:?}");
+        }
+    }
+
+    fn stored(target: u64, shards: &[(u32, u64, u8)]) -> Cursor {
+        Cursor {
+            target_epoch: target,
+            shards: shards
+                .iter()
+                .map(|(s, scan, at)| (ShardIndex(*s), ShardCursor { scan_id: *scan, after: Some(BlobId([*at; 32])), finished: *at == 255, scanned: u64::from(*at) }))
+                .collect(),
+            pass: 3,
+            blobs_scanned: 100,
+            ..Cursor::default()
+        }
+    }
+
+    fn work(target: u64, shards: &[(u32, u64)]) -> Work {
+        Work { target_epoch: target, node_recovery: true, shards: shards.iter().map(|(s, id)| (ShardIndex(*s), *id)).collect() }
+    }
+
+    #[test]
+    fn a_cursor_counts_only_for_the_scan_it_was_made_in() {
+        // Same scans across an epoch change: kept, and the saved re-scan is counted (rule 8).
+        let c = work(5, &[(1, 10), (2, 20)]).resume(Some(stored(4, &[(1, 10, 40), (2, 20, 60)])));
+        assert_eq!(c.shards[&ShardIndex(1)].after, Some(BlobId([40; 32])));
+        assert_eq!(c.rescans_saved, 60);
+        assert_eq!(c.blobs_scanned, 100);
+        // A shard whose scan id changed (restart, catch-up, lost and gained again) starts over.
+        let c = work(4, &[(1, 11), (2, 20)]).resume(Some(stored(4, &[(1, 10, 40), (2, 20, 60)])));
+        assert_eq!(c.shards[&ShardIndex(1)].after, None);
+        assert!(!c.shards[&ShardIndex(1)].finished);
+        assert_eq!(c.shards[&ShardIndex(2)].after, Some(BlobId([60; 32])));
+        // A finished cursor of earlier work never finishes new work (the empty-cursor bug).
+        let c = work(6, &[(1, 12)]).resume(Some(stored(4, &[(1, 10, 255)])));
+        assert!(!c.shards[&ShardIndex(1)].finished && c.shards[&ShardIndex(1)].after.is_none());
+        assert_eq!((c.pass, c.blobs_scanned), (0, 0), "a new recovery starts its counters afresh");
+        // Shards that left the work leave the cursor; none stored: start at the beginning.
+        let c = work(4, &[(2, 20)]).resume(Some(stored(4, &[(1, 10, 40), (2, 20, 60)])));
+        assert_eq!(c.shards.keys().copied().collect::<Vec<_>>(), vec![ShardIndex(2)]);
+        let c = work(4, &[(3, 30)]).resume(None);
+        assert_eq!(c.shards[&ShardIndex(3)], ShardCursor { scan_id: 30, ..ShardCursor::default() });
     }
 }

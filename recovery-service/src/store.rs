@@ -8,7 +8,7 @@ use ferry_shared::{
     lifecycle::Closing,
     types::{BlobId, Epoch, ShardIndex},
 };
-use rocksdb::{DB, Options, WriteOptions};
+use rocksdb::{DB, Options, WriteBatch, WriteOptions};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use thiserror::Error;
 
@@ -28,27 +28,40 @@ pub enum RecoveryStoreError {
 
 type Result<T> = std::result::Result<T, RecoveryStoreError>;
 
-/// The persisted scan cursor. One cursor per shard of the work set, so an epoch change keeps
-/// the progress of shards the node keeps and starts only the new ones from the beginning
-/// (rule 8).
+/// The persisted scan cursor: per work shard, how far the scan it needs has come. Progress is
+/// keyed by the shard's scan id, which sync-service draws anew whenever the shard's history
+/// breaks (a restart, a catch-up, a loss and re-gain, a failed sync), so progress of an older
+/// history is never taken for progress on the current one. A shard kept across an epoch change
+/// keeps its scan id and so its progress (rule 8).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Cursor {
     /// Epoch recovery brings the node to.
     pub target_epoch: Epoch,
-    /// Per shard: the last blob id checked (inclusive); `None` = from the beginning.
-    pub shards: BTreeMap<ShardIndex, Option<BlobId>>,
-    /// Shards whose scan reached the end of the registry in the current pass.
-    pub finished: Vec<ShardIndex>,
+    /// Per work shard: its scan's progress.
+    pub shards: BTreeMap<ShardIndex, ShardCursor>,
     /// Pass number.
     pub pass: u32,
     /// Certified blobs checked under this cursor so far.
     pub blobs_scanned: u64,
-    /// Blob checks skipped because a kept shard's cursor survived an epoch change.
+    /// Blob checks skipped because a kept shard's scan survived an epoch change.
     pub rescans_saved: u64,
     /// Blobs recovered.
     pub blobs_recovered: u64,
     /// Sliver bytes fetched from peers.
     pub bytes_fetched: u64,
+}
+
+/// One shard's scan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ShardCursor {
+    /// The scan this progress belongs to.
+    pub scan_id: u64,
+    /// The last blob id checked (inclusive); `None` = from the beginning.
+    pub after: Option<BlobId>,
+    /// Whether the scan reached the end of the registry in the current pass.
+    pub finished: bool,
+    /// Blobs checked by this scan.
+    pub scanned: u64,
 }
 
 /// A blob that failed to recover, retried at the next pass.
@@ -70,8 +83,13 @@ pub struct RecoveryStore {
 
 const CURSOR: &str = "cursor";
 const PAUSED: &str = "paused";
-const FAILED: &str = "failed";
+/// Prefix of one key per failed blob (`failed/<hex id>`), so a pass rewrites only what changed.
+const FAILED_PREFIX: &str = "failed/";
 const ATTESTATIONS: &str = "attestations";
+
+fn failed_key(id: &BlobId) -> String {
+    format!("{FAILED_PREFIX}{}", id.to_hex())
+}
 
 impl RecoveryStore {
     /// Opens or creates the store.
@@ -95,10 +113,19 @@ impl RecoveryStore {
     }
 
     fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put(key, Self::to_json(value)?);
+        self.write(batch)
+    }
+
+    fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+        serde_json::to_vec(value).map_err(|e| RecoveryStoreError::Corrupt(e.to_string()))
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<()> {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
-        let bytes = serde_json::to_vec(value).map_err(|e| RecoveryStoreError::Corrupt(e.to_string()))?;
-        self.db.put_opt(key, bytes, &opts).map_err(|e| RecoveryStoreError::Rocks(e.to_string()))
+        self.db.write_opt(batch, &opts).map_err(|e| RecoveryStoreError::Rocks(e.to_string()))
     }
 
     /// Runs a blocking call off the async workers.
@@ -120,9 +147,18 @@ impl RecoveryStore {
         self.get(CURSOR)
     }
 
-    /// Persists the cursor.
-    pub fn put_cursor(&self, cursor: &Cursor) -> Result<()> {
-        self.put(CURSOR, cursor)
+    /// Persists the cursor and the changes of the failed set in one write batch, so a crash
+    /// never leaves a cursor past a blob whose failure was not recorded (`None` = recovered).
+    pub fn save_progress(&self, cursor: &Cursor, failed: &BTreeMap<BlobId, Option<FailedBlob>>) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put(CURSOR, Self::to_json(cursor)?);
+        for (id, entry) in failed {
+            match entry {
+                Some(f) => batch.put(failed_key(id), Self::to_json(f)?),
+                None => batch.delete(failed_key(id)),
+            }
+        }
+        self.write(batch)
     }
 
     /// Whether an operator paused recovery.
@@ -137,12 +173,19 @@ impl RecoveryStore {
 
     /// Blobs that failed, by id.
     pub fn failed(&self) -> Result<BTreeMap<BlobId, FailedBlob>> {
-        Ok(self.get(FAILED)?.unwrap_or_default())
-    }
-
-    /// Persists the failed blobs.
-    pub fn put_failed(&self, failed: &BTreeMap<BlobId, FailedBlob>) -> Result<()> {
-        self.put(FAILED, failed)
+        let mut out = BTreeMap::new();
+        let mode = rocksdb::IteratorMode::From(FAILED_PREFIX.as_bytes(), rocksdb::Direction::Forward);
+        for item in self.db.iterator(mode) {
+            let (k, v) = item.map_err(|e| RecoveryStoreError::Rocks(e.to_string()))?;
+            let Some(hex_id) = k.strip_prefix(FAILED_PREFIX.as_bytes()) else { break };
+            let id = std::str::from_utf8(hex_id)
+                .ok()
+                .and_then(|h| h.parse::<BlobId>().ok())
+                .ok_or_else(|| RecoveryStoreError::Corrupt(format!("failed-blob key {}", String::from_utf8_lossy(&k))))?;
+            let entry = serde_json::from_slice(&v).map_err(|e| RecoveryStoreError::Corrupt(format!("failed blob {id}: {e}")))?;
+            out.insert(id, entry);
+        }
+        Ok(out)
     }
 
     /// Attestations this node made, oldest first.
@@ -158,5 +201,35 @@ impl RecoveryStore {
         }
         all.push(record.clone());
         self.put(ATTESTATIONS, &all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn failed(attempts: u32) -> FailedBlob {
+        FailedBlob { attempts, last_error: "x".into(), first_failed_ms: 1 }
+    }
+
+    #[test]
+    fn the_cursor_and_the_failed_set_are_saved_together_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (BlobId([1; 32]), BlobId([2; 32]));
+        {
+            let store = RecoveryStore::open(dir.path()).unwrap();
+            let mut cursor = Cursor { target_epoch: 3, ..Cursor::default() };
+            cursor.shards.insert(ShardIndex(1), ShardCursor { scan_id: 9, after: Some(b), finished: false, scanned: 2 });
+            store.save_progress(&cursor, &BTreeMap::from([(a, Some(failed(1))), (b, Some(failed(2)))])).unwrap();
+            cursor.pass = 2;
+            store.save_progress(&cursor, &BTreeMap::from([(a, None)])).unwrap();
+        }
+        let store = RecoveryStore::open(dir.path()).unwrap();
+        assert_eq!(store.cursor().unwrap().unwrap().pass, 2);
+        assert_eq!(store.failed().unwrap(), BTreeMap::from([(b, failed(2))]), "a recovered blob leaves the failed set");
+        store.set_paused(true).unwrap();
+        assert!(store.paused().unwrap());
+        assert_eq!(store.failed().unwrap().len(), 1, "other keys are not read as failed blobs");
     }
 }

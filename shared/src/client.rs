@@ -51,6 +51,9 @@ pub enum ClientError {
     /// The blob is unknown or not certified.
     #[error("FERRY-CLI-003: blob {0} is not certified (unknown, or its store did not finish)")]
     NotCertified(BlobId),
+    /// The blob's slivers are not one codeword: its writer encoded it inconsistently.
+    #[error("FERRY-CLI-005: blob {0} is invalid: its writer encoded it inconsistently, so no read can be trusted")]
+    Invalid(BlobId),
     /// Too few verified slivers for a read.
     #[error("FERRY-CLI-004: could read only {have} of {need} verified slivers of blob {blob} ({detail})")]
     NotEnoughSlivers {
@@ -135,6 +138,7 @@ impl BlobClient {
             length: encoded.metadata.length,
             registered_epoch: committee.epoch,
             certificate: None,
+            invalid: None,
         };
         let stored = self.control_plane.register_blob(&record).await?;
         if stored.certificate.is_some() {
@@ -233,6 +237,9 @@ impl BlobClient {
         if record.certificate.is_none() {
             return Err(ClientError::NotCertified(*id));
         }
+        if record.invalid.is_some() {
+            return Err(ClientError::Invalid(*id));
+        }
         let committee = self.control_plane.current_committee().await?.ok_or(ClientError::NoCommittee)?;
         let metadata = self.metadata(&committee, id).await?;
         let k = metadata.k as usize;
@@ -277,7 +284,14 @@ impl BlobClient {
             });
         }
         let slivers: Vec<(ShardIndex, &[u8])> = got.iter().map(|(s, d)| (*s, d.as_slice())).collect();
-        Ok(erasure::decode(&metadata, &slivers)?)
+        let data = erasure::decode(&metadata, &slivers)?;
+        // Each sliver matched its digest, but only one codeword decodes to the same bytes from
+        // any k of them: re-encode and compare, so an inconsistently written blob is refused
+        // instead of read differently depending on which owners answered first.
+        if erasure::encode(&data, metadata.n_shards)?.blob_id != *id {
+            return Err(ClientError::Invalid(*id));
+        }
+        Ok(data)
     }
 
     async fn metadata(&self, committee: &Committee, id: &BlobId) -> Result<BlobMetadata, ClientError> {

@@ -220,6 +220,23 @@ pub struct BlobRecord {
     pub registered_epoch: Epoch,
     /// Set once certified.
     pub certificate: Option<Certificate>,
+    /// Set when a node found the blob's slivers are not one codeword (its writer encoded it
+    /// inconsistently): the blob can never be recovered, and readers refuse it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalid: Option<InconsistencyProof>,
+}
+
+/// Evidence that a blob was encoded inconsistently, verifiable by anyone who can fetch the
+/// listed slivers: each matches its digest in the blob's metadata, yet decoding from them
+/// rebuilds a sliver that does not ([`crate::erasure::confirms_inconsistency`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InconsistencyProof {
+    /// The shards whose (verified) slivers were decoded.
+    pub shards: Vec<crate::types::ShardIndex>,
+    /// The shard whose rebuilt sliver did not match its digest.
+    pub mismatched: crate::types::ShardIndex,
+    /// The node that found it.
+    pub reported_by: NodeId,
 }
 
 impl BlobRecord {
@@ -294,6 +311,68 @@ pub enum AttestOutcome {
     AlreadyPresent(AttestationRecord),
 }
 
+/// The one attester of a node in a process: hands out at most one [`AttestToken`] per epoch
+/// at a time, and none for an epoch attested already. Rule 5's "exactly once" rests on etcd's
+/// create-if-absent; the token keeps a process's triggers (a sync finishing, a recovery
+/// completing, a restart) from racing each other to it.
+#[derive(Debug, Default)]
+pub struct Attester {
+    state: std::sync::Mutex<AttesterState>,
+}
+
+#[derive(Debug, Default)]
+struct AttesterState {
+    attested: std::collections::BTreeSet<Epoch>,
+    in_hand: std::collections::BTreeSet<Epoch>,
+}
+
+impl Attester {
+    /// The token for `epoch`, unless the epoch is attested or its token is in use.
+    pub fn token(&self, epoch: Epoch) -> Option<AttestToken<'_>> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.attested.contains(&epoch) || !state.in_hand.insert(epoch) {
+            return None;
+        }
+        Some(AttestToken { attester: self, epoch, used: false })
+    }
+}
+
+/// The right to attest one epoch: not `Clone`, consumed by [`AttestToken::attest`]. Dropped
+/// without a stored attestation (an error, a check that failed), it can be taken again.
+#[derive(Debug)]
+pub struct AttestToken<'a> {
+    attester: &'a Attester,
+    epoch: Epoch,
+    used: bool,
+}
+
+impl AttestToken<'_> {
+    /// The epoch this token attests.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// Stores `record` (which must be for this token's epoch) create-if-absent.
+    pub async fn attest(mut self, control_plane: &ControlPlane, record: &AttestationRecord) -> Result<AttestOutcome> {
+        if record.epoch != self.epoch {
+            return Err(ControlPlaneError::AttestationRefused(format!("a token for epoch {} cannot attest epoch {}", self.epoch, record.epoch)));
+        }
+        let outcome = control_plane.attest(record).await?;
+        self.used = true;
+        Ok(outcome)
+    }
+}
+
+impl Drop for AttestToken<'_> {
+    fn drop(&mut self) {
+        let mut state = self.attester.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.in_hand.remove(&self.epoch);
+        if self.used {
+            state.attested.insert(self.epoch);
+        }
+    }
+}
+
 /// A node's status as mirrored for operators.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
@@ -314,6 +393,13 @@ pub enum EpochEvent {
     Started(Committee),
     /// The epoch change completed (`Done`).
     Done(Epoch),
+    /// A node attested epoch-sync-done for an epoch.
+    Attested {
+        /// The epoch attested.
+        epoch: Epoch,
+        /// The attesting node.
+        node: NodeId,
+    },
 }
 
 /// An epoch event with its revision, the cursor a follower persists.
@@ -539,6 +625,23 @@ impl ControlPlane {
         Err(ControlPlaneError::Contention(key))
     }
 
+    /// Marks a blob invalid with the proof of its inconsistent encoding, unless it is marked
+    /// already; returns the record. The caller has checked the proof.
+    pub async fn mark_blob_invalid(&self, id: &BlobId, proof: InconsistencyProof) -> Result<BlobRecord> {
+        let key = self.blob_key(id);
+        for _ in 0..CAS_RETRIES {
+            let (mut record, rev) = self.get_json::<BlobRecord>(&key).await?.ok_or(ControlPlaneError::UnknownBlob(*id))?;
+            if record.invalid.is_some() {
+                return Ok(record);
+            }
+            record.invalid = Some(proof.clone());
+            if self.kv.txn(vec![Guard::ModRevision(key.clone(), rev)], vec![(key.clone(), Self::encode(&record))]).await? {
+                return Ok(record);
+            }
+        }
+        Err(ControlPlaneError::Contention(key))
+    }
+
     /// Up to `limit` registered blobs from `start` (inclusive), in blob-id order.
     pub async fn list_blobs(&self, start: Option<BlobId>, limit: usize) -> Result<Vec<BlobRecord>> {
         let start_key = start.map(|id| self.blob_key(&id));
@@ -578,8 +681,20 @@ impl ControlPlane {
         Ok(AttestOutcome::Created { flipped_to_done })
     }
 
-    /// Flips `ChangeSync(e)` to `Done(e)` if the attesters of `e` own a quorum. Safe to call
-    /// from every attester: the guarded write succeeds for exactly one of them.
+    /// Flips `ChangeSync(epoch)` to `Done(epoch)` if the attesters of `epoch` own a quorum of
+    /// its shards; returns whether this call flipped it. Any node may call it, any number of
+    /// times: the guarded write succeeds once. Nodes call it whenever they see an attestation,
+    /// so a flip its quorum-completing attester never made (it failed or died right after its
+    /// attestation) is made by the others.
+    pub async fn complete_epoch_if_quorum(&self, epoch: Epoch) -> Result<bool> {
+        match self.current().await? {
+            Some(EpochPhase::ChangeSync(e)) if e == epoch => {}
+            _ => return Ok(false),
+        }
+        let Some(committee) = self.committee(epoch).await? else { return Ok(false) };
+        self.flip_to_done_if_quorum(&committee).await
+    }
+
     async fn flip_to_done_if_quorum(&self, committee: &Committee) -> Result<bool> {
         let e = committee.epoch;
         let current_key = self.key("current");
@@ -594,6 +709,14 @@ impl ControlPlane {
             if !committee.is_quorum(attesters.iter()) {
                 return Ok(false);
             }
+            // The crash window between the quorum-completing attestation and its flip.
+            crate::failpoints::fail_point!("cp-before-done-flip", |arg| {
+                crate::failpoints::crash_if_asked(arg);
+                Err(ControlPlaneError::Unavailable {
+                    endpoints: "fail point cp-before-done-flip".into(),
+                    message: "the attester failed before the phase flip".into(),
+                })
+            });
             let done = CurrentRecord { phase: EpochPhase::Done(e) };
             if self
                 .kv
@@ -645,10 +768,12 @@ impl ControlPlane {
     pub async fn watch_epochs(&self, after_revision: u64) -> Result<EpochEventStream> {
         let epochs_prefix = self.key("epochs/");
         let current_key = self.key("current");
+        let attestations_prefix = self.key("attestations/");
         let stream = self.kv.watch(&self.prefix, after_revision).await?;
         let mapped = stream.filter_map(move |item| {
             let epochs_prefix = epochs_prefix.clone();
             let current_key = current_key.clone();
+            let attestations_prefix = attestations_prefix.clone();
             async move {
                 let ev = match item {
                     Ok(ev) => ev,
@@ -665,6 +790,14 @@ impl ControlPlane {
                         Ok(_) => return None,
                         Err(e) => return Some(Err(e)),
                     }
+                } else if let Some(rest) = ev.key.strip_prefix(&attestations_prefix) {
+                    // `<epoch:020>/<node>`; the value is not needed to act on it.
+                    let (epoch, node) = rest.split_once('/')?;
+                    let (Ok(epoch), Ok(node)) = (epoch.parse::<Epoch>(), NodeId::new(node.to_string())) else {
+                        tracing::warn!(key = %ev.key, "ignoring an attestation key that does not parse");
+                        return None;
+                    };
+                    EpochEvent::Attested { epoch, node }
                 } else {
                     return None;
                 };

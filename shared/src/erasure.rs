@@ -590,6 +590,15 @@ pub fn rebuild(
         .collect()
 }
 
+/// Whether `slivers` (each checked against the metadata first) prove the blob inconsistent:
+/// decoding from them rebuilds some other sliver, or an original, that does not match its
+/// digest. What a node checks before it honours another's claim that a blob is invalid.
+pub fn confirms_inconsistency(metadata: &BlobMetadata, slivers: &[(ShardIndex, &[u8])]) -> bool {
+    let others: Vec<ShardIndex> =
+        (0..metadata.n_shards).map(ShardIndex).filter(|s| !slivers.iter().any(|(have, _)| have == s)).collect();
+    matches!(rebuild(metadata, slivers, &others), Err(ErasureError::InconsistentEncoding { .. }))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

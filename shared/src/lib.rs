@@ -3,6 +3,7 @@
 //! configuration loading and its live reload, mutual TLS, telemetry and metrics set-up and the
 //! control-plane client.
 
+pub mod backoff;
 pub mod client;
 pub mod committee;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod control_plane;
 pub mod crypto;
 pub mod diff;
 pub mod erasure;
+pub mod failpoints;
 pub mod grpc;
 pub mod lifecycle;
 pub mod metrics;

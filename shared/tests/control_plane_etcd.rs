@@ -186,6 +186,18 @@ async fn next_event(stream: &mut EpochEventStream) -> WatchedEpochEvent {
         .expect("no watch error")
 }
 
+/// The next `Started` or `Done` event; attestation events before it are skipped (and counted).
+async fn next_phase_event(stream: &mut EpochEventStream, attested: &mut usize) -> WatchedEpochEvent {
+    loop {
+        let e = next_event(stream).await;
+        if matches!(e.event, EpochEvent::Attested { .. }) {
+            *attested += 1;
+        } else {
+            return e;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn watcher_restarted_from_last_revision_sees_every_event_once() {
     let cluster = Cluster::start(false).await;
@@ -202,9 +214,11 @@ async fn watcher_restarted_from_last_revision_sees_every_event_once() {
     // Read up to Started(1), which has a revision of its own (epoch 0's Started and Done
     // share one revision, so a cursor inside it would be ambiguous), and stop.
     let mut seen = Vec::new();
+    let mut attested = 0;
     for _ in 0..3 {
-        seen.push(next_event(&mut first).await);
+        seen.push(next_phase_event(&mut first, &mut attested).await);
     }
+    assert_eq!(attested, 0, "the attestations of epoch 1 come after its Started");
     let cursor = seen.last().unwrap().revision;
     drop(first);
 
@@ -218,8 +232,9 @@ async fn watcher_restarted_from_last_revision_sees_every_event_once() {
 
     let mut second = cp.watch_epochs(cursor).await.unwrap();
     for _ in 0..4 {
-        seen.push(next_event(&mut second).await);
+        seen.push(next_phase_event(&mut second, &mut attested).await);
     }
+    assert!(attested >= 4, "the attestations of epochs 1 and 2 (up to each flip) are events too: {attested}");
     // Nothing else: no duplicates after the expected events.
     let extra = tokio::time::timeout(Duration::from_millis(500), second.next()).await;
     assert!(extra.is_err(), "unexpected extra event: {extra:?}");
@@ -381,5 +396,5 @@ async fn watch_from_compacted_revision_is_a_resume_error() {
     // Resuming from the head works.
     let mut live = cluster.cp.watch_epochs(head).await.unwrap();
     cluster.attest_all(&[0, 1, 2], 1).await;
-    assert_eq!(next_event(&mut live).await.event, EpochEvent::Done(1));
+    assert_eq!(next_phase_event(&mut live, &mut 0).await.event, EpochEvent::Done(1));
 }

@@ -40,8 +40,6 @@ pub struct SyncConfig {
     pub shard_sync: ShardSyncConfig,
     /// Shard streaming (the serving side).
     pub stream: StreamConfig,
-    /// Epoch changes.
-    pub epoch: EpochConfig,
 }
 
 impl Default for SyncConfig {
@@ -58,7 +56,6 @@ impl Default for SyncConfig {
             store: StoreConfig::default(),
             shard_sync: ShardSyncConfig::default(),
             stream: StreamConfig::default(),
-            epoch: EpochConfig::default(),
         }
     }
 }
@@ -98,8 +95,10 @@ pub struct ShardSyncConfig {
     /// Shard syncs that may run at once. Default 4. Changeable at run time through `SyncAdmin`
     /// or by editing the config file (applied live).
     pub max_concurrent_syncs: u32,
-    /// Attempts before a sync fails for good and its shard goes to blob recovery. Default 8.
-    pub max_attempts: u32,
+    /// A sync that makes no progress (writes no batch) for this long fails for good and its
+    /// shard goes to blob recovery (ms); while it makes progress it is retried however often
+    /// the stream breaks. Default 300000 (5 minutes).
+    pub give_up_after_ms: u64,
     /// First retry delay (ms); doubles per attempt, with ±25% jitter. Default 500.
     pub initial_backoff_ms: u64,
     /// Largest retry delay (ms). Default 30000.
@@ -129,7 +128,7 @@ impl Default for ShardSyncConfig {
     fn default() -> Self {
         ShardSyncConfig {
             max_concurrent_syncs: 4,
-            max_attempts: 8,
+            give_up_after_ms: 300_000,
             initial_backoff_ms: 500,
             max_backoff_ms: 30_000,
             batch_items: 64,
@@ -144,6 +143,11 @@ impl ShardSyncConfig {
     /// The per-item timeout.
     pub fn item_timeout(&self) -> Duration {
         Duration::from_millis(self.item_timeout_ms)
+    }
+
+    /// How long a sync may go without progress before it fails for good.
+    pub fn give_up_after(&self) -> Duration {
+        Duration::from_millis(self.give_up_after_ms)
     }
 }
 
@@ -184,21 +188,6 @@ impl Default for StreamConfig {
     }
 }
 
-/// Epoch-change behaviour.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct EpochConfig {
-    /// Time a lost (`LockedToMove`) shard is kept after its epoch change is done, so its new
-    /// owner can still sync it (ms). Default 600000.
-    pub locked_shard_grace_ms: u64,
-}
-
-impl Default for EpochConfig {
-    fn default() -> Self {
-        EpochConfig { locked_shard_grace_ms: 600_000 }
-    }
-}
-
 impl Validate for SyncConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         NodeId::new(self.node_id.clone()).map_err(|e| invalid("node_id", e.to_string()))?;
@@ -213,7 +202,7 @@ impl Validate for SyncConfig {
         let s = &self.shard_sync;
         for (field, value) in [
             ("shard_sync.max_concurrent_syncs", s.max_concurrent_syncs as u64),
-            ("shard_sync.max_attempts", s.max_attempts as u64),
+            ("shard_sync.give_up_after_ms", s.give_up_after_ms),
             ("shard_sync.batch_items", s.batch_items as u64),
             ("shard_sync.item_timeout_ms", s.item_timeout_ms),
             ("stream.max_concurrent_streams", self.stream.max_concurrent_streams as u64),
@@ -248,9 +237,9 @@ mod tests {
         let c: SyncConfig = ferry_shared::config::load_from(Some(&path), ENV_PREFIX, env).unwrap();
         assert_eq!(c.node_id, "node-0");
         assert_eq!(c.shard_sync.max_concurrent_syncs, 9);
-        let bad = vec![("FERRY_SYNC__SHARD_SYNC__MAX_ATTEMPTS".to_string(), "0".to_string())];
+        let bad = vec![("FERRY_SYNC__SHARD_SYNC__GIVE_UP_AFTER_MS".to_string(), "0".to_string())];
         let err = ferry_shared::config::load_from::<SyncConfig>(Some(&path), ENV_PREFIX, bad).unwrap_err();
-        assert!(err.to_string().contains("shard_sync.max_attempts"), "{err}");
+        assert!(err.to_string().contains("shard_sync.give_up_after_ms"), "{err}");
     }
 
     #[test]

@@ -109,7 +109,7 @@ pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyh
         let mut counts = node.counter.subscribe();
         node.spawn_background(async move {
             loop {
-                gauge.set(i64::from(*counts.borrow_and_update()));
+                gauge.set(i64::from(counts.borrow_and_update().running_syncs));
                 if counts.changed().await.is_err() {
                     return;
                 }

@@ -31,6 +31,8 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     ferry_shared::tls::install_crypto_provider();
+    // Fail points from FAILPOINTS, in builds with the `failpoints` feature (tests) only.
+    let _fail_points = ferry_shared::failpoints::setup_from_env();
     let _telemetry = ferry_shared::telemetry::init("sync-service", config.log_format);
     ferry_sync_service::run_until(config, args.config.as_deref(), ferry_shared::serving::shutdown_signal())
         .await

@@ -5,10 +5,14 @@
 //! Every change of persisted node or shard state goes through [`Node::transition`], which
 //! serialises writers (epoch changes, shard-sync completions, recovery completions) so no
 //! stale task can overwrite a newer status, then republishes the view that `WatchSyncState`
-//! and `GetStatus` report.
+//! and `GetStatus` report. Data-plane writes take the same lock shared ([`Node::data_write`]),
+//! so no sliver lands in a shard while its status changes (a shard being locked, say). Both
+//! guards reach into the blocking store call they cover: a caller that goes away (a client
+//! reset, a cancelled RPC) cannot release the lock while its write is still running.
 
 pub mod attestation;
 pub mod epoch_change;
+pub mod shard_state;
 pub mod shard_sync;
 pub mod sync_counter;
 
@@ -20,14 +24,14 @@ use std::{
 use anyhow::Context as _;
 use ferry_shared::{
     Committee,
-    control_plane::{ControlPlane, ControlPlaneError, NodeRecord},
+    control_plane::{Attester, ControlPlane, ControlPlaneError, NodeRecord},
     crypto::{self, NodeKeypair},
     grpc::Connector,
     tls::TlsMaterial,
     types::{Epoch, NodeId, NodeStatus, ShardIndex, ShardStatus},
 };
 use thiserror::Error;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, watch};
 
 use crate::{
     config::SyncConfig,
@@ -69,15 +73,21 @@ pub enum NodeError {
     /// A background task ended when it must run for the life of the process.
     #[error("FERRY-NODE-003: background task {0} stopped unexpectedly")]
     TaskStopped(&'static str),
+    /// A shard-status change the state machine does not allow (a bug, or a corrupt record).
+    #[error(transparent)]
+    Transition(#[from] shard_state::IllegalTransition),
 }
 
-/// What the node publishes about itself: persisted state plus the running-sync count.
+/// What the node publishes about itself: persisted state plus the running-sync count, in one
+/// value so that no subscriber sees one without the other.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct NodeView {
     /// Persisted node state, `None` until the cluster starts or the node catches up.
     pub state: Option<NodeState>,
     /// Persisted shard records.
     pub shards: BTreeMap<ShardIndex, ShardRecord>,
+    /// Shard-sync tasks running now (rule 2).
+    pub running_syncs: u32,
 }
 
 impl NodeView {
@@ -135,10 +145,12 @@ pub struct Node {
     pub connector: Connector,
     /// Prometheus metrics.
     pub metrics: SyncMetrics,
-    view: watch::Sender<NodeView>,
+    /// sync-service's single attester of this node (rule 5).
+    pub attester: Attester,
+    view: Arc<watch::Sender<NodeView>>,
     /// Whether the epoch follower's watch on the control plane is established (readiness).
     following: watch::Sender<bool>,
-    transition_lock: Mutex<()>,
+    transition_lock: Arc<RwLock<()>>,
     sync_tasks: StdMutex<HashMap<ShardIndex, tokio::task::AbortHandle>>,
     live: StdMutex<HashMap<ShardIndex, LiveSync>>,
     /// Every background task holding the node (syncs, stream producers, timers), so shutdown
@@ -152,27 +164,21 @@ impl std::fmt::Debug for Node {
     }
 }
 
-/// A write under the transition lock: holds it for the guard's life.
-pub struct TransitionGuard<'a> {
-    node: &'a Node,
-    _lock: tokio::sync::MutexGuard<'a, ()>,
+/// The transition lock, held exclusively, and what republishes the view when it is let go.
+struct HeldTransition {
+    store: ShardStore,
+    view: Arc<watch::Sender<NodeView>>,
+    _lock: OwnedRwLockWriteGuard<()>,
 }
 
-impl TransitionGuard<'_> {
-    /// The persisted view now (fresh from the store).
-    pub async fn view(&self) -> Result<NodeView, NodeError> {
-        self.node.load_view().await
-    }
-}
-
-impl Drop for TransitionGuard<'_> {
+impl Drop for HeldTransition {
     fn drop(&mut self) {
-        // Refresh the published view from the store after every transition.
-        let store = self.node.store.clone();
-        match (store.node_state(), store.shard_records()) {
+        // Refresh the published view from the store after every transition, before the lock
+        // is released (fields drop after this body).
+        match (self.store.node_state(), self.store.shard_records()) {
             (Ok(state), Ok(shards)) => {
-                self.node.view.send_if_modified(|v| {
-                    let new = NodeView { state, shards };
+                self.view.send_if_modified(|v| {
+                    let new = NodeView { state, shards, running_syncs: v.running_syncs };
                     if *v == new {
                         false
                     } else {
@@ -188,6 +194,59 @@ impl Drop for TransitionGuard<'_> {
     }
 }
 
+/// A change of persisted node or shard state: holds the transition lock exclusively until
+/// this guard and every store call made through it have ended.
+pub struct TransitionGuard {
+    held: Arc<HeldTransition>,
+}
+
+impl TransitionGuard {
+    /// The persisted view now (fresh from the store).
+    pub async fn view(&self) -> Result<NodeView, NodeError> {
+        let running_syncs = self.held.view.borrow().running_syncs;
+        let (state, shards) = self.call(|s| Ok((s.node_state()?, s.shard_records()?))).await?;
+        Ok(NodeView { state, shards, running_syncs })
+    }
+
+    /// A blocking store call under this guard: the lock stays held until the call is done,
+    /// even if the awaiting future is dropped first.
+    pub async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&ShardStore) -> Result<T, StoreError> + Send + 'static,
+    {
+        let held = self.held.clone();
+        self.held.store.call(move |s| {
+            let _held = held;
+            f(s)
+        })
+        .await
+    }
+}
+
+/// A data-plane write: holds the transition lock shared, so no status changes under it.
+pub struct DataGuard {
+    lock: Arc<OwnedRwLockReadGuard<()>>,
+    store: ShardStore,
+}
+
+impl DataGuard {
+    /// A blocking store call under this guard, holding it until the call is done.
+    pub async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&ShardStore) -> Result<T, StoreError> + Send + 'static,
+    {
+        let lock = self.lock.clone();
+        self.store
+            .call(move |s| {
+                let _lock = lock;
+                f(s)
+            })
+            .await
+    }
+}
+
 impl Node {
     /// Opens the node: loads its key, opens the store, connects to the control plane.
     pub async fn open(config: SyncConfig, control_plane: ControlPlane) -> anyhow::Result<Arc<Self>> {
@@ -198,27 +257,29 @@ impl Node {
         let store_config = config.store.clone();
         let store = tokio::task::spawn_blocking(move || ShardStore::open(&store_config)).await??;
         let limit = config.shard_sync.max_concurrent_syncs;
+        let view = Arc::new(watch::channel(NodeView::default()).0);
         let node = Arc::new(Node {
             id,
             key,
             store,
             control_plane,
-            counter: SyncCounter::default(),
+            counter: SyncCounter::new(view.clone()),
             sync_limit: SyncLimiter::new(limit as usize),
             stream_rate: AtomicU64::new(config.stream.max_bytes_per_sec),
             connector: Connector::new(tls.clone()),
             tls,
             metrics,
-            view: watch::channel(NodeView::default()).0,
+            attester: Attester::default(),
+            view,
             following: watch::channel(false).0,
-            transition_lock: Mutex::new(()),
+            transition_lock: Arc::new(RwLock::new(())),
             sync_tasks: StdMutex::new(HashMap::new()),
             live: StdMutex::new(HashMap::new()),
             background: StdMutex::new(tokio::task::JoinSet::new()),
             config,
         });
-        let view = node.load_view().await?;
-        node.view.send_replace(view);
+        let loaded = node.load_view().await?;
+        node.view.send_replace(loaded);
         Ok(node)
     }
 
@@ -233,12 +294,22 @@ impl Node {
     }
 
     async fn load_view(&self) -> Result<NodeView, NodeError> {
-        Ok(self.store.call(|s| Ok(NodeView { state: s.node_state()?, shards: s.shard_records()? })).await?)
+        let running_syncs = self.counter.current();
+        let (state, shards) = self.store.call(|s| Ok((s.node_state()?, s.shard_records()?))).await?;
+        Ok(NodeView { state, shards, running_syncs })
     }
 
-    /// Takes the transition lock. Hold it across read-check-write of persisted state.
-    pub async fn transition(&self) -> TransitionGuard<'_> {
-        TransitionGuard { node: self, _lock: self.transition_lock.lock().await }
+    /// Takes the transition lock exclusively. Hold it across read-check-write of persisted state.
+    pub async fn transition(&self) -> TransitionGuard {
+        let lock = self.transition_lock.clone().write_owned().await;
+        TransitionGuard { held: Arc::new(HeldTransition { store: self.store.clone(), view: self.view.clone(), _lock: lock }) }
+    }
+
+    /// Takes the transition lock shared, for a data-plane write: the published view stays
+    /// current (no transition runs) until the write is done.
+    pub async fn data_write(&self) -> DataGuard {
+        let lock = self.transition_lock.clone().read_owned().await;
+        DataGuard { lock: Arc::new(lock), store: self.store.clone() }
     }
 
     /// The published view now.
@@ -300,8 +371,13 @@ impl Node {
         }
     }
 
-    pub(crate) fn unregister_sync_task(&self, shard: ShardIndex) {
-        self.sync_tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(&shard);
+    /// Forgets the sync task of `shard` if it is the task `task` (a newer task for the same
+    /// shard stays registered).
+    pub(crate) fn unregister_sync_task(&self, shard: ShardIndex, task: Option<tokio::task::Id>) {
+        let mut tasks = self.sync_tasks.lock().unwrap_or_else(|p| p.into_inner());
+        if tasks.get(&shard).is_some_and(|h| Some(h.id()) == task) {
+            tasks.remove(&shard);
+        }
     }
 
     /// Whether a sync task is registered for the shard.

@@ -20,6 +20,7 @@ use ferry_proto::v1::{self as pb, sync_admin_server::SyncAdmin, sync_service_ser
 use ferry_shared::{
     crypto::{self, StreamShardIntent},
     erasure::BlobMetadata,
+    failpoints,
     tls::{self, PeerIdentity},
     types::{BlobId, NodeId, NodeStatus, ShardIndex, ShardStatus},
 };
@@ -30,7 +31,11 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::{
-    node::{Node, NodeView, attestation, shard_sync},
+    node::{
+        Node, NodeView, attestation,
+        shard_state::{self, ShardEvent},
+        shard_sync,
+    },
     store::StoreError,
 };
 
@@ -178,10 +183,12 @@ impl SyncServer {
                 owner.map(|o| o.to_string()).unwrap_or_default()
             )));
         }
+        // A shard under blob recovery (after a restart, say) is served too: it holds what it
+        // holds, and the receiver checks its copy against every certified blob at the end.
         match view.shards.get(&shard).map(|r| r.status) {
-            Some(ShardStatus::Active | ShardStatus::LockedToMove) => Ok((shard, start)),
+            Some(ShardStatus::Active | ShardStatus::ActiveRecover | ShardStatus::LockedToMove) => Ok((shard, start)),
             Some(other) => Err(Status::failed_precondition(format!(
-                "this node holds shard {shard} as {other}, not complete; it cannot serve it"
+                "this node holds shard {shard} as {other}, still being filled; it cannot serve it"
             ))),
             None => Err(Status::failed_precondition(format!("this node holds no storage for shard {shard}"))),
         }
@@ -231,6 +238,9 @@ impl SyncService for SyncServer {
         self.authorize(&request, Access::MemberOrClient)?;
         let req = request.into_inner();
         let id = blob_id(&req.blob_id)?;
+        // Shared transition lock from the status check to the end of the write (also if this
+        // call is cancelled meanwhile): no shard is locked or dropped under a sliver landing.
+        let data_guard = self.node.data_write().await;
         let view = self.node.view();
         let shard = self.committee_shard(&view, req.shard)?;
         let epoch = view.epoch();
@@ -254,9 +264,7 @@ impl SyncService for SyncServer {
             .filter(|s| view.shards.get(s).is_some_and(|r| r.status.is_owned()))
             .collect();
         let data = req.data;
-        let complete = self
-            .node
-            .store
+        let complete = data_guard
             .call(move |s| {
                 let metadata = s.metadata(&id)?;
                 let Some(metadata) = metadata else {
@@ -383,7 +391,7 @@ impl SyncService for SyncServer {
                             .into_iter()
                             .map(|(id, data)| {
                                 let metadata = if include_metadata { s.metadata(&id)?.map(|m| m.to_proto()) } else { None };
-                                Ok(pb::ShardItem { blob_id: id.0.to_vec(), data, metadata, end: false })
+                                Ok(pb::ShardItem { blob_id: id.0.to_vec(), data, metadata, ..Default::default() })
                             })
                             .collect::<Result<Vec<_>, StoreError>>()
                     })
@@ -429,13 +437,17 @@ impl SyncService for SyncServer {
                         break;
                     }
                 }
-                match last.successor() {
-                    Some(next) if sent < limit => cursor = Some(next),
-                    _ => {
-                        let _ = tokio::time::timeout(send_timeout, tx.send(Ok(pb::ShardItem { end: true, ..Default::default() }))).await;
-                        return;
+                let finale = match last.successor() {
+                    Some(next) if sent < limit => {
+                        cursor = Some(next);
+                        continue;
                     }
-                }
+                    // Stopped at the limit, not at the end: the receiver asks again.
+                    Some(_) => pb::ShardItem { limit_reached: true, ..Default::default() },
+                    None => pb::ShardItem { end: true, ..Default::default() }, // the largest id
+                };
+                let _ = tokio::time::timeout(send_timeout, tx.send(Ok(finale))).await;
+                return;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -448,26 +460,36 @@ impl SyncService for SyncServer {
         request: Request<pb::WatchSyncStateRequest>,
     ) -> Result<Response<Self::WatchSyncStateStream>, Status> {
         self.authorize(&request, Access::SelfOnly)?;
+        if failpoints::is_on("sync-state-stream") {
+            return Err(Status::unavailable("fail point sync-state-stream: the sync-state stream is down"));
+        }
+        // One channel carries the view and the running-sync count, so every state sent is one
+        // the node was actually in.
         let node = self.node.clone();
         let views = node.subscribe();
-        let counts = node.counter.subscribe();
         let shutdown = self.shutdown.clone();
         let stream = futures::stream::unfold(
-            (node, views, counts, shutdown, None::<pb::SyncState>),
-            |(node, mut views, mut counts, mut shutdown, last)| async move {
+            (node, views, shutdown, None::<pb::SyncState>, false),
+            |(node, mut views, mut shutdown, last, broken)| async move {
+                if broken {
+                    return None;
+                }
                 loop {
                     if last.is_some() {
-                        tokio::select! {
-                            r = views.changed() => if r.is_err() { return None },
-                            r = counts.changed() => if r.is_err() { return None },
+                        let broke = tokio::select! {
+                            r = views.changed() => if r.is_err() { return None } else { false },
                             _ = shutdown.wait_for(|s| *s) => return None,
+                            () = failpoints::tripped("sync-state-stream") => true,
+                        };
+                        if broke {
+                            let down = Status::unavailable("fail point sync-state-stream: the sync-state stream broke");
+                            return Some((Err(down), (node, views, shutdown, last, true)));
                         }
                     }
                     let view = views.borrow_and_update().clone();
-                    let running = *counts.borrow_and_update();
-                    let state = sync_state(&node, &view, running);
+                    let state = sync_state(&node, &view);
                     if last.as_ref() != Some(&state) {
-                        return Some((Ok(state.clone()), (node, views, counts, shutdown, Some(state))));
+                        return Some((Ok(state.clone()), (node, views, shutdown, Some(state), false)));
                     }
                 }
             },
@@ -580,6 +602,44 @@ impl SyncService for SyncServer {
         Ok(Response::new(pb::CheckBlobsResponse { blobs }))
     }
 
+    async fn audit_blobs(&self, request: Request<pb::AuditBlobsRequest>) -> Result<Response<pb::AuditBlobsResponse>, Status> {
+        self.authorize(&request, Access::MemberOrClient)?;
+        let req = request.into_inner();
+        if req.blob_ids.len() > MAX_CHECK_BLOBS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_CHECK_BLOBS} blob ids per request, got {}",
+                req.blob_ids.len()
+            )));
+        }
+        let ids = req.blob_ids.iter().map(|b| blob_id(b)).collect::<Result<Vec<_>, _>>()?;
+        let view = self.node.view();
+        let owned = view.owned(&self.node.id);
+        let with_storage: Vec<(ShardIndex, bool)> = owned.iter().map(|s| (*s, view.shards.contains_key(s))).collect();
+        let blobs = self
+            .node
+            .store
+            .call(move |s| {
+                ids.into_iter()
+                    .map(|id| {
+                        let metadata = s.metadata(&id)?;
+                        let mut audit = pb::BlobAudit { blob_id: id.0.to_vec(), has_metadata: metadata.is_some(), ..Default::default() };
+                        for (shard, stored) in &with_storage {
+                            let sliver = if *stored { s.sliver(*shard, &id)? } else { None };
+                            match (sliver, &metadata) {
+                                (None, _) => audit.missing_shards.push(shard.0),
+                                (Some(data), Some(m)) if m.verify_sliver(*shard, &data).is_ok() => {}
+                                (Some(_), _) => audit.corrupt_shards.push(shard.0),
+                            }
+                        }
+                        Ok(audit)
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()
+            })
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(pb::AuditBlobsResponse { epoch: view.epoch(), owned_shards: owned.iter().map(|s| s.0).collect(), blobs }))
+    }
+
     async fn mark_shards_recovered(
         &self,
         request: Request<pb::MarkShardsRecoveredRequest>,
@@ -598,35 +658,24 @@ impl SyncService for SyncServer {
             }
             let owned = view.owned(&self.node.id);
             let mut updates = Vec::new();
-            for raw in req.shards {
-                let shard = self.committee_shard(&view, raw)?;
-                let record = view.shards.get(&shard);
-                match record {
-                    Some(r) if r.status == ShardStatus::ActiveRecover && owned.contains(&shard) => {
-                        let mut r = r.clone();
-                        r.status = ShardStatus::Active;
-                        updates.push((shard, r));
-                    }
+            for scan in req.shards {
+                let shard = self.committee_shard(&view, scan.shard)?;
+                if !owned.contains(&shard) {
+                    return Err(Status::failed_precondition(format!("this node does not own shard {shard} in epoch {}", view.epoch())));
+                }
+                match view.shards.get(&shard) {
                     Some(r) if r.status == ShardStatus::Active => {}
                     other => {
-                        return Err(Status::failed_precondition(format!(
-                            "shard {shard} is {:?}, not ACTIVE_RECOVER on this node",
-                            other.map(|r| r.status)
-                        )));
+                        // Only the scan the shard needs now completes it: a scan of an earlier
+                        // history (before a restart, say) is refused, and recovery scans again.
+                        let next = shard_state::apply(other, &ShardEvent::Recovered { scan_id: scan.scan_id })
+                            .map_err(|e| Status::failed_precondition(format!("shard {shard}: {e}")))?;
+                        updates.push((shard, next));
                     }
                 }
             }
             let activated: Vec<u32> = updates.iter().map(|(s, _)| s.0).collect();
-            self.node
-                .store
-                .call(move |s| {
-                    for (shard, record) in &updates {
-                        s.put_shard_record(*shard, record)?;
-                    }
-                    Ok(())
-                })
-                .await
-                .map_err(internal)?;
+            guard.call(move |s| s.put_shard_records(&updates)).await.map_err(internal)?;
             activated
         };
         if !activated.is_empty() {
@@ -695,7 +744,7 @@ impl SyncService for SyncServer {
                 return Err(Status::failed_precondition(format!("attest epoch {epoch} before completing recovery")));
             }
             state.status = NodeStatus::Active;
-            self.node.store.call(move |s| s.put_node_state(&state)).await.map_err(internal)?;
+            guard.call(move |s| s.put_node_state(&state)).await.map_err(internal)?;
         }
         info!(epoch, "node recovery complete; node is Active");
         self.node.mirror_status().await;
@@ -703,27 +752,26 @@ impl SyncService for SyncServer {
     }
 }
 
-fn sync_state(node: &Node, view: &NodeView, running: u32) -> pb::SyncState {
+fn sync_state(node: &Node, view: &NodeView) -> pb::SyncState {
     let (status, recovery_epoch) = view.status().to_proto();
     let owned = view.owned(&node.id);
-    let not_active = owned
+    let status_of = |s: &ShardIndex| view.shards.get(s).map(|r| r.status);
+    let recovering = owned
         .iter()
-        .filter(|s| view.shards.get(s).map(|r| r.status) != Some(ShardStatus::Active))
-        .map(|s| s.0)
-        .collect();
-    let syncing = owned
-        .iter()
-        .filter(|s| view.shards.get(s).map(|r| r.status) == Some(ShardStatus::ActiveSync))
-        .map(|s| s.0)
+        .filter_map(|s| {
+            let r = view.shards.get(s)?;
+            (r.status == ShardStatus::ActiveRecover).then(|| pb::ShardScan { shard: s.0, scan_id: r.scan_id.unwrap_or(0) })
+        })
         .collect();
     pb::SyncState {
         epoch: view.epoch(),
         node_status: status as i32,
         recovery_epoch,
-        running_syncs: running,
-        shards_not_active: not_active,
+        running_syncs: view.running_syncs,
+        shards_not_active: owned.iter().filter(|s| status_of(s) != Some(ShardStatus::Active)).map(|s| s.0).collect(),
         owned_shards: owned.iter().map(|s| s.0).collect(),
-        syncing_shards: syncing,
+        syncing_shards: owned.iter().filter(|s| status_of(s) == Some(ShardStatus::ActiveSync)).map(|s| s.0).collect(),
+        recovering,
     }
 }
 
@@ -739,27 +787,12 @@ impl SyncAdmin for SyncServer {
             let guard = self.node.transition().await;
             let view = guard.view().await.map_err(internal)?;
             let shard = self.committee_shard(&view, raw)?;
-            let mut record = view
-                .shards
-                .get(&shard)
-                .cloned()
-                .ok_or_else(|| Status::not_found(format!("no storage for shard {shard}")))?;
-            if record.status != ShardStatus::ActiveRecover
-                || record.sync.as_ref().and_then(|p| p.source.as_ref()).is_none()
-            {
-                return Err(Status::failed_precondition(format!(
-                    "shard {shard} is {} and has no failed sync to retry",
-                    record.status
-                )));
-            }
-            record.status = ShardStatus::ActiveSync;
-            if let Some(p) = record.sync.as_mut() {
-                p.attempts = 0;
-                p.finished = false;
-                p.finished_at_ms = 0;
-                p.last_error = None;
-            }
-            self.node.store.call(move |s| s.put_shard_record(shard, &record)).await.map_err(internal)?;
+            let current =
+                view.shards.get(&shard).ok_or_else(|| Status::not_found(format!("no storage for shard {shard}")))?;
+            let record = shard_state::apply(Some(current), &ShardEvent::RetrySync).map_err(|_| {
+                Status::failed_precondition(format!("shard {shard} is {} and has no failed sync to retry", current.status))
+            })?;
+            guard.call(move |s| s.put_shard_record(shard, &record)).await.map_err(internal)?;
             drop(guard);
             info!(shard = shard.0, "operator retried shard sync");
             shard_sync::spawn_shard_sync(&self.node, shard);

@@ -113,13 +113,28 @@ pub struct SyncProgress {
     pub finished_at_ms: u64,
 }
 
-/// One shard's persisted record.
+/// One shard's persisted record. Its status changes only through
+/// [`crate::node::shard_state::apply`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardRecord {
     /// Status.
     pub status: ShardStatus,
     /// Sync progress, for shards that are or were filled by shard sync.
     pub sync: Option<SyncProgress>,
+    /// For `ActiveRecover`: the scan blob recovery must complete; drawn anew on every entry
+    /// into `ActiveRecover`, so progress of an earlier history never counts.
+    #[serde(default)]
+    pub scan_id: Option<u64>,
+    /// For `LockedToMove`: the epoch that moved the shard away.
+    #[serde(default)]
+    pub locked_epoch: Option<Epoch>,
+}
+
+impl ShardRecord {
+    /// A record with `status` and nothing else.
+    pub fn new(status: ShardStatus) -> Self {
+        ShardRecord { status, sync: None, scan_id: None, locked_epoch: None }
+    }
 }
 
 /// A sliver to write, with its blob's metadata if the node may lack it.
@@ -307,8 +322,16 @@ impl ShardStore {
 
     /// Writes one shard record.
     pub fn put_shard_record(&self, shard: ShardIndex, record: &ShardRecord) -> Result<()> {
+        self.put_shard_records(&[(shard, record.clone())])
+    }
+
+    /// Writes shard records in one batch.
+    pub fn put_shard_records(&self, records: &[(ShardIndex, ShardRecord)]) -> Result<()> {
         let mut batch = WriteBatch::default();
-        batch.put_cf(&self.cf(CF_SHARDS)?, shard.0.to_be_bytes(), Self::to_json(record));
+        let cf = self.cf(CF_SHARDS)?;
+        for (shard, record) in records {
+            batch.put_cf(&cf, shard.0.to_be_bytes(), Self::to_json(record));
+        }
         self.write(batch)
     }
 
@@ -494,8 +517,8 @@ mod tests {
                 });
             }
             let record = ShardRecord {
-                status: ShardStatus::ActiveSync,
                 sync: Some(SyncProgress { cursor: Some(ids[49]), blobs_done: 50, ..Default::default() }),
+                ..ShardRecord::new(ShardStatus::ActiveSync)
             };
             store.write_sync_batch(shard, &items, &[ids[0]], &record).unwrap();
         }

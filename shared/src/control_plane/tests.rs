@@ -99,7 +99,7 @@ async fn blobs_register_once_certify_once_and_list_in_order() {
     let f = fixture(4, 4).await;
     let mut ids: Vec<BlobId> = (0..10u8).map(|i| BlobId([i.wrapping_mul(37); 32])).collect();
     for id in &ids {
-        let r = BlobRecord { blob_id: *id, length: 5, registered_epoch: 0, certificate: None };
+        let r = BlobRecord { blob_id: *id, length: 5, registered_epoch: 0, certificate: None, invalid: None };
         assert_eq!(f.cp.register_blob(&r).await.unwrap(), r);
         let again = BlobRecord { length: 6, ..r.clone() };
         assert_eq!(f.cp.register_blob(&again).await.unwrap().length, 5, "registration is create-if-absent");
@@ -158,6 +158,25 @@ async fn watch_replays_history_after_a_revision_then_follows_live() {
     for i in 0..4 {
         f.cp.attest(&f.attestation(i, 1)).await.unwrap();
     }
-    assert_eq!(resumed.next().await.unwrap().unwrap().event, EpochEvent::Done(1));
-    assert_eq!(all.next().await.unwrap().unwrap().event, EpochEvent::Done(1));
+    // Every attestation is an event (followers complete a lost phase flip on them); the flip
+    // comes right after the quorum-completing one.
+    for stream in [&mut resumed, &mut all] {
+        let mut events = Vec::new();
+        for _ in 0..5 {
+            events.push(stream.next().await.unwrap().unwrap().event);
+        }
+        let attested: Vec<usize> = events.iter().enumerate().filter(|(_, e)| matches!(e, EpochEvent::Attested { epoch: 1, .. })).map(|(i, _)| i).collect();
+        assert_eq!(attested.len(), 4, "{events:?}");
+        let done_at = events.iter().position(|e| *e == EpochEvent::Done(1)).unwrap();
+        let before: Vec<NodeId> = events[..done_at]
+            .iter()
+            .filter_map(|e| match e {
+                EpochEvent::Attested { node, .. } => Some(node.clone()),
+                _ => None,
+            })
+            .collect();
+        let c1 = f.next_committee();
+        assert!(c1.is_quorum(before.iter()), "{events:?}");
+        assert!(!c1.is_quorum(before[..before.len() - 1].iter()), "the flip follows the first quorum: {events:?}");
+    }
 }

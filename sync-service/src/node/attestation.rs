@@ -57,18 +57,21 @@ async fn try_attest(node: &Arc<Node>) -> Result<(), NodeError> {
         return Ok(());
     }
     let epoch = state.epoch;
+    let Some(token) = node.attester.token(epoch) else { return Ok(()) }; // attested, or in hand
     if node.control_plane.attestation(epoch, &node.id).await?.is_some() {
         return Ok(());
     }
     let Some(evidence) = evidence(node, &view).await? else { return Ok(()) };
-    // Re-check under the lock that nothing moved (a newer epoch) while evidence was read.
-    let _t = node.transition().await;
+    // Re-check, holding off every transition, that nothing moved (a newer epoch, a shard that
+    // needs a scan again) while the evidence was read.
+    let _hold = node.data_write().await;
     let now = node.view();
-    if now.epoch() != epoch || now.status() != NodeStatus::Active {
+    let all_active = now.owned(&node.id).iter().all(|s| now.shards.get(s).map(|r| r.status) == Some(ShardStatus::Active));
+    if now.epoch() != epoch || now.status() != NodeStatus::Active || !all_active {
         return Ok(());
     }
     let record = AttestationRecord::sign(&node.key, node.id.clone(), epoch, "sync-service", evidence);
-    match node.control_plane.attest(&record).await? {
+    match token.attest(&node.control_plane, &record).await? {
         AttestOutcome::Created { flipped_to_done } => {
             node.metrics.attestations.inc();
             info!(epoch, flipped_to_done, "attested epoch-sync-done");

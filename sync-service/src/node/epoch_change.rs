@@ -1,41 +1,47 @@
-//! Epoch changes: the event follower and the transition it applies.
+//! Epoch changes: the event follower and the transitions it applies.
 //!
 //! The follower resumes the control plane's watch after the last revision the node applied.
-//! A `Started(e)` event is applied as one ordered transition: storage for gained shards is
-//! created first, then shard records, node status, epoch, committee and revision are written
-//! in one batch ("a status implies its storage exists"), then lost shards' syncs are quiesced
-//! (they were already locked in the batch) and gained shards' syncs start. Replaying an event
+//! A `Started(e)` event is applied as one ordered transition decided by [`plan::plan`]:
+//! storage for gained shards is created first, then shard records, node status, epoch,
+//! committee and revision are written in one batch ("a status implies its storage exists"),
+//! then the gained shards' syncs start (their guards are taken before the lost shards' syncs
+//! are stopped, so the published count never dips to zero in between). Replaying an event
 //! after a crash is harmless: events at or below the applied epoch are skipped.
+//!
+//! Every node also completes the phase flip to `Done` when it sees a quorum of attestations
+//! (so a lost flip never wedges the cluster), and drops a locked shard only once the node that
+//! took it over has attested an epoch in which it owned it.
+
+pub mod plan;
 
 use std::{sync::Arc, time::Duration};
 
 use ferry_shared::{
     Committee,
-    control_plane::{ControlPlaneError, EpochEvent, EpochPhase, WatchedEpochEvent},
-    diff::{self, FillPath, PreviousAssignment},
+    control_plane::{ControlPlaneError, EpochEvent, WatchedEpochEvent},
+    diff::{self, PreviousAssignment},
     telemetry,
-    types::{Epoch, NodeStatus, ShardIndex, ShardStatus},
+    types::{Epoch, ShardIndex, ShardStatus},
 };
 use futures::StreamExt;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use super::{Node, NodeError, attestation, shard_sync};
-use crate::{
-    config::FillMethod,
-    store::{NodeState, ShardRecord, SyncProgress},
-};
+use crate::store::NodeState;
 
-/// Brings the node up to date at start: catches up if it missed epochs (or lost its data),
-/// then re-derives all work from persisted state (rule 7 and the start-up lessons).
+/// Brings the node up to date at start: catches up if it missed epochs (or lost its data);
+/// otherwise marks every owned shard that claims data for a new scan, since the node may have
+/// missed writes while it was down (rule 9). Then re-derives all work from persisted state.
 pub async fn startup(node: &Arc<Node>) -> Result<(), NodeError> {
     // Read the revision first: the watch resumes from it, so nothing after it is missed.
     let revision = node.control_plane.revision().await?;
     let state = node.view().state;
-    if let Some(s) = &state {
-        if s.last_revision > revision {
-            return Err(NodeError::ControlPlaneBehind { etcd: revision, processed: s.last_revision });
-        }
+    if let Some(s) = &state
+        && s.last_revision > revision
+    {
+        return Err(NodeError::ControlPlaneBehind { etcd: revision, processed: s.last_revision });
     }
+    let mut caught_up = false;
     if let Some(current) = node.control_plane.current_committee().await? {
         node.check_key(&current)?;
         let lagging = match &state {
@@ -51,14 +57,33 @@ pub async fn startup(node: &Arc<Node>) -> Result<(), NodeError> {
                 PreviousAssignment::Unknown
             };
             apply_committee(node, &current, previous, revision).await?;
+            caught_up = true;
         }
+    }
+    if !caught_up && state.is_some() {
+        mark_restarted(node).await?;
     }
     resume_work(node).await;
     Ok(())
 }
 
-/// Restarts the work persisted state implies: syncs of `ActiveSync` shards, dropping of
-/// locked shards whose epoch change is done, and a pending attestation.
+/// A restart breaks the history of every owned shard that claims data: new scans for them.
+async fn mark_restarted(node: &Arc<Node>) -> Result<(), NodeError> {
+    let guard = node.transition().await;
+    let view = guard.view().await?;
+    let records = plan::restart(&view, &node.id)?;
+    if records.is_empty() {
+        return Ok(());
+    }
+    let shards: Vec<u32> = records.iter().map(|(s, _)| s.0).collect();
+    guard.call(move |s| s.put_shard_records(&records)).await?;
+    info!(?shards, "restarted: owned shards are checked against every certified blob before they count as complete");
+    Ok(())
+}
+
+/// Restarts the work persisted state implies: syncs of `ActiveSync` shards, a phase flip that
+/// may have been lost, dropping of locked shards their new owners hold, and a pending
+/// attestation.
 pub async fn resume_work(node: &Arc<Node>) {
     let view = node.view();
     for (shard, record) in &view.shards {
@@ -66,12 +91,8 @@ pub async fn resume_work(node: &Arc<Node>) {
             shard_sync::spawn_shard_sync(node, *shard);
         }
     }
-    match node.control_plane.current().await {
-        Ok(Some(EpochPhase::Done(e))) if e == view.epoch() => schedule_locked_drop(node, e),
-        Ok(_) => {}
-        // The next Done event (or restart) schedules the drop instead.
-        Err(e) => warn!(error = %e, "cannot read the epoch phase; locked shards are dropped at the next Done event"),
-    }
+    complete_epoch_if_quorum(node, view.epoch()).await;
+    release_locked_shards(node).await;
     node.mirror_status().await;
     attestation::attest_if_ready(node).await;
 }
@@ -131,13 +152,14 @@ async fn resync(node: &Arc<Node>) -> Result<(), NodeError> {
     let state = node.view().state;
     match &state {
         Some(s) if current.epoch <= s.epoch => {
-            let mut s = s.clone();
-            s.last_revision = revision;
-            node.store.call(move |st| st.put_node_state(&s)).await?;
-            drop(node.transition().await); // republish the view
-            if node.control_plane.current().await? == Some(EpochPhase::Done(current.epoch)) {
-                schedule_locked_drop(node, current.epoch);
+            {
+                let guard = node.transition().await;
+                let Some(mut fresh) = guard.view().await?.state else { return Ok(()) };
+                fresh.last_revision = fresh.last_revision.max(revision);
+                guard.call(move |st| st.put_node_state(&fresh)).await?;
             }
+            complete_epoch_if_quorum(node, current.epoch).await;
+            release_locked_shards(node).await;
             Ok(())
         }
         Some(s) if current.epoch == s.epoch + 1 => {
@@ -177,10 +199,13 @@ async fn apply_event(node: &Arc<Node>, event: WatchedEpochEvent) -> Result<(), N
             );
             apply_committee(node, &committee, previous, event.revision).instrument(span).await
         }
-        EpochEvent::Done(epoch) => {
-            if epoch == node.view().epoch() {
-                schedule_locked_drop(node, epoch);
-            }
+        EpochEvent::Done(_) => {
+            release_locked_shards(node).await;
+            Ok(())
+        }
+        EpochEvent::Attested { epoch, .. } => {
+            complete_epoch_if_quorum(node, epoch).await;
+            release_locked_shards(node).await;
             Ok(())
         }
     }
@@ -194,104 +219,98 @@ pub async fn apply_committee(
     revision: u64,
 ) -> Result<(), NodeError> {
     let d = diff::diff(previous, committee, &node.id);
-    let member = committee.is_member(&node.id);
     let epoch = committee.epoch;
-    let fill = node.config.shard_sync.fill_gained_by;
-
     let guard = node.transition().await;
     debug!(epoch, "transition lock taken");
     let view = guard.view().await?;
-    let old_status = view.status();
-    let status = match (member, d.path, old_status) {
-        (false, _, _) => NodeStatus::Standby,
-        (true, FillPath::Genesis, _) => NodeStatus::Active,
-        (true, FillPath::CatchUp, _) => NodeStatus::RecoveryInProgress(epoch),
-        (true, FillPath::Incremental, NodeStatus::RecoveryInProgress(_) | NodeStatus::RecoveryCatchUp) => {
-            NodeStatus::RecoveryInProgress(epoch)
-        }
-        (true, FillPath::Incremental, _) => NodeStatus::Active,
-    };
-
-    let mut updates: Vec<(ShardIndex, ShardRecord)> = Vec::new();
-    for g in &d.gained {
-        let existing = view.shards.get(&g.shard);
-        let record = match (d.path, &g.previous_owner, fill) {
-            (FillPath::Genesis, _, _) => ShardRecord { status: ShardStatus::Active, sync: None },
-            (FillPath::Incremental, Some(source), FillMethod::ShardSync) => ShardRecord {
-                // A re-gained shard keeps its old slivers but is re-synced from scratch.
-                status: ShardStatus::ActiveSync,
-                sync: Some(SyncProgress {
-                    gained_epoch: epoch,
-                    source: Some(source.clone()),
-                    ..SyncProgress::default()
-                }),
-            },
-            // Catch-up: a shard this node already holds as Active stays Active (node recovery
-            // fills what it lacks); anything else is filled by blob recovery.
-            (FillPath::CatchUp, _, _) if existing.map(|r| r.status) == Some(ShardStatus::Active) => continue,
-            _ => ShardRecord { status: ShardStatus::ActiveRecover, sync: None },
-        };
-        updates.push((g.shard, record));
-    }
-    // Lost shards: quiesce their syncs, then lock. On catch-up, every held shard not owned now.
-    let owned_next = d.owned_next();
-    for (shard, record) in &view.shards {
-        if !owned_next.contains(shard) && record.status != ShardStatus::LockedToMove {
-            node.abort_sync(*shard);
-            updates.push((*shard, ShardRecord { status: ShardStatus::LockedToMove, sync: record.sync.clone() }));
-        }
-    }
-    for (shard, _) in &updates {
-        if owned_next.contains(shard) {
-            node.abort_sync(*shard); // a re-gained shard restarts its sync
-        }
-    }
-    let gained: Vec<ShardIndex> = updates.iter().map(|(s, _)| *s).filter(|s| owned_next.contains(s)).collect();
-    let new_state = NodeState { status, epoch, committee: committee.clone(), last_revision: revision };
-    let store_updates = updates.clone();
-    node.store
+    let plan = plan::plan(&view, &d, epoch, committee.is_member(&node.id), node.config.shard_sync.fill_gained_by)?;
+    let new_state = NodeState { status: plan.status, epoch, committee: committee.clone(), last_revision: revision };
+    let (create, records) = (plan.create_storage.clone(), plan.records.clone());
+    guard
         .call(move |s| {
-            for shard in &gained {
+            for shard in &create {
                 s.ensure_shard_storage(*shard)?;
             }
-            s.apply_transition(&new_state, &store_updates)
+            s.apply_transition(&new_state, &records)
         })
         .await?;
-    // Start the syncs (and so raise the running-sync count) before the new state is
-    // published when the guard drops: no subscriber ever sees the gained shards with a count
-    // of zero. The tasks wait for the lock before their first write.
-    for (shard, record) in &updates {
-        if record.status == ShardStatus::ActiveSync {
-            shard_sync::spawn_shard_sync(node, *shard);
-        }
+    // New syncs take their guards (raising the count) before old ones are stopped and before
+    // the new view is published when the guard drops: no subscriber ever sees the gained shards,
+    // or the moment between old and new syncs, with a count of zero.
+    let starting: Vec<(ShardIndex, super::sync_counter::SyncTaskGuard)> =
+        plan.start_syncs.iter().map(|s| (*s, node.counter.guard())).collect();
+    for shard in &plan.abort_syncs {
+        node.abort_sync(*shard);
+    }
+    for (shard, count) in starting {
+        shard_sync::spawn_shard_sync_counted(node, shard, count);
     }
     drop(guard);
-    info!(epoch, path = ?d.path, %status, gained = ?d.gained.iter().map(|g| g.shard.0).collect::<Vec<_>>(), lost = ?d.lost.iter().map(|s| s.0).collect::<Vec<_>>(), "applied epoch change");
+    info!(
+        epoch,
+        path = ?d.path,
+        status = %plan.status,
+        gained = ?d.gained.iter().map(|g| g.shard.0).collect::<Vec<_>>(),
+        lost = ?d.lost.iter().map(|s| s.0).collect::<Vec<_>>(),
+        "applied epoch change"
+    );
     node.mirror_status().await;
     attestation::attest_if_ready(node).await;
     Ok(())
 }
 
-/// Drops `LockedToMove` shards once epoch `epoch` is done and the grace period has passed.
-fn schedule_locked_drop(node: &Arc<Node>, epoch: Epoch) {
-    let grace = Duration::from_millis(node.config.epoch.locked_shard_grace_ms);
-    let task_node = node.clone();
-    node.spawn_background(async move {
-        let node = task_node;
-        tokio::time::sleep(grace).await;
-        let _t = node.transition().await;
-        let view = node.view();
-        if view.epoch() != epoch {
-            return; // a newer epoch decides
+/// Completes a phase flip to `Done(epoch)` that its quorum-completing attester did not (it
+/// failed or died right after attesting). Idempotent: the guarded write succeeds once.
+async fn complete_epoch_if_quorum(node: &Arc<Node>, epoch: Epoch) {
+    match node.control_plane.complete_epoch_if_quorum(epoch).await {
+        Ok(true) => info!(epoch, "completed the phase flip to Done for a quorum of attestations"),
+        Ok(false) => {}
+        Err(e) => warn!(epoch, error = %e, "cannot check the epoch's attestations; the next attestation or restart tries again"),
+    }
+}
+
+/// Drops every `LockedToMove` shard whose new owner holds it: the owner of the shard in some
+/// epoch from the one that moved it on attested that epoch, so it had every owned shard whole.
+/// Until then the node keeps serving the shard, however long the transfer takes.
+async fn release_locked_shards(node: &Arc<Node>) {
+    let view = node.view();
+    let Some(latest) = view.committee().map(|c| c.epoch) else { return };
+    for (shard, record) in &view.shards {
+        if record.status != ShardStatus::LockedToMove {
+            continue;
         }
-        for (shard, record) in view.shards {
-            if record.status == ShardStatus::LockedToMove {
-                let s = shard;
-                match node.store.call(move |st| st.drop_shard(s)).await {
-                    Ok(()) => info!(shard = shard.0, epoch, "dropped locked shard after the grace period"),
-                    Err(e) => warn!(shard = shard.0, error = %e, "could not drop locked shard"),
-                }
-            }
+        let moved_at = record.locked_epoch.unwrap_or(latest);
+        match taken_over(node, *shard, moved_at, latest).await {
+            Ok(Some(holder)) => drop_locked(node, *shard, &holder.to_string()).await,
+            Ok(None) => debug!(shard = shard.0, moved_at, "locked shard kept: its new owner has not attested yet"),
+            Err(e) => warn!(shard = shard.0, error = %e, "cannot check who holds a locked shard; kept for now"),
         }
-    });
+    }
+}
+
+/// The node that attested an epoch in `from..=to` in which it owned `shard`, if any.
+async fn taken_over(node: &Arc<Node>, shard: ShardIndex, from: Epoch, to: Epoch) -> Result<Option<ferry_shared::types::NodeId>, NodeError> {
+    for epoch in from..=to {
+        let Some(committee) = node.control_plane.committee(epoch).await? else { continue };
+        let Some(owner) = committee.owner(shard).cloned() else { continue };
+        if owner == node.id {
+            return Ok(None); // ours again: the epoch change that gained it decides
+        }
+        if node.control_plane.attestation(epoch, &owner).await?.is_some() {
+            return Ok(Some(owner));
+        }
+    }
+    Ok(None)
+}
+
+async fn drop_locked(node: &Arc<Node>, shard: ShardIndex, holder: &str) {
+    let guard = node.transition().await;
+    let still_locked = node.view().shards.get(&shard).map(|r| r.status) == Some(ShardStatus::LockedToMove);
+    if !still_locked {
+        return;
+    }
+    match guard.call(move |st| st.drop_shard(shard)).await {
+        Ok(()) => info!(shard = shard.0, %holder, "dropped a locked shard: its new owner holds it"),
+        Err(e) => warn!(shard = shard.0, error = %e, "could not drop a locked shard"),
+    }
 }

@@ -1,30 +1,39 @@
 //! Shard-sync tasks: fill a gained shard by streaming it from its previous owner.
 //!
-//! One task per `ActiveSync` shard. Each owns a [`super::sync_counter::SyncTaskGuard`] for its
-//! whole life (waiting, transferring, backing off). An attempt streams the shard from the
-//! persisted cursor, verifies every sliver against its blob's metadata, and writes slivers
-//! with their progress in one batch. Bad or missing items go to the pending table for blob
-//! recovery while the stream goes on. Transport errors are retried with exponential backoff
-//! and jitter; a sync that fails for good leaves its shard `ActiveRecover` (rule 4).
+//! One supervised task per `ActiveSync` shard. The supervisor owns a
+//! [`super::sync_counter::SyncTaskGuard`] for its whole life (waiting, transferring, backing
+//! off) and restarts the transfer if it panics, so no shard is left `ActiveSync` with no task.
+//! An attempt streams the shard from the persisted cursor, verifies every sliver against its
+//! blob's metadata, and writes slivers with their progress in one batch. Bad or missing items
+//! go to the pending table for blob recovery while the stream goes on. Failures are retried
+//! with backoff for as long as the sync makes progress; only a sync with no progress for
+//! `shard_sync.give_up_after_ms` fails for good, leaving its shard `ActiveRecover` (rule 4).
+//!
+//! The source is the shard's owner in the epoch before the gain, looked up in that epoch's
+//! committee: a node that left the committee (decommissioned) still serves its locked shards.
 
 use std::{
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use ferry_proto::v1::{self as pb, sync_service_client::SyncServiceClient};
 use ferry_shared::{
+    backoff::Backoff,
     crypto::{self, StreamShardIntent},
     erasure::BlobMetadata,
     grpc,
     types::{BlobId, NodeId, ShardIndex, ShardStatus},
 };
-use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Code;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::{LiveSync, Node, NodeError};
+use super::{
+    LiveSync, Node, NodeError,
+    shard_state::{self, ShardEvent},
+    sync_counter::SyncTaskGuard,
+};
 use crate::store::{ShardRecord, SliverWrite, SyncProgress};
 
 /// A resizable limit on concurrently transferring shard syncs.
@@ -113,14 +122,19 @@ pub fn spawn_shard_sync(node: &Arc<Node>, shard: ShardIndex) {
     if node.sync_running(shard) {
         return;
     }
-    let guard = node.counter.guard();
+    spawn_shard_sync_counted(node, shard, node.counter.guard());
+}
+
+/// Starts the supervised sync task of `shard` with a count taken already (an epoch change
+/// takes the counts of its new syncs before it stops the old ones).
+pub fn spawn_shard_sync_counted(node: &Arc<Node>, shard: ShardIndex, count: SyncTaskGuard) {
     let task_node = node.clone();
     let span = info_span!("shard_sync", node = %node.id, shard = shard.0);
     let handle = node.spawn_background(
         async move {
-            let _guard = guard;
-            run(&task_node, shard).await;
-            task_node.unregister_sync_task(shard);
+            let _count = count;
+            supervise(&task_node, shard).await;
+            task_node.unregister_sync_task(shard, tokio::task::try_id());
             task_node.set_live(shard, None);
         }
         .instrument(span),
@@ -128,24 +142,80 @@ pub fn spawn_shard_sync(node: &Arc<Node>, shard: ShardIndex) {
     node.register_sync_task(shard, handle);
 }
 
-async fn run(node: &Arc<Node>, shard: ShardIndex) {
+/// When the sync last made progress: shared by the supervisor and its transfer task, so a
+/// restart after a panic does not reset the give-up deadline.
+#[derive(Debug)]
+struct ProgressClock(Mutex<Instant>);
+
+impl ProgressClock {
+    fn now() -> Arc<Self> {
+        Arc::new(ProgressClock(Mutex::new(Instant::now())))
+    }
+
+    fn advanced(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    fn stalled_for(&self) -> Duration {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
+    }
+}
+
+/// Runs the transfer in a task of its own and restarts it if it panics, until the shard is no
+/// longer `ActiveSync`: no shard is ever left `ActiveSync` with nobody filling it (rule 4).
+async fn supervise(node: &Arc<Node>, shard: ShardIndex) {
     let cfg = node.config.shard_sync.clone();
-    let mut backoff = Duration::from_millis(cfg.initial_backoff_ms);
+    let clock = ProgressClock::now();
+    let mut backoff = Backoff::new(Duration::from_millis(cfg.initial_backoff_ms), Duration::from_millis(cfg.max_backoff_ms));
     loop {
-        let Some(_permit) = node.sync_limit.acquire().await else { return };
+        let mut transfer = tokio::task::JoinSet::new(); // aborted with the supervisor
+        transfer.spawn(run(node.clone(), shard, clock.clone()).in_current_span());
+        match transfer.join_next().await {
+            Some(Ok(())) | None => {}
+            Some(Err(e)) => {
+                let msg = if e.is_panic() { "the shard-sync task panicked".to_string() } else { e.to_string() };
+                warn!(error = %msg, "shard sync task ended abnormally; restarting it");
+                node.metrics.sync_retries.inc();
+                record_error(node, shard, &msg).await;
+            }
+        }
+        match node.store.call(move |s| s.shard_record(shard)).await {
+            Ok(Some(r)) if r.status == ShardStatus::ActiveSync => {}
+            Ok(_) => return,
+            Err(e) => warn!(error = %e, "cannot read the shard record after the sync task ended; retrying"),
+        }
+        if clock.stalled_for() >= cfg.give_up_after() {
+            let msg = format!("no progress for {:?}", clock.stalled_for());
+            fail_for_good(node, shard, &msg).await;
+            return;
+        }
+        backoff.wait().await;
+    }
+}
+
+/// The retry loop of one sync. Returns when the shard is filled, handed to blob recovery, or no
+/// longer ours to sync.
+async fn run(node: Arc<Node>, shard: ShardIndex, clock: Arc<ProgressClock>) {
+    let node = &node;
+    let cfg = node.config.shard_sync.clone();
+    let mut backoff = Backoff::new(Duration::from_millis(cfg.initial_backoff_ms), Duration::from_millis(cfg.max_backoff_ms));
+    loop {
+        let Some(permit) = node.sync_limit.acquire().await else { return };
         let progress = match start_attempt(node, shard).await {
             Ok(Some(p)) => p,
             Ok(None) => return, // no longer ActiveSync
             Err(e) => {
                 warn!(error = %e, "cannot start shard sync attempt");
-                tokio::time::sleep(backoff).await;
+                drop(permit);
+                backoff.wait().await;
                 continue;
             }
         };
         node.set_live(shard, Some(LiveSync { started: Some(Instant::now()), blobs_this_attempt: 0 }));
-        let outcome = attempt(node, shard, &progress).await;
+        let outcome = attempt(node, shard, &progress, &clock).await;
         node.set_live(shard, None);
-        match outcome {
+        drop(permit);
+        let msg = match outcome {
             Ok(()) => return,
             Err(AttemptError::Superseded) => {
                 info!("shard sync superseded by a newer epoch change");
@@ -156,122 +226,152 @@ async fn run(node: &Arc<Node>, shard: ShardIndex) {
                 fail_for_good(node, shard, &msg).await;
                 return;
             }
-            Err(AttemptError::Retryable(msg)) => {
-                if progress.attempts >= cfg.max_attempts {
-                    let msg = format!("gave up after {} attempts: {msg}", progress.attempts);
-                    warn!(error = %msg, "shard sync failed for good; the shard goes to blob recovery");
-                    fail_for_good(node, shard, &msg).await;
-                    return;
-                }
-                warn!(error = %msg, attempt = progress.attempts, backoff_ms = backoff.as_millis() as u64, "shard sync attempt failed; retrying");
-                node.metrics.sync_retries.inc();
-                record_error(node, shard, &msg).await;
-            }
-            Err(AttemptError::Local(e)) => {
-                warn!(error = %e, "shard sync attempt failed locally; retrying");
-                node.metrics.sync_retries.inc();
-                record_error(node, shard, &e.to_string()).await;
-            }
+            Err(AttemptError::Retryable(msg)) => msg,
+            Err(AttemptError::Local(e)) => format!("local: {e}"),
+        };
+        let stalled = clock.stalled_for();
+        if stalled >= cfg.give_up_after() {
+            let msg = format!("no progress for {stalled:?} (attempt {}): {msg}", progress.attempts);
+            warn!(error = %msg, "shard sync failed for good; the shard goes to blob recovery");
+            fail_for_good(node, shard, &msg).await;
+            return;
         }
-        drop(_permit);
-        let jitter = rand::thread_rng().gen_range(0.75..1.25);
-        tokio::time::sleep(backoff.mul_f64(jitter)).await;
-        backoff = (backoff * 2).min(Duration::from_millis(cfg.max_backoff_ms));
+        warn!(error = %msg, attempt = progress.attempts, ?stalled, "shard sync attempt failed; retrying");
+        node.metrics.sync_retries.inc();
+        record_error(node, shard, &msg).await;
+        backoff.wait().await;
     }
 }
 
 /// Counts the attempt in the persisted record; `None` if the shard is no longer syncing.
 async fn start_attempt(node: &Arc<Node>, shard: ShardIndex) -> Result<Option<SyncProgress>, NodeError> {
-    let _t = node.transition().await;
-    let Some(mut record) = node.store.call(move |s| s.shard_record(shard)).await? else { return Ok(None) };
-    if record.status != ShardStatus::ActiveSync {
-        return Ok(None);
-    }
-    let mut progress = record.sync.clone().unwrap_or_default();
-    progress.attempts += 1;
-    if progress.started_at_ms == 0 {
-        progress.started_at_ms = crypto::now_ms();
-    }
-    record.sync = Some(progress.clone());
-    node.store.call(move |s| s.put_shard_record(shard, &record)).await?;
-    Ok(Some(progress))
+    let guard = node.transition().await;
+    let progress = guard
+        .call(move |s| {
+            let Some(mut record) = s.shard_record(shard)? else { return Ok(None) };
+            if record.status != ShardStatus::ActiveSync {
+                return Ok(None);
+            }
+            let mut progress = record.sync.clone().unwrap_or_default();
+            progress.attempts += 1;
+            if progress.started_at_ms == 0 {
+                progress.started_at_ms = crypto::now_ms();
+            }
+            record.sync = Some(progress.clone());
+            s.put_shard_record(shard, &record)?;
+            Ok(Some(progress))
+        })
+        .await?;
+    Ok(progress)
 }
 
-/// Updates the persisted record of a shard that is still `ActiveSync`, under the lock.
+/// Updates the persisted record of a shard that is still `ActiveSync`, under the lock; returns
+/// whether the shard was still syncing.
 async fn update_syncing(
     node: &Arc<Node>,
     shard: ShardIndex,
-    what: &str,
-    update: impl FnOnce(&mut ShardRecord) + Send + 'static,
-) {
-    let _t = node.transition().await;
-    let result = node
-        .store
+    update: impl FnOnce(&mut ShardRecord) -> Result<(), NodeError> + Send + 'static,
+) -> Result<bool, NodeError> {
+    let guard = node.transition().await;
+    let outcome = guard
         .call(move |s| {
-            if let Some(mut r) = s.shard_record(shard)? {
-                if r.status == ShardStatus::ActiveSync {
-                    update(&mut r);
-                    s.put_shard_record(shard, &r)?;
-                }
+            let Some(mut r) = s.shard_record(shard)? else { return Ok(Ok(false)) };
+            if r.status != ShardStatus::ActiveSync {
+                return Ok(Ok(false));
             }
-            Ok(())
+            if let Err(e) = update(&mut r) {
+                return Ok(Err(e));
+            }
+            s.put_shard_record(shard, &r)?;
+            Ok(Ok(true))
         })
-        .await;
-    if let Err(e) = result {
-        warn!(error = %e, "could not {what}");
-    }
+        .await?;
+    outcome
 }
 
 async fn record_error(node: &Arc<Node>, shard: ShardIndex, msg: &str) {
     let msg = msg.to_string();
-    update_syncing(node, shard, "record the sync error", move |r| {
+    let result = update_syncing(node, shard, move |r| {
         if let Some(p) = r.sync.as_mut() {
             p.last_error = Some(msg);
         }
+        Ok(())
     })
     .await;
+    if let Err(e) = result {
+        warn!(error = %e, "could not record the sync error");
+    }
 }
 
+/// Hands the shard to blob recovery. The write is retried until it lands (or the shard moved
+/// on): a sync that gave up never leaves its shard `ActiveSync`.
 async fn fail_for_good(node: &Arc<Node>, shard: ShardIndex, msg: &str) {
     node.metrics.sync_failures.inc();
-    let msg = msg.to_string();
-    update_syncing(node, shard, "mark the shard for blob recovery", move |r| {
-        r.status = ShardStatus::ActiveRecover;
-        if let Some(p) = r.sync.as_mut() {
-            p.last_error = Some(msg);
-            p.finished = true;
+    let cfg = &node.config.shard_sync;
+    let mut backoff = Backoff::new(Duration::from_millis(cfg.initial_backoff_ms), Duration::from_millis(cfg.max_backoff_ms));
+    loop {
+        let msg = msg.to_string();
+        let written = async {
+            ferry_shared::failpoints::fail_point!("sync-mark-failed", |arg| {
+                ferry_shared::failpoints::crash_if_asked(arg);
+                Err(NodeError::TaskStopped("fail point sync-mark-failed"))
+            });
+            update_syncing(node, shard, move |r| {
+                if let Some(p) = r.sync.as_mut() {
+                    p.last_error = Some(msg);
+                    p.finished = true;
+                }
+                *r = shard_state::apply(Some(r), &ShardEvent::SyncFailed)?;
+                Ok(())
+            })
+            .await
         }
-    })
-    .await;
+        .await;
+        match written {
+            Ok(_) => break,
+            Err(e) => {
+                warn!(error = %e, "could not hand the failed sync's shard to blob recovery; retrying the write");
+                backoff.wait().await;
+            }
+        }
+    }
     node.mirror_status().await;
 }
 
 /// Writes a batch under the transition lock, after checking the shard is still ours to sync.
+/// With `finish`, the batch also completes the sync (`SyncCompleted`).
 async fn write_batch(
     node: &Arc<Node>,
     shard: ShardIndex,
-    gained_epoch: u64,
     items: Vec<SliverWrite>,
     pending: Vec<BlobId>,
     progress: SyncProgress,
-    finish: Option<ShardStatus>,
+    finish: Option<ShardEvent>,
 ) -> Result<(), AttemptError> {
-    let _t = node.transition().await;
+    let guard = node.transition().await;
     let n = items.len() as u64;
     let bytes: u64 = items.iter().map(|i| i.data.len() as u64).sum();
-    let wrote = node
-        .store
+    let gained_epoch = progress.gained_epoch;
+    let wrote = guard
         .call(move |s| {
-            let Some(current) = s.shard_record(shard)? else { return Ok(false) };
+            let Some(current) = s.shard_record(shard)? else { return Ok(Ok(false)) };
             let same_sync = current.sync.as_ref().map(|p| p.gained_epoch) == Some(gained_epoch);
             if current.status != ShardStatus::ActiveSync || !same_sync {
-                return Ok(false);
+                return Ok(Ok(false));
             }
-            let record = ShardRecord { status: finish.unwrap_or(ShardStatus::ActiveSync), sync: Some(progress) };
+            let mut record = ShardRecord { sync: Some(progress), ..current };
+            if let Some(event) = &finish {
+                record = match shard_state::apply(Some(&record), event) {
+                    Ok(r) => r,
+                    Err(e) => return Ok(Err(e)),
+                };
+            }
             s.write_sync_batch(shard, &items, &pending, &record)?;
-            Ok(true)
+            Ok(Ok(true))
         })
-        .await?;
+        .await?
+        .map_err(|e| AttemptError::Local(e.into()))?;
+    drop(guard);
     if !wrote {
         return Err(AttemptError::Superseded);
     }
@@ -279,19 +379,44 @@ async fn write_batch(
     let label = shard.0.to_string();
     node.metrics.synced_slivers.with_label_values(&[label.as_str()]).inc_by(n);
     node.metrics.synced_bytes.with_label_values(&[label.as_str()]).inc_by(bytes);
+    // The crash window after a batch and its progress are durable.
+    ferry_shared::failpoints::fail_point!("sync-after-batch", |arg| {
+        ferry_shared::failpoints::crash_if_asked(arg);
+        Err(AttemptError::Retryable("fail point sync-after-batch".into()))
+    });
     Ok(())
 }
 
-async fn attempt(node: &Arc<Node>, shard: ShardIndex, start: &SyncProgress) -> Result<(), AttemptError> {
-    let cfg = node.config.shard_sync.clone();
-    let view = node.view();
-    let current = view.committee().cloned().ok_or(AttemptError::Superseded)?;
-    let source = start.source.clone().ok_or_else(|| AttemptError::Fatal("no previous owner is known".into()))?;
-    // The source must still be a member: a node that left the committee is gone for good.
-    let source_member = current
+/// The source's committee entry: the shard's owner in the epoch before the gain, looked up in
+/// that epoch's committee (it may have left the current one).
+async fn source_member(node: &Arc<Node>, progress: &SyncProgress) -> Result<(NodeId, ferry_shared::Member), AttemptError> {
+    let source = progress.source.clone().ok_or_else(|| AttemptError::Fatal("no previous owner is known".into()))?;
+    let previous_epoch = progress.gained_epoch.checked_sub(1).ok_or_else(|| AttemptError::Fatal("a shard gained at genesis has no source".into()))?;
+    let committee = node
+        .control_plane
+        .committee(previous_epoch)
+        .await
+        .map_err(|e| AttemptError::Local(e.into()))?
+        .ok_or_else(|| AttemptError::Fatal(format!("the committee of epoch {previous_epoch} is unknown")))?;
+    let member = committee
         .member(&source)
-        .ok_or_else(|| AttemptError::Fatal(format!("previous owner {source} left the committee")))?
+        .ok_or_else(|| AttemptError::Fatal(format!("{source} is not a member of epoch {previous_epoch}")))?
         .clone();
+    Ok((source, member))
+}
+
+/// How one request's stream ended.
+enum StreamEnd {
+    /// The whole shard was sent.
+    EndOfShard,
+    /// The server stopped at a request limit; ask again from the cursor.
+    LimitReached,
+}
+
+async fn attempt(node: &Arc<Node>, shard: ShardIndex, start: &SyncProgress, clock: &ProgressClock) -> Result<(), AttemptError> {
+    let cfg = node.config.shard_sync.clone();
+    let current = node.view().committee().cloned().ok_or(AttemptError::Superseded)?;
+    let (source, source_member) = source_member(node, start).await?;
     let channel = node
         .connector
         .channel(&source_member.sync_address, &source, None)
@@ -299,93 +424,96 @@ async fn attempt(node: &Arc<Node>, shard: ShardIndex, start: &SyncProgress) -> R
     let mut client = SyncServiceClient::new(channel)
         .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES);
-    let resume_from = match start.cursor {
-        Some(c) => match c.successor() {
-            Some(next) => Some(next),
-            None => None,
-        },
-        None => None,
-    };
-    if start.cursor.is_some() && resume_from.is_none() {
-        // The cursor is the largest possible id: the transfer is complete.
-        return complete(node, shard, start.clone()).await;
-    }
-    let request = StreamShardIntent {
-        shard,
-        epoch: current.epoch,
-        start: resume_from,
-        requester: &node.id,
-        timestamp_ms: crypto::now_ms(),
-        include_metadata: true,
-        limit: 0,
-    }
-    .sign(&node.key);
-    let mut stream = match tokio::time::timeout(cfg.item_timeout(), client.stream_shard(request)).await {
-        Err(_) => {
-            return Err(AttemptError::Retryable(format!("{source} did not answer within {:?}", cfg.item_timeout())));
-        }
-        Ok(Err(status)) => return Err(classify(&status)),
-        Ok(Ok(r)) => r.into_inner(),
-    };
     let mut progress = start.clone();
+    loop {
+        let resume_from = match progress.cursor {
+            Some(c) => match c.successor() {
+                Some(next) => Some(next),
+                // The cursor is the largest possible id: the transfer is complete.
+                None => return complete(node, shard, progress).await,
+            },
+            None => None,
+        };
+        let request = StreamShardIntent {
+            shard,
+            epoch: current.epoch,
+            start: resume_from,
+            requester: &node.id,
+            timestamp_ms: crypto::now_ms(),
+            include_metadata: true,
+            limit: 0,
+        }
+        .sign(&node.key);
+        let stream = match tokio::time::timeout(cfg.item_timeout(), client.stream_shard(request)).await {
+            Err(_) => return Err(AttemptError::Retryable(format!("{source} did not answer within {:?}", cfg.item_timeout()))),
+            Ok(Err(status)) => return Err(classify(&status)),
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        match receive(node, shard, &source, stream, &mut progress, clock).await? {
+            StreamEnd::EndOfShard => return complete(node, shard, progress).await,
+            StreamEnd::LimitReached => info!(cursor = ?progress.cursor, "the source stopped at its item limit; asking for the rest"),
+        }
+    }
+}
+
+/// Reads one stream to its end, verifying and writing a batch at a time.
+async fn receive(
+    node: &Arc<Node>,
+    shard: ShardIndex,
+    source: &NodeId,
+    mut stream: tonic::Streaming<pb::ShardItem>,
+    progress: &mut SyncProgress,
+    clock: &ProgressClock,
+) -> Result<StreamEnd, AttemptError> {
+    let cfg = node.config.shard_sync.clone();
     // Items arrive into `incoming` and are verified and written a batch at a time: one
     // blocking-pool hop verifies the whole batch (metadata reads and BLAKE3), one writes it.
     let mut incoming: Vec<(BlobId, pb::ShardItem)> = Vec::new();
     let mut incoming_bytes = 0usize;
-    let mut last = start.cursor;
-    loop {
+    let mut last = progress.cursor;
+    let end = loop {
         let next = match tokio::time::timeout(cfg.item_timeout(), stream.message()).await {
-            Err(_) => Some(Err(tonic::Status::deadline_exceeded(format!(
-                "no item from {source} for {:?}",
-                cfg.item_timeout()
-            )))),
-            Ok(Err(status)) => Some(Err(status)),
-            Ok(Ok(Some(item))) if item.end => None,
-            Ok(Ok(Some(item))) => Some(Ok(item)),
-            Ok(Ok(None)) => Some(Err(tonic::Status::unavailable(format!(
-                "the stream from {source} ended before the end of the shard"
-            )))),
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!("no item from {source} for {:?}", cfg.item_timeout()))),
+            Ok(Err(status)) => Err(status),
+            Ok(Ok(Some(item))) if item.end => break StreamEnd::EndOfShard,
+            Ok(Ok(Some(item))) if item.limit_reached => break StreamEnd::LimitReached,
+            Ok(Ok(Some(item))) => Ok(item),
+            Ok(Ok(None)) => Err(tonic::Status::unavailable(format!("the stream from {source} ended before the end of the shard"))),
         };
         let item = match next {
-            None => break,
-            Some(Ok(item)) => item,
-            Some(Err(status)) => {
+            Ok(item) => item,
+            Err(status) => {
                 // Keep what arrived intact before the break; resume after it.
-                verify_and_write(node, shard, &source, &mut progress, &mut incoming).await?;
+                verify_and_write(node, shard, source, progress, &mut incoming, clock).await?;
                 return Err(classify(&status));
             }
         };
         let blob_id = match BlobId::from_bytes(&item.blob_id) {
             Ok(id) => id,
             Err(e) => {
-                verify_and_write(node, shard, &source, &mut progress, &mut incoming).await?;
+                verify_and_write(node, shard, source, progress, &mut incoming, clock).await?;
                 return Err(AttemptError::Retryable(format!("corrupt stream from {source}: {e}")));
             }
         };
         if last.is_some_and(|l| blob_id <= l) {
-            verify_and_write(node, shard, &source, &mut progress, &mut incoming).await?;
+            verify_and_write(node, shard, source, progress, &mut incoming, clock).await?;
             return Err(AttemptError::Retryable(format!("stream from {source} is out of order at {blob_id}")));
         }
         last = Some(blob_id);
         incoming_bytes += item.data.len();
         incoming.push((blob_id, item));
         if incoming.len() >= cfg.batch_items || incoming_bytes >= cfg.batch_bytes {
-            verify_and_write(node, shard, &source, &mut progress, &mut incoming).await?;
+            verify_and_write(node, shard, source, progress, &mut incoming, clock).await?;
             incoming_bytes = 0;
         }
-    }
-    verify_and_write(node, shard, &source, &mut progress, &mut incoming).await?;
-    complete(node, shard, progress).await
+    };
+    verify_and_write(node, shard, source, progress, &mut incoming, clock).await?;
+    Ok(end)
 }
 
 /// Checks an item against the metadata this node holds (or the metadata sent with it, which
 /// must hash to the blob id). `Some(metadata to store with it, if new)`, or `None` if it is bad.
-fn verify_item(
-    shard: ShardIndex,
-    blob_id: &BlobId,
-    item: &pb::ShardItem,
-    local: Option<BlobMetadata>,
-) -> Option<Option<BlobMetadata>> {
+fn verify_item(shard: ShardIndex, blob_id: &BlobId, item: &pb::ShardItem, local: Option<BlobMetadata>) -> Option<Option<BlobMetadata>> {
     let (metadata, is_new) = match (local, &item.metadata) {
         (Some(m), _) => (m, false),
         (None, Some(p)) => (BlobMetadata::from_proto(p).and_then(|m| m.verify_id(blob_id).map(|()| m)).ok()?, true),
@@ -403,6 +531,7 @@ async fn verify_and_write(
     source: &NodeId,
     progress: &mut SyncProgress,
     incoming: &mut Vec<(BlobId, pb::ShardItem)>,
+    clock: &ProgressClock,
 ) -> Result<(), AttemptError> {
     if incoming.is_empty() {
         return Ok(());
@@ -419,25 +548,29 @@ async fn verify_and_write(
             Ok(out)
         })
         .await?;
+    let mut next = progress.clone();
     let mut items = Vec::with_capacity(checked.len());
     let mut pending = Vec::new();
     for (blob_id, data, verdict) in checked {
         match verdict {
             Some(metadata) => {
-                progress.blobs_done += 1;
-                progress.bytes_done += data.len() as u64;
+                next.blobs_done += 1;
+                next.bytes_done += data.len() as u64;
                 items.push(SliverWrite { blob_id, data, metadata });
             }
             None => {
                 warn!(blob = %blob_id, "sliver from {source} failed verification; handing it to blob recovery");
                 pending.push(blob_id);
-                progress.pending += 1;
+                next.pending += 1;
             }
         }
-        progress.cursor = Some(blob_id);
+        next.cursor = Some(blob_id);
     }
-    progress.last_error = None;
-    write_batch(node, shard, progress.gained_epoch, items, pending, progress.clone(), None).await
+    next.last_error = None;
+    write_batch(node, shard, items, pending, next.clone(), None).await?;
+    *progress = next;
+    clock.advanced();
+    Ok(())
 }
 
 /// The stream ended: every certified blob the source did not send goes to pending, then the
@@ -449,7 +582,7 @@ async fn complete(node: &Arc<Node>, shard: ShardIndex, mut progress: SyncProgres
     loop {
         let page = node.control_plane.list_blobs(after, 512).await.map_err(|e| AttemptError::Local(e.into()))?;
         let Some(last) = page.last().map(|b| b.blob_id) else { break };
-        let ids: Vec<BlobId> = page.iter().filter(|b| b.certificate.is_some()).map(|b| b.blob_id).collect();
+        let ids: Vec<BlobId> = page.iter().filter(|b| b.certificate.is_some() && b.invalid.is_none()).map(|b| b.blob_id).collect();
         let absent = node
             .store
             .call(move |s| {
@@ -473,17 +606,26 @@ async fn complete(node: &Arc<Node>, shard: ShardIndex, mut progress: SyncProgres
     progress.finished = true;
     progress.finished_at_ms = crypto::now_ms();
     progress.cursor = None;
-    let status = if progress.pending == 0 { ShardStatus::Active } else { ShardStatus::ActiveRecover };
-    info!(
-        blobs = progress.blobs_done,
-        bytes = progress.bytes_done,
-        pending = progress.pending,
-        ?status,
-        "shard sync finished"
-    );
+    let pending = progress.pending > 0;
+    info!(blobs = progress.blobs_done, bytes = progress.bytes_done, pending = progress.pending, "shard sync finished");
     node.metrics.sync_completed.inc();
-    write_batch(node, shard, progress.gained_epoch, Vec::new(), missing, progress, Some(status)).await?;
+    write_batch(node, shard, Vec::new(), missing, progress, Some(ShardEvent::SyncCompleted { pending })).await?;
     node.mirror_status().await;
     super::attestation::attest_if_ready(node).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_trouble_is_retried_and_refusals_are_final() {
+        for code in [Code::Unavailable, Code::DeadlineExceeded, Code::ResourceExhausted, Code::Internal, Code::Cancelled, Code::PermissionDenied, Code::Unknown] {
+            assert!(matches!(classify(&tonic::Status::new(code, "x")), AttemptError::Retryable(_)), "{code:?} is retried");
+        }
+        for code in [Code::FailedPrecondition, Code::NotFound, Code::InvalidArgument, Code::Unimplemented] {
+            assert!(matches!(classify(&tonic::Status::new(code, "x")), AttemptError::Fatal(_)), "{code:?} is final");
+        }
+    }
 }

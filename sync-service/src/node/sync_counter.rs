@@ -1,51 +1,63 @@
 //! The running-sync counter (rule 2): every shard-sync task owns a [`SyncTaskGuard`] that
-//! increments a watch counter when created and decrements it when dropped, so a normal end,
-//! an error, an abort and a panic all count down.
+//! increments the count when created and decrements it when dropped, so a normal end, an error,
+//! an abort and a panic all count down.
+//!
+//! The count lives in the node's published [`NodeView`], the same value that carries the shard
+//! statuses: a subscriber always sees a count and a view that belong together (never the new
+//! count with the old view, or the reverse).
 
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
-/// Counts running shard-sync tasks and publishes the count.
+use super::NodeView;
+
+/// Counts running shard-sync tasks in the published view.
 #[derive(Debug, Clone)]
 pub struct SyncCounter {
-    tx: Arc<watch::Sender<u32>>,
+    view: Arc<watch::Sender<NodeView>>,
 }
 
 impl Default for SyncCounter {
+    /// A counter with a view channel of its own (tests).
     fn default() -> Self {
-        SyncCounter { tx: Arc::new(watch::channel(0).0) }
+        SyncCounter { view: Arc::new(watch::channel(NodeView::default()).0) }
     }
 }
 
 impl SyncCounter {
+    /// A counter publishing in `view`.
+    pub fn new(view: Arc<watch::Sender<NodeView>>) -> Self {
+        SyncCounter { view }
+    }
+
     /// A guard counting one task until it is dropped. Create it before spawning the task and
     /// move it in, so the count never misses a task that has not started yet.
     pub fn guard(&self) -> SyncTaskGuard {
-        self.tx.send_modify(|n| *n += 1);
-        SyncTaskGuard { tx: self.tx.clone() }
+        self.view.send_modify(|v| v.running_syncs += 1);
+        SyncTaskGuard { view: self.view.clone() }
     }
 
     /// The count now.
     pub fn current(&self) -> u32 {
-        *self.tx.borrow()
+        self.view.borrow().running_syncs
     }
 
-    /// A receiver that sees every change of the count.
-    pub fn subscribe(&self) -> watch::Receiver<u32> {
-        self.tx.subscribe()
+    /// A receiver of the view, which changes with every change of the count.
+    pub fn subscribe(&self) -> watch::Receiver<NodeView> {
+        self.view.subscribe()
     }
 }
 
 /// Counts one running shard-sync task; dropping it (however the task ends) decrements the count.
 #[derive(Debug)]
 pub struct SyncTaskGuard {
-    tx: Arc<watch::Sender<u32>>,
+    view: Arc<watch::Sender<NodeView>>,
 }
 
 impl Drop for SyncTaskGuard {
     fn drop(&mut self) {
-        self.tx.send_modify(|n| *n = n.saturating_sub(1));
+        self.view.send_modify(|v| v.running_syncs = v.running_syncs.saturating_sub(1));
     }
 }
 
@@ -55,8 +67,8 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    async fn wait_for(rx: &mut watch::Receiver<u32>, want: u32) {
-        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|n| *n == want))
+    async fn wait_for(rx: &mut watch::Receiver<NodeView>, want: u32) {
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|v| v.running_syncs == want))
             .await
             .unwrap_or_else(|_| panic!("counter did not reach {want} within 5 s"))
             .unwrap();

@@ -1,0 +1,52 @@
+//! Fail points at Ferry's crash windows (the `fail` crate), compiled to nothing unless the
+//! `failpoints` feature is on. Tests turn one on in-process with [`fail::cfg`], or for a
+//! service process through the `FAILPOINTS` variable (`name=action;...`), which the service
+//! binaries read at start ([`setup_from_env`]). An action `return(crash)` at a point that
+//! supports it ends the process on the spot, as a SIGKILL would.
+//!
+//! The points: `cp-before-done-flip` (an attester that completed a quorum, before the phase
+//! flip), `sync-after-batch` (a shard-sync task after a written batch), `sync-mark-failed`
+//! (writing a failed sync's status), `sync-state-stream` (the `WatchSyncState` stream), and
+//! `recovery-after-complete` (recovery-service after `CompleteRecovery`, before its cursor
+//! is cleared).
+
+pub use fail;
+pub use fail::fail_point;
+
+/// Reads `FAILPOINTS` (a no-op without the feature). Keep the guard for the process's life.
+pub fn setup_from_env() -> Option<fail::FailScenario<'static>> {
+    if cfg!(feature = "failpoints") && std::env::var_os("FAILPOINTS").is_some() {
+        Some(fail::FailScenario::setup())
+    } else {
+        None
+    }
+}
+
+/// What a fail point's `return(...)` argument asks for: `crash` ends the process at once
+/// (no destructors, no flushing: a crash), anything else lets the caller return its error.
+pub fn crash_if_asked(argument: Option<String>) {
+    if argument.as_deref() == Some("crash") {
+        tracing::error!("fail point: crashing the process here");
+        std::process::abort();
+    }
+}
+
+/// Whether fail point `name` is set to act now (always false without the feature).
+pub fn is_on(name: &str) -> bool {
+    let check = || -> bool {
+        fail_point!(name, |_| true);
+        false
+    };
+    check()
+}
+
+/// Resolves once fail point `name` is set to act (never without the feature): for long-lived
+/// streams, which have no call at which to evaluate a point.
+pub async fn tripped(name: &str) {
+    if !cfg!(feature = "failpoints") {
+        return std::future::pending().await;
+    }
+    while !is_on(name) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
