@@ -276,6 +276,33 @@ impl Cluster {
         Ok(())
     }
 
+    /// Stops both services of node `i` gracefully, keeping its stores (a restart, not a wipe).
+    pub async fn stop_node(&mut self, i: usize) -> anyhow::Result<()> {
+        self.stop_recovery(i).await?;
+        self.stop_sync(i).await
+    }
+
+    /// Starts both services of node `i`.
+    pub async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
+        self.start_sync(i).await?;
+        self.start_recovery(i).await
+    }
+
+    /// `ferryctl audit` against the cluster (as [`CLIENT`]).
+    pub async fn audit(&self) -> anyhow::Result<ferryctl::audit::AuditReport> {
+        ferryctl::audit::run(&self.control_plane, &self.connector_as(CLIENT)?).await
+    }
+
+    /// Fails unless the audit finds every owned shard of every node holding every certified
+    /// blob; the error is the audit's report.
+    pub async fn assert_no_holes(&self) -> anyhow::Result<ferryctl::audit::AuditReport> {
+        let report = self.audit().await?;
+        if report.holes() > 0 {
+            bail!("the audit found holes:\n{}", ferryctl::audit::render(&report));
+        }
+        Ok(report)
+    }
+
     /// Deletes node `i`'s stores (its services must be stopped).
     pub fn wipe(&self, i: usize) -> anyhow::Result<()> {
         for dir in [&self.nodes[i].store_dir, &self.nodes[i].recovery_dir] {

@@ -6,9 +6,9 @@
 //!
 //! The points: `cp-before-done-flip` (an attester that completed a quorum, before the phase
 //! flip), `sync-after-batch` (a shard-sync task after a written batch), `sync-mark-failed`
-//! (writing a failed sync's status), `sync-state-stream` (the `WatchSyncState` stream), and
-//! `recovery-after-complete` (recovery-service after `CompleteRecovery`, before its cursor
-//! is cleared).
+//! (writing a failed sync's status), `sync-state-stream` (the `WatchSyncState` stream),
+//! `store-sliver-write` (a `StoreSliver` write, in the store call) and `recover-blob` (a blob
+//! recovery task).
 
 pub use fail;
 pub use fail::fail_point;

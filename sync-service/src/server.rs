@@ -273,6 +273,8 @@ impl SyncService for SyncServer {
                 if let Err(e) = metadata.verify_sliver(shard, &data) {
                     return Ok(Err(Status::invalid_argument(e.to_string())));
                 }
+                // A slow disk write (tests make it slower) that outlives its caller.
+                failpoints::fail_point!("store-sliver-write");
                 s.put_sliver(shard, &id, &data)?;
                 for o in &owned {
                     if !s.has_sliver(*o, &id)? {
