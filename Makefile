@@ -15,7 +15,8 @@ export PATH := $(FERRY_TOOLS)/bin:$(PATH)
 export CC := ccache cc
 export CXX := ccache c++
 
-.PHONY: setup build test demo bench clean lint fmt fresh-check ci
+.PHONY: setup build test demo bench chaos clean lint fmt fresh-check ci
+
 
 setup:
 	@bash scripts/setup
@@ -47,6 +48,11 @@ demo: build
 # lands in the ignored .ferry-bench/ directory.
 bench: build
 	$(BIN)/ferryctl bench --bin-dir $(BIN) --bench-dir .ferry-bench --json .ferry-bench/bench.json
+
+# Random histories on a real local cluster, checked after each (not part of `make test`, which
+# runs a few seeds); the README reports 50.
+chaos: build
+	$(BIN)/ferryctl chaos --bin-dir $(BIN) --chaos-dir .ferry-chaos --seeds $(or $(SEEDS),50)
 
 # What .ci/run does: the fresh-machine check, formatting and lint, then every test.
 ci: fresh-check lint test

@@ -66,7 +66,10 @@ pub struct ShardAudit {
 impl AuditReport {
     /// Number of holes: missing or corrupt slivers, plus one per node that could not be audited.
     pub fn holes(&self) -> u64 {
-        self.nodes.iter().map(|n| u64::from(n.problem.is_some()) + n.shards.iter().map(|s| s.missing + s.corrupt).sum::<u64>()).sum()
+        self.nodes
+            .iter()
+            .map(|n| u64::from(n.problem.is_some()) + n.shards.iter().map(|s| s.missing + s.corrupt).sum::<u64>())
+            .sum()
     }
 }
 
@@ -83,8 +86,13 @@ pub async fn run(control_plane: &ControlPlane, connector: &Connector) -> anyhow:
         .members
         .iter()
         .map(|m| {
-            let shards = committee.shards_of(&m.node_id).into_iter().map(|s| (s.0, ShardAudit { shard: s.0, missing: 0, corrupt: 0, examples: Vec::new() })).collect();
-            let (client, problem) = match connector.channel(&m.sync_address, &m.node_id, Some(Duration::from_secs(30))) {
+            let shards = committee
+                .shards_of(&m.node_id)
+                .into_iter()
+                .map(|s| (s.0, ShardAudit { shard: s.0, missing: 0, corrupt: 0, examples: Vec::new() }))
+                .collect();
+            let (client, problem) = match connector.channel(&m.sync_address, &m.node_id, Some(Duration::from_secs(30)))
+            {
                 Ok(c) => (Some(SyncServiceClient::new(c).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)), None),
                 Err(s) => (None, Some(format!("cannot reach it: {}", s.message()))),
             };
@@ -174,7 +182,11 @@ async fn audit_page(committee: &Committee, tally: &mut NodeTally, ids: &[BlobId]
 /// The report as text: one line per node, one more per shard with a hole.
 pub fn render(report: &AuditReport) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "audit of epoch {}: {} certified blobs ({} invalid, not expected anywhere)", report.epoch, report.certified, report.invalid);
+    let _ = writeln!(
+        out,
+        "audit of epoch {}: {} certified blobs ({} invalid, not expected anywhere)",
+        report.epoch, report.certified, report.invalid
+    );
     for n in &report.nodes {
         let holes: u64 = n.shards.iter().map(|s| s.missing + s.corrupt).sum();
         match &n.problem {
@@ -189,7 +201,14 @@ pub fn render(report: &AuditReport) -> String {
             }
         }
         for s in n.shards.iter().filter(|s| s.missing + s.corrupt > 0) {
-            let _ = writeln!(out, "    shard {:>4}: {} missing, {} corrupt (e.g. {})", s.shard, s.missing, s.corrupt, s.examples.join(", "));
+            let _ = writeln!(
+                out,
+                "    shard {:>4}: {} missing, {} corrupt (e.g. {})",
+                s.shard,
+                s.missing,
+                s.corrupt,
+                s.examples.join(", ")
+            );
         }
     }
     let holes = report.holes();
@@ -202,6 +221,11 @@ pub fn holes_by_shard(report: &AuditReport) -> Vec<(NodeId, ShardIndex, u64)> {
     report
         .nodes
         .iter()
-        .flat_map(|n| n.shards.iter().filter(|s| s.missing + s.corrupt > 0).map(move |s| (n.node.clone(), ShardIndex(s.shard), s.missing + s.corrupt)))
+        .flat_map(|n| {
+            n.shards
+                .iter()
+                .filter(|s| s.missing + s.corrupt > 0)
+                .map(move |s| (n.node.clone(), ShardIndex(s.shard), s.missing + s.corrupt))
+        })
         .collect()
 }

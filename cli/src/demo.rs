@@ -243,6 +243,11 @@ async fn scenario(cluster: &mut LocalCluster, options: &DemoOptions) -> anyhow::
         }
     }
     println!("read-back: {read_ok}/{} blobs byte-identical", blobs.len());
+    let audit = crate::audit::run(&cp, &connector).await?;
+    print!("{}", crate::audit::render(&audit));
+    if audit.holes() > 0 {
+        failures.push(format!("the audit found {} holes", audit.holes()));
+    }
     println!();
     let checks = [
         ("gained shards filled by shard sync", !gained.is_empty() && failures.iter().all(|f| !f.contains("gained"))),
@@ -250,7 +255,9 @@ async fn scenario(cluster: &mut LocalCluster, options: &DemoOptions) -> anyhow::
         ("exactly one attestation by recovery-service", failures.iter().all(|f| !f.contains("attestation"))),
         ("epoch 1 done", epoch_done),
         ("every blob reads back byte-identical", read_ok == blobs.len()),
+        ("audit: every node holds every certified blob in every shard it owns", audit.holes() == 0),
     ];
+
     for (what, ok) in checks {
         println!("  [{}] {what}", if ok { "PASS" } else { "FAIL" });
     }

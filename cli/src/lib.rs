@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod bench;
+pub mod chaos;
 pub mod demo;
 pub mod epoch;
 pub mod local;

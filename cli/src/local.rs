@@ -299,7 +299,8 @@ impl LocalCluster {
     }
 
     fn start_etcd(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::File::create(self.dir.join("logs/etcd.log"))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("logs/etcd.log"))?;
+
         let peer = format!("http://127.0.0.1:{}", self.etcd_peer_port);
         let child = Command::new("etcd")
             .args(["--name", "local", "--data-dir"])
@@ -373,7 +374,7 @@ impl LocalCluster {
         Ok(())
     }
 
-    fn spawn(&self, i: usize, service: &str) -> anyhow::Result<u32> {
+    fn spawn(&self, i: usize, service: &str, env: &[(&str, &str)]) -> anyhow::Result<u32> {
         let n = &self.nodes[i];
         let log_path = self.dir.join(format!("logs/{}-{service}.log", n.id));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
@@ -381,6 +382,7 @@ impl LocalCluster {
             .arg("--config")
             .arg(self.node_dir(i).join(format!("{service}.toml")))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -392,10 +394,23 @@ impl LocalCluster {
     /// Starts node `i`'s services (those not running).
     pub fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
         if !self.nodes[i].sync_pid.is_some_and(pid_alive) {
-            self.nodes[i].sync_pid = Some(self.spawn(i, "sync-service")?);
+            self.nodes[i].sync_pid = Some(self.spawn(i, "sync-service", &[])?);
         }
         if !self.nodes[i].recovery_pid.is_some_and(pid_alive) {
-            self.nodes[i].recovery_pid = Some(self.spawn(i, "recovery-service")?);
+            self.nodes[i].recovery_pid = Some(self.spawn(i, "recovery-service", &[])?);
+        }
+        self.save()
+    }
+
+    /// Restarts one service of node `i` (`sync-service` or `recovery-service`) with extra
+    /// environment variables, e.g. `FAILPOINTS` in builds with fail points.
+    pub fn restart_service_with_env(&mut self, i: usize, service: &str, env: &[(&str, &str)]) -> anyhow::Result<()> {
+        self.kill_service(i, service)?;
+        let pid = self.spawn(i, service, env)?;
+        if service == "sync-service" {
+            self.nodes[i].sync_pid = Some(pid);
+        } else {
+            self.nodes[i].recovery_pid = Some(pid);
         }
         self.save()
     }
@@ -482,7 +497,19 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Stops etcd (SIGTERM) and starts it again on the same data and ports: the nodes lose
+    /// their watches and connections for a moment.
+    pub async fn restart_etcd(&mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.etcd_pid.take() {
+            stop_pid(pid, Duration::from_secs(5))?;
+        }
+        self.start_etcd()?;
+        self.save()?;
+        self.wait_for_etcd().await.map(|_| ())
+    }
+
     /// Whether node `i`'s sync-service process is alive.
+
     pub fn sync_alive(&self, i: usize) -> bool {
         self.nodes[i].sync_pid.is_some_and(pid_alive)
     }

@@ -16,7 +16,7 @@ use ferry_shared::{
     types::{BlobId, NodeId},
 };
 use ferryctl::{
-    audit, bench, demo, epoch,
+    audit, bench, chaos, demo, epoch,
     local::{LocalCluster, UpOptions},
     status,
 };
@@ -105,7 +105,9 @@ enum Command {
     },
     /// Checks that every node holds a verified sliver of every certified blob in every shard it
     /// owns; prints what is missing per node and shard. Exit code 1 on any hole.
-    #[command(after_help = "Examples:\n  ferryctl audit\n  ferryctl audit --json | jq '.nodes[] | select(.problem != null)'")]
+    #[command(
+        after_help = "Examples:\n  ferryctl audit\n  ferryctl audit --json | jq '.nodes[] | select(.problem != null)'"
+    )]
     Audit {
         /// JSON for scripts.
         #[arg(long)]
@@ -161,6 +163,30 @@ enum Command {
         /// Also write the report as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// Random histories on a real local cluster (store, SIGKILL, wipe, outages across epochs,
+    /// weight changes, removal and re-adding, pause and resume, etcd restarts); after each, the
+    /// cluster must come to rest and pass the audit, the attestation checks and a read-back.
+    /// Prints the seed of every violation, which replays it. Exit code 1 on any violation.
+    #[command(
+        after_help = "Examples:\n  ferryctl chaos --seeds 50\n  ferryctl chaos --first-seed 1234 --seeds 1   # replay one"
+    )]
+    Chaos {
+        /// First seed.
+        #[arg(long, default_value_t = 1)]
+        first_seed: u64,
+        /// Number of histories.
+        #[arg(long, default_value_t = 10)]
+        seeds: u64,
+        /// Steps per history.
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        /// Working directory (a failing history's cluster is left there).
+        #[arg(long, default_value = ".ferry-chaos")]
+        chaos_dir: PathBuf,
+        /// Where sync-service and recovery-service are (default: next to ferryctl).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
     },
     /// Runs the whole scenario on a fresh local cluster and prints a report.
     #[command(after_help = "Example:\n  ferryctl demo --bin-dir target/debug")]
@@ -379,6 +405,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     break;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        Command::Chaos { first_seed, seeds, steps, chaos_dir, bin_dir } => {
+            let bin_dir = match bin_dir {
+                Some(b) => b.clone(),
+                None => default_bin_dir()?,
+            };
+            let options = chaos::ChaosOptions {
+                first_seed: *first_seed,
+                seeds: *seeds,
+                steps: *steps,
+                dir: chaos_dir.clone(),
+                bin_dir,
+            };
+            let started = std::time::Instant::now();
+            let outcomes = chaos::run(&options).await?;
+            let violations: Vec<u64> = outcomes.iter().filter(|o| o.violation.is_some()).map(|o| o.seed).collect();
+            println!("{} histories, {} violations, {:.0?} in all", outcomes.len(), violations.len(), started.elapsed());
+            if !violations.is_empty() {
+                bail!("violations with seeds {violations:?} (replay one with --first-seed S --seeds 1)");
             }
         }
         Command::Audit { json } => {

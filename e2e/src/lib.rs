@@ -105,7 +105,7 @@ impl Cluster {
         drop(ferry_shared::telemetry::init("ferry-e2e", ferry_shared::telemetry::LogFormat::Text));
         let etcd = EtcdProcess::start().await.context("start etcd")?;
         let name = "test".to_string();
-        let control_plane = ControlPlane::connect_etcd(&[etcd.endpoint.clone()], &name).await?;
+        let control_plane = ControlPlane::connect_etcd(std::slice::from_ref(&etcd.endpoint), &name).await?;
         let dir = tempfile::Builder::new().prefix("ferry-e2e-").tempdir()?;
         let mut nodes = Vec::new();
         for i in 0..n_nodes {

@@ -11,7 +11,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-
 use ferry_e2e::{Cluster, WAIT};
 use ferry_proto::v1 as pb;
 use ferry_shared::{
@@ -21,7 +20,7 @@ use ferry_shared::{
     control_plane::BlobRecord,
     erasure,
     failpoints::fail,
-    types::{BlobId, NodeStatus, ShardIndex, ShardStatus},
+    types::{BlobId, NodeStatus, ShardStatus},
 };
 use ferry_sync_service::config::SyncConfig;
 
@@ -51,14 +50,23 @@ fn check_shards_match_encoding(cluster: &Cluster, i: usize, blobs: &Blobs) {
         assert_eq!(contents.len(), blobs.len(), "shard {shard} of node {i} holds every blob");
         for (id, data) in blobs {
             let expected = &erasure::encode(data, cluster.n_shards).unwrap().slivers[shard.as_usize()];
-            assert_eq!(contents.iter().find(|(b, _)| b == id).map(|(_, d)| d), Some(expected), "sliver of {id} in shard {shard} of node {i}");
+            assert_eq!(
+                contents.iter().find(|(b, _)| b == id).map(|(_, d)| d),
+                Some(expected),
+                "sliver of {id} in shard {shard} of node {i}"
+            );
         }
     }
 }
 
 /// Waits until node `i` has attested `epoch`, and checks the evidence covers `blobs` blobs in
 /// every shard.
-async fn wait_attested(cluster: &Cluster, i: usize, epoch: u64, blobs: usize) -> ferry_shared::control_plane::AttestationRecord {
+async fn wait_attested(
+    cluster: &Cluster,
+    i: usize,
+    epoch: u64,
+    blobs: usize,
+) -> ferry_shared::control_plane::AttestationRecord {
     let me = cluster.nodes[i].id.clone();
     let cp = cluster.control_plane.clone();
     let id = me.clone();
@@ -165,11 +173,20 @@ async fn a_removed_nodes_shards_move_by_shard_sync_and_are_dropped_once_taken_ov
         let record = cluster.nodes[owner].node().unwrap().view().shards[&shard].clone();
         let sync = record.sync.clone().unwrap();
         assert_eq!(sync.source.as_ref(), Some(&removed), "shard {shard} came from the removed node");
-        assert_eq!((record.status, sync.blobs_done, sync.pending), (ShardStatus::Active, blobs.len() as u64, 0), "shard {shard} was streamed, not rebuilt: {sync:?}");
+        assert_eq!(
+            (record.status, sync.blobs_done, sync.pending),
+            (ShardStatus::Active, blobs.len() as u64, 0),
+            "shard {shard} was streamed, not rebuilt: {sync:?}"
+        );
     }
     cluster.wait_done(1).await.unwrap();
     // The removed node served its locked shards, and drops them once their new owners attested.
-    cluster.wait_view(3, "locked shards dropped after the new owners attested", |v| v.status() == NodeStatus::Standby && v.shards.is_empty()).await.unwrap();
+    cluster
+        .wait_view(3, "locked shards dropped after the new owners attested", |v| {
+            v.status() == NodeStatus::Standby && v.shards.is_empty()
+        })
+        .await
+        .unwrap();
     cluster.check_blobs(&blobs).await.unwrap();
     cluster.assert_no_holes().await.unwrap();
 }
@@ -191,7 +208,12 @@ async fn a_sync_from_a_source_that_restarts_several_times_completes_by_shard_syn
     for step in 1..=5u64 {
         let done_before = step * 15;
         let reached = cluster
-            .wait_view(0, "sync progress", move |v| v.shards.get(&shard).and_then(|r| r.sync.as_ref()).is_some_and(|p| p.blobs_done >= done_before || p.finished))
+            .wait_view(0, "sync progress", move |v| {
+                v.shards
+                    .get(&shard)
+                    .and_then(|r| r.sync.as_ref())
+                    .is_some_and(|p| p.blobs_done >= done_before || p.finished)
+            })
             .await
             .unwrap();
         if reached.shards[&shard].sync.as_ref().is_some_and(|p| p.finished) {
@@ -205,7 +227,11 @@ async fn a_sync_from_a_source_that_restarts_several_times_completes_by_shard_syn
     cluster.wait_all_active(0, 1).await.unwrap();
     let record = cluster.nodes[0].node().unwrap().view().shards[&shard].clone();
     let sync = record.sync.unwrap();
-    assert_eq!((record.status, sync.blobs_done, sync.pending), (ShardStatus::Active, blobs.len() as u64, 0), "filled by shard sync across the restarts: {sync:?}");
+    assert_eq!(
+        (record.status, sync.blobs_done, sync.pending),
+        (ShardStatus::Active, blobs.len() as u64, 0),
+        "filled by shard sync across the restarts: {sync:?}"
+    );
     assert!(sync.attempts > restarts, "every break was retried: {sync:?}");
     cluster.assert_no_holes().await.unwrap();
 }
@@ -227,7 +253,10 @@ async fn a_blob_whose_slivers_are_not_one_codeword_is_marked_invalid_and_recover
     let committee = cluster.committee().await.unwrap();
     let bad = inconsistent_blob(&[7u8; 3000], cluster.n_shards, 0);
     let bad_id = cluster.client().store_encoded(&committee, &bad).await.unwrap();
-    assert!(matches!(cluster.client().read(&bad_id).await, Err(ClientError::Invalid(_))), "a read re-encodes and refuses it");
+    assert!(
+        matches!(cluster.client().read(&bad_id).await, Err(ClientError::Invalid(_))),
+        "a read re-encodes and refuses it"
+    );
     // Node 2 (shards 4 and 5) recovers: every decode involving the blob comes out wrong.
     wipe_and_recover(&mut cluster, 2, 0).await;
     let status = cluster.nodes[2].recovery.as_ref().unwrap().recovery.status();
@@ -256,7 +285,8 @@ async fn a_blob_recovery_task_that_panics_is_retried_not_skipped() {
     cluster.start_node(3).await.unwrap();
     cluster.wait_all_active(3, 0).await.unwrap();
     fail::remove("recover-blob");
-    let metrics = ferry_shared::metrics::scrape(cluster.nodes[3].recovery.as_ref().unwrap().metrics_addr).await.unwrap();
+    let metrics =
+        ferry_shared::metrics::scrape(cluster.nodes[3].recovery.as_ref().unwrap().metrics_addr).await.unwrap();
     let failed = ferry_shared::metrics::sample(&metrics, "ferry_recovery_blobs_failed_total", &[]);
     assert_eq!(failed, 1.0, "the blob whose task panicked was counted failed (and retried)");
     check_shards_match_encoding(&cluster, 3, &blobs);
@@ -272,13 +302,18 @@ async fn a_shard_sync_task_that_panics_is_restarted_and_a_failed_status_write_is
     cluster.wait_all_active(0, 1).await.unwrap();
     fail::remove("sync-after-batch");
     let me = cluster.nodes[0].id.clone();
-    let node = cluster.nodes[0].node().unwrap();
+    let node = cluster.nodes[0].node().unwrap().clone();
     assert!(node.metrics.sync_retries.get() >= 1, "the panic was noticed and the sync restarted");
     for shard in c1.shards_of(&me).into_iter().filter(|s| c0.owner(*s) != Some(&me)) {
         let sync = node.view().shards[&shard].sync.clone().unwrap();
-        assert_eq!((sync.blobs_done, sync.pending), (blobs.len() as u64, 0), "shard {shard} filled by shard sync: {sync:?}");
+        assert_eq!(
+            (sync.blobs_done, sync.pending),
+            (blobs.len() as u64, 0),
+            "shard {shard} filled by shard sync: {sync:?}"
+        );
     }
-    assert_eq!(node.view().running_syncs, 0);
+    let mut views = node.subscribe();
+    tokio::time::timeout(WAIT, views.wait_for(|v| v.running_syncs == 0)).await.unwrap().unwrap();
     drop(node);
 
     // A sync that gives up (its source is down) whose first status write fails: the write is
@@ -291,7 +326,12 @@ async fn a_shard_sync_task_that_panics_is_restarted_and_a_failed_status_write_is
     cluster.stop_node(source).await.unwrap();
     fail::cfg("sync-mark-failed", "1*return").unwrap();
     cluster.control_plane.propose_epoch(&c2).await.unwrap();
-    cluster.wait_view(1, "the failed sync's shard handed to blob recovery", move |v| v.shards.get(&gained).map(|r| r.status) == Some(ShardStatus::ActiveRecover)).await.unwrap();
+    cluster
+        .wait_view(1, "the failed sync's shard handed to blob recovery", move |v| {
+            v.shards.get(&gained).map(|r| r.status) == Some(ShardStatus::ActiveRecover)
+        })
+        .await
+        .unwrap();
     fail::remove("sync-mark-failed");
     cluster.wait_all_active(1, 2).await.unwrap();
     cluster.start_node(source).await.unwrap();
@@ -316,7 +356,11 @@ async fn a_locked_shard_is_kept_until_its_new_owner_holds_it() {
     let checker = tokio::spawn(async move {
         loop {
             let v = views.borrow_and_update().clone();
-            let syncing = v.owned(&id).iter().filter(|s| v.shards.get(s).map(|r| r.status) == Some(ShardStatus::ActiveSync)).count();
+            let syncing = v
+                .owned(&id)
+                .iter()
+                .filter(|s| v.shards.get(s).map(|r| r.status) == Some(ShardStatus::ActiveSync))
+                .count();
             if syncing > 0 && v.running_syncs == 0 {
                 seen.lock().unwrap().push(ferry_e2e::describe(&v));
             }
@@ -332,10 +376,16 @@ async fn a_locked_shard_is_kept_until_its_new_owner_holds_it() {
     cluster.wait_done(1).await.unwrap();
     let syncing = cluster.nodes[0].node().unwrap().view().shards[&shard].status == ShardStatus::ActiveSync;
     assert!(syncing, "node 0 is still streaming when the epoch is done (pace the stream more)");
-    assert_eq!(cluster.nodes[source].node().unwrap().view().shards.get(&shard).map(|r| r.status), Some(ShardStatus::LockedToMove));
+    assert_eq!(
+        cluster.nodes[source].node().unwrap().view().shards.get(&shard).map(|r| r.status),
+        Some(ShardStatus::LockedToMove)
+    );
     cluster.wait_all_active(0, 1).await.unwrap();
     wait_attested(&cluster, 0, 1, blobs.len()).await;
-    cluster.wait_view(source, "the locked shard dropped once node 0 attested", move |v| !v.shards.contains_key(&shard)).await.unwrap();
+    cluster
+        .wait_view(source, "the locked shard dropped once node 0 attested", move |v| !v.shards.contains_key(&shard))
+        .await
+        .unwrap();
     let sync = cluster.nodes[0].node().unwrap().view().shards[&shard].sync.clone().unwrap();
     assert_eq!((sync.blobs_done, sync.pending), (blobs.len() as u64, 0), "streamed to the end: {sync:?}");
     checker.abort();
@@ -353,7 +403,11 @@ async fn a_stream_cut_at_the_servers_item_limit_is_resumed_not_taken_as_the_end(
     for shard in c1.shards_of(&me).into_iter().filter(|s| c0.owner(*s) != Some(&me)) {
         let record = cluster.nodes[0].node().unwrap().view().shards[&shard].clone();
         let sync = record.sync.unwrap();
-        assert_eq!((record.status, sync.blobs_done, sync.pending), (ShardStatus::Active, blobs.len() as u64, 0), "shard {shard}: {sync:?}");
+        assert_eq!(
+            (record.status, sync.blobs_done, sync.pending),
+            (ShardStatus::Active, blobs.len() as u64, 0),
+            "shard {shard}: {sync:?}"
+        );
     }
     cluster.assert_no_holes().await.unwrap();
 }
@@ -362,30 +416,60 @@ async fn a_stream_cut_at_the_servers_item_limit_is_resumed_not_taken_as_the_end(
 async fn a_write_whose_caller_gave_up_still_holds_off_the_shard_lock() {
     let (cluster, _blobs) = cluster(5, |_| {}).await;
     let c0 = cluster.committee().await.unwrap();
-    let c1 = rebalance(&c0, weighted(&cluster, 1, 3)).unwrap();
+    // The next epoch moves one of node 0's shards to node 1.
     let me = cluster.nodes[0].id.clone();
-    let shard = *c0.shards_of(&me).iter().find(|s| c1.owner(**s) != Some(&me)).expect("node 0 loses a shard");
+    let shard = c0.shards_of(&me)[0];
+    let mut c1 = c0.clone();
+    c1.epoch = 1;
+    c1.assignment[shard.as_usize()] = cluster.nodes[1].id.clone();
     // A blob whose sliver for that shard is stored on node 0 by hand.
     let enc = erasure::encode(&[3u8; 1000], cluster.n_shards).unwrap();
     cluster
         .control_plane
-        .register_blob(&BlobRecord { blob_id: enc.blob_id, length: 1000, registered_epoch: 0, certificate: None, invalid: None })
+        .register_blob(&BlobRecord {
+            blob_id: enc.blob_id,
+            length: 1000,
+            registered_epoch: 0,
+            certificate: None,
+            invalid: None,
+        })
         .await
         .unwrap();
     let mut client = cluster.sync_client(0).await.unwrap();
-    client.store_metadata(pb::StoreMetadataRequest { blob_id: enc.blob_id.0.to_vec(), metadata: Some(enc.metadata.to_proto()) }).await.unwrap();
+    client
+        .store_metadata(pb::StoreMetadataRequest {
+            blob_id: enc.blob_id.0.to_vec(),
+            metadata: Some(enc.metadata.to_proto()),
+        })
+        .await
+        .unwrap();
     fail::cfg("store-sliver-write", "1*sleep(1500)").unwrap();
-    let request = pb::StoreSliverRequest { blob_id: enc.blob_id.0.to_vec(), shard: shard.0, data: enc.slivers[shard.as_usize()].clone() };
+    let request = pb::StoreSliverRequest {
+        blob_id: enc.blob_id.0.to_vec(),
+        shard: shard.0,
+        data: enc.slivers[shard.as_usize()].clone(),
+    };
     let mut impatient = client.clone();
     let gave_up = tokio::time::timeout(Duration::from_millis(200), impatient.store_sliver(request)).await;
     assert!(gave_up.is_err(), "the caller went away while the write was in the store");
     let proposed = Instant::now();
     cluster.control_plane.propose_epoch(&c1).await.unwrap();
-    cluster.wait_view(0, "the lost shard locked", move |v| v.shards.get(&shard).map(|r| r.status) == Some(ShardStatus::LockedToMove)).await.unwrap();
+    cluster
+        .wait_view(0, "the lost shard locked", move |v| {
+            v.shards.get(&shard).map(|r| r.status) == Some(ShardStatus::LockedToMove)
+        })
+        .await
+        .unwrap();
     let locked_after = proposed.elapsed();
     fail::remove("store-sliver-write");
-    assert!(locked_after >= Duration::from_millis(1000), "the shard was locked {locked_after:?} after the proposal, under a write still running");
-    assert!(cluster.shard_contents(0, shard).unwrap().iter().any(|(b, _)| *b == enc.blob_id), "the write landed before the lock");
+    assert!(
+        locked_after >= Duration::from_millis(1000),
+        "the shard was locked {locked_after:?} after the proposal, under a write still running"
+    );
+    assert!(
+        cluster.shard_contents(0, shard).unwrap().iter().any(|(b, _)| *b == enc.blob_id),
+        "the write landed before the lock"
+    );
     tokio::time::timeout(WAIT, async {
         for i in 0..4 {
             cluster.wait_all_active(i, 1).await.unwrap();

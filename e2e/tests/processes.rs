@@ -123,13 +123,21 @@ async fn check_reads(cluster: &LocalCluster, cp: &ControlPlane, blobs: &[(BlobId
     }
 }
 
+/// `ferryctl audit`: every node holds a verified sliver of every certified blob in every shard
+/// it owns (reading blobs through other owners cannot show a node with empty shards).
+async fn assert_no_holes(cluster: &LocalCluster, cp: &ControlPlane) {
+    let report = ferryctl::audit::run(cp, &cluster.connector().unwrap()).await.unwrap();
+    assert_eq!(report.holes(), 0, "the audit found holes:\n{}", ferryctl::audit::render(&report));
+}
+
+/// Every node attested `epoch`, and its attestation key was written exactly once (a second
+/// attestation would have overwritten it).
 async fn assert_one_attestation_each(cp: &ControlPlane, epoch: u64, nodes: &[NodeId]) {
-    let all = cp.attestations(epoch).await.unwrap();
     for n in nodes {
         assert_eq!(
-            all.iter().filter(|a| &a.node_id == n).count(),
+            cp.attestation_writes(epoch, n).await.unwrap(),
             1,
-            "exactly one attestation of {n} for epoch {epoch}: {all:?}"
+            "exactly one attestation of {n} for epoch {epoch}"
         );
     }
 }
@@ -179,6 +187,7 @@ async fn sigkill_of_the_previous_owner_mid_stream_loses_nothing() {
             assert_eq!(r.sliver_count, blobs.len() as u64, "seed {seed}: shard {} complete", r.shard);
         }
         check_reads(&cluster, &cp, &blobs).await;
+        assert_no_holes(&cluster, &cp).await;
         let nodes: Vec<NodeId> = cluster.nodes.iter().map(|n| n.id.clone()).collect();
         assert_one_attestation_each(&cp, 1, &nodes).await;
         cluster.down().unwrap();
@@ -218,6 +227,7 @@ async fn sigkill_of_the_recovering_node_mid_recovery_still_completes_once() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         check_reads(&cluster, &cp, &blobs).await;
+        assert_no_holes(&cluster, &cp).await;
         let nodes: Vec<NodeId> = cluster.nodes.iter().map(|n| n.id.clone()).collect();
         assert_one_attestation_each(&cp, 1, &nodes).await;
         cluster.down().unwrap();
@@ -254,5 +264,76 @@ async fn an_epoch_change_while_a_node_is_down_brings_it_back_on_the_catch_up_pat
     let a = cp.attestation(2, &cluster.nodes[2].id).await.unwrap().expect("node 2 attests epoch 2");
     assert_eq!(a.attested_by, "recovery-service", "the catch-up path attests through recovery");
     check_reads(&cluster, &cp, &blobs).await;
+    assert_no_holes(&cluster, &cp).await;
     cluster.down().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_phase_flip_lost_with_its_attester_is_completed_by_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    // Node 2 gains shards by a paced sync, so it attests last, completing the quorum.
+    let mut cluster =
+        up(dir.path(), "[stream]\nmax_bytes_per_sec = 20000\n[shard_sync]\ngive_up_after_ms = 3000\n").await;
+    let cp = cluster.control_plane().await.unwrap();
+    let blobs = store_blobs(&cluster, &cp, 40, 51).await;
+    let node2 = cluster.nodes[2].id.clone();
+    let plan =
+        epoch::plan(&cp, &MemberChanges { weights: vec![(node2.clone(), 2)], ..Default::default() }).await.unwrap();
+    assert!(plan.moves.iter().any(|m| m.to == node2), "node 2 gains shards");
+    cluster.kill_node(3).unwrap(); // without node 3, node 2's attestation completes the quorum
+    // Node 2's sync-service dies the moment it has stored the quorum-completing attestation,
+    // before the phase flip: a crash in the window, as SIGKILL would be.
+    cluster
+        .restart_service_with_env(2, "sync-service", &[("FAILPOINTS", "cp-before-done-flip=return(crash)")])
+        .unwrap();
+    cluster.wait_healthy(2).await.unwrap();
+    cp.propose_epoch(&plan.next).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cluster.sync_alive(2) {
+        assert!(Instant::now() < deadline, "node 2 did not reach the crash window\n{}", log_tails(&cluster, 2));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(cp.attestation(1, &node2).await.unwrap().is_some(), "node 2 attested before it died");
+    // Nodes 0 and 1 saw the attestation and complete the flip; the cluster is not wedged.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cp.current().await.unwrap() != Some(EpochPhase::Done(1)) {
+        assert!(Instant::now() < deadline, "epoch 1 never became Done: the lost flip wedged the cluster");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And the next epoch can start.
+    cluster.start_node(2).unwrap();
+    cluster.start_node(3).unwrap();
+    for i in 0..4 {
+        cluster.wait_healthy(i).await.unwrap();
+        wait_status(&cluster, i, "all Active at epoch 1", all_active(1)).await;
+    }
+    let next =
+        epoch::plan(&cp, &MemberChanges { weights: vec![(node2.clone(), 1)], ..Default::default() }).await.unwrap();
+    cp.propose_epoch(&next.next).await.unwrap();
+    for i in 0..4 {
+        wait_status(&cluster, i, "all Active at epoch 2", all_active(2)).await;
+    }
+    check_reads(&cluster, &cp, &blobs).await;
+    assert_no_holes(&cluster, &cp).await;
+    let nodes: Vec<NodeId> = cluster.nodes.iter().map(|n| n.id.clone()).collect();
+    assert_one_attestation_each(&cp, 2, &nodes).await;
+    cluster.down().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_few_seeded_chaos_histories_come_to_rest_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = ferryctl::chaos::ChaosOptions {
+        first_seed: 7,
+        seeds: 2,
+        steps: 8,
+        dir: dir.path().to_path_buf(),
+        bin_dir: bin_dir(),
+    };
+    let outcomes = ferryctl::chaos::run(&options).await.unwrap();
+    let violations: Vec<String> = outcomes
+        .iter()
+        .filter_map(|o| o.violation.as_ref().map(|v| format!("seed {}: {v} (steps: {})", o.seed, o.steps.join(", "))))
+        .collect();
+    assert!(violations.is_empty(), "{}", violations.join("\n"));
 }

@@ -71,7 +71,9 @@ async fn committee_change_moves_shards_by_shard_sync_and_attests_once() {
     by_node.sort();
     assert_eq!(by_node, vec!["node-0", "node-1", "node-2", "node-3"]);
     for a in &attestations {
+        assert_eq!(cluster.control_plane.attestation_writes(1, &a.node_id).await.unwrap(), 1, "written once");
         assert_eq!(a.attested_by, "sync-service");
+
         a.verify(&c1).unwrap();
         assert_eq!(a.evidence.len(), c1.shards_of(&a.node_id).len());
         assert!(
@@ -156,7 +158,10 @@ async fn a_previous_owner_gone_for_good_leaves_the_shard_to_blob_recovery() {
     assert!(sync.last_error.as_ref().is_some_and(|e| e.contains("no progress for")), "{sync:?}");
     let node = cluster.nodes[0].node().unwrap();
     let mut counter = node.counter.subscribe();
-    tokio::time::timeout(WAIT, counter.wait_for(|v| v.running_syncs == 0)).await.expect("counter returns to zero").unwrap();
+    tokio::time::timeout(WAIT, counter.wait_for(|v| v.running_syncs == 0))
+        .await
+        .expect("counter returns to zero")
+        .unwrap();
     // Zero running syncs but an unfilled shard: the node must not attest.
     assert!(
         cluster.control_plane.attestation(1, &me).await.unwrap().is_none(),

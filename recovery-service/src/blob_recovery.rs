@@ -160,6 +160,7 @@ pub async fn recover_blob(
     blob: BlobId,
     wanted: &[ShardIndex],
 ) -> Result<Recovered, BlobRecoveryError> {
+    ferry_shared::failpoints::fail_point!("recover-blob");
     let metadata = fetch_metadata(peers, committee, &blob).await?;
     // Make sure our own sync-service has the metadata before it gets slivers.
     let mut own = peers.own();
@@ -219,8 +220,18 @@ pub async fn recover_blob(
         return Err(BlobRecoveryError::NotEnoughSlivers { blob, have: got.len(), need: k, detail: errors.join("; ") });
     }
     let available: Vec<(ShardIndex, &[u8])> = got.iter().map(|(s, d)| (*s, d.as_slice())).collect();
-    let rebuilt =
-        erasure::rebuild(&metadata, &available, wanted).map_err(|e| BlobRecoveryError::Decode(blob, e.to_string()))?;
+    let rebuilt = erasure::rebuild(&metadata, &available, wanted).map_err(|e| match e {
+        erasure::ErasureError::InconsistentEncoding { shard } => BlobRecoveryError::Inconsistent {
+            blob,
+            proof: InconsistencyProof {
+                shards: got.iter().map(|(s, _)| *s).collect(),
+                mismatched: ShardIndex(shard),
+                reported_by: peers.me.clone(),
+            },
+        },
+        other => BlobRecoveryError::Decode(blob, other.to_string()),
+    })?;
+
     let mut slivers = 0;
     for (shard, data) in rebuilt {
         own.store_sliver(pb::StoreSliverRequest { blob_id: blob.0.to_vec(), shard: shard.0, data })
@@ -235,7 +246,12 @@ pub async fn recover_blob(
 /// proof names from their owners, checks each against the metadata and decodes them. `false`
 /// if any cannot be fetched or the decode comes out consistent: the claim is then not honoured
 /// and the blob is recovered as any other (which finds a real inconsistency again).
-pub async fn confirm_inconsistency(peers: &Arc<Peers>, committee: &Committee, blob: BlobId, proof: &InconsistencyProof) -> bool {
+pub async fn confirm_inconsistency(
+    peers: &Arc<Peers>,
+    committee: &Committee,
+    blob: BlobId,
+    proof: &InconsistencyProof,
+) -> bool {
     let Ok(metadata) = fetch_metadata(peers, committee, &blob).await else { return false };
     if proof.shards.len() < metadata.k as usize || proof.shards.iter().any(|s| s.0 >= committee.n_shards) {
         return false;
@@ -245,7 +261,9 @@ pub async fn confirm_inconsistency(peers: &Arc<Peers>, committee: &Committee, bl
         let Some(owner) = committee.owner(*shard).cloned() else { return false };
         let Some(mut client) = peers.client(committee, &owner) else { return false };
         let request = pb::GetSliverRequest { blob_id: blob.0.to_vec(), shard: shard.0 };
-        let Ok(Ok(response)) = tokio::time::timeout(peers.timeout, client.get_sliver(request)).await else { return false };
+        let Ok(Ok(response)) = tokio::time::timeout(peers.timeout, client.get_sliver(request)).await else {
+            return false;
+        };
         let data = response.into_inner().data;
         if metadata.verify_sliver(*shard, &data).is_err() {
             return false;

@@ -99,7 +99,9 @@ impl Work {
         shards.sort();
         match status {
             NodeStatus::RecoveryInProgress(e) => Some(Work { target_epoch: e, node_recovery: true, shards }),
-            NodeStatus::Active if !shards.is_empty() => Some(Work { target_epoch: state.epoch, node_recovery: false, shards }),
+            NodeStatus::Active if !shards.is_empty() => {
+                Some(Work { target_epoch: state.epoch, node_recovery: false, shards })
+            }
             _ => None,
         }
     }
@@ -136,7 +138,8 @@ impl Work {
             })
             .collect();
         // The counters describe one recovery: they go on only where its scans go on.
-        let counters = if any_kept || (!epoch_changed && stored.shards.is_empty()) { stored } else { Cursor::default() };
+        let counters =
+            if any_kept || (!epoch_changed && stored.shards.is_empty()) { stored } else { Cursor::default() };
         Cursor { target_epoch: self.target_epoch, shards, rescans_saved: counters.rescans_saved + saved, ..counters }
     }
 }
@@ -294,7 +297,10 @@ impl Recovery {
         };
         let _mirror = AbortOnDrop(mirror);
         let mut rx = self.sync_state.clone();
-        let mut backoff = Backoff::new(Duration::from_millis(self.tuning.retry_initial_ms), Duration::from_millis(self.tuning.retry_max_ms));
+        let mut backoff = Backoff::new(
+            Duration::from_millis(self.tuning.retry_initial_ms),
+            Duration::from_millis(self.tuning.retry_max_ms),
+        );
         loop {
             let state = match rx.wait_for(|s| s.is_some()).await {
                 Ok(s) => s.clone(),
@@ -380,11 +386,18 @@ impl Recovery {
         let kept: Vec<u32> = work
             .shards
             .iter()
-            .filter(|(shard, scan)| stored.as_ref().and_then(|c| c.shards.get(shard)).is_some_and(|c| c.scan_id == *scan))
+            .filter(|(shard, scan)| {
+                stored.as_ref().and_then(|c| c.shards.get(shard)).is_some_and(|c| c.scan_id == *scan)
+            })
             .map(|(s, _)| s.0)
             .collect();
         let cursor = work.resume(stored);
-        info!(target = work.target_epoch, ?kept, saved = cursor.rescans_saved, "recovery work resumes; shards keep their scan's progress only under the same scan id");
+        info!(
+            target = work.target_epoch,
+            ?kept,
+            saved = cursor.rescans_saved,
+            "recovery work resumes; shards keep their scan's progress only under the same scan id"
+        );
         let c = cursor.clone();
         self.store.call(move |s| s.save_progress(&c, &BTreeMap::new())).await?;
         Ok(cursor)
@@ -417,7 +430,7 @@ impl Recovery {
                 stuck_for_secs: now.saturating_sub(f.first_failed_ms) / 1000,
             })
             .collect();
-        stuck.sort_by(|a, b| b.stuck_for_secs.cmp(&a.stuck_for_secs));
+        stuck.sort_by_key(|b| std::cmp::Reverse(b.stuck_for_secs));
         stuck.truncate(5);
         let stalled = clock.last_progress.elapsed() > Duration::from_millis(self.tuning.stall_after_ms);
         let invalid = self.invalid_count();
@@ -447,7 +460,10 @@ impl Recovery {
         let cursor = self.load_cursor(work).await?;
         let failed = self.store.call(|s| s.failed()).await?;
         let mut progress = Progress { cursor, failed, changes: BTreeMap::new() };
-        let mut backoff = Backoff::new(Duration::from_millis(self.tuning.retry_initial_ms), Duration::from_millis(self.tuning.retry_max_ms));
+        let mut backoff = Backoff::new(
+            Duration::from_millis(self.tuning.retry_initial_ms),
+            Duration::from_millis(self.tuning.retry_max_ms),
+        );
         let mut clock = PassClock { started: Instant::now(), last_progress: Instant::now() };
         loop {
             self.wait_until_clear(work).await?;
@@ -479,9 +495,14 @@ impl Recovery {
     async fn wait_for_storage(&self, work: &Work) -> Result<(), RecoveryError> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            let status = self.peers.own().get_status(pb::GetStatusRequest {}).await.map_err(sync_err("GetStatus"))?.into_inner();
-            let missing: Vec<u32> =
-                work.shard_ids().iter().filter(|s| !status.shards.iter().any(|r| r.shard == s.0)).map(|s| s.0).collect();
+            let status =
+                self.peers.own().get_status(pb::GetStatusRequest {}).await.map_err(sync_err("GetStatus"))?.into_inner();
+            let missing: Vec<u32> = work
+                .shard_ids()
+                .iter()
+                .filter(|s| !status.shards.iter().any(|r| r.shard == s.0))
+                .map(|s| s.0)
+                .collect();
             if missing.is_empty() {
                 return Ok(());
             }
@@ -492,7 +513,12 @@ impl Recovery {
         }
     }
 
-    async fn scan_pass(&self, work: &Work, progress: &mut Progress, clock: &mut PassClock) -> Result<(), RecoveryError> {
+    async fn scan_pass(
+        &self,
+        work: &Work,
+        progress: &mut Progress,
+        clock: &mut PassClock,
+    ) -> Result<(), RecoveryError> {
         // Retry earlier failures first.
         let retry: Vec<BlobId> = progress.failed.keys().copied().collect();
         for chunk in retry.chunks(self.tuning.scan_page) {
@@ -596,7 +622,9 @@ impl Recovery {
                 .iter()
                 .map(|s| ShardIndex(*s))
                 .filter(|s| work.contains(*s))
-                .filter(|s| last.is_none() || progress.cursor.shards.get(s).and_then(|c| c.after).is_none_or(|c| c < blob))
+                .filter(|s| {
+                    last.is_none() || progress.cursor.shards.get(s).and_then(|c| c.after).is_none_or(|c| c < blob)
+                })
                 .collect();
             if wanted.is_empty() {
                 progress.forget(blob);
@@ -605,7 +633,8 @@ impl Recovery {
             }
             // Rule 3 holds per blob too: no new blob recovery while shard syncs run or paused.
             let permit = loop {
-                let clear = self.sync_state.borrow().as_ref().is_some_and(|s| s.running_syncs == 0) && !*self.paused.borrow();
+                let clear =
+                    self.sync_state.borrow().as_ref().is_some_and(|s| s.running_syncs == 0) && !*self.paused.borrow();
                 if clear && let Ok(permit) = limit.clone().acquire_owned().await {
                     break permit;
                 }
@@ -654,7 +683,10 @@ impl Recovery {
 
     async fn record_result(
         &self,
-        done: Result<(tokio::task::Id, Result<blob_recovery::Recovered, blob_recovery::BlobRecoveryError>), tokio::task::JoinError>,
+        done: Result<
+            (tokio::task::Id, Result<blob_recovery::Recovered, blob_recovery::BlobRecoveryError>),
+            tokio::task::JoinError,
+        >,
         running: &mut HashMap<tokio::task::Id, BlobId>,
         progress: &mut Progress,
         clock: &mut PassClock,
@@ -715,7 +747,11 @@ impl Recovery {
         }
         let mut own = self.peers.own();
         if !work.shards.is_empty() {
-            let shards = work.shards.iter().map(|(shard, scan_id)| pb::ShardScan { shard: shard.0, scan_id: *scan_id }).collect();
+            let shards = work
+                .shards
+                .iter()
+                .map(|(shard, scan_id)| pb::ShardScan { shard: shard.0, scan_id: *scan_id })
+                .collect();
             own.mark_shards_recovered(pb::MarkShardsRecoveredRequest { shards, epoch: work.target_epoch })
                 .await
                 .map_err(sync_err("MarkShardsRecovered"))?;
@@ -735,14 +771,22 @@ impl Recovery {
             // No token: this process attested the epoch already (a retry after a failed
             // completion); CompleteRecovery checks the attestation exists.
             if let Some(token) = self.attester.token(e) {
-                let evidence = own.get_shard_evidence(pb::GetShardEvidenceRequest {}).await.map_err(sync_err("GetShardEvidence"))?.into_inner();
+                let evidence = own
+                    .get_shard_evidence(pb::GetShardEvidenceRequest {})
+                    .await
+                    .map_err(sync_err("GetShardEvidence"))?
+                    .into_inner();
                 if evidence.epoch != e {
                     return Err(RecoveryError::Superseded);
                 }
                 let evidence: Vec<ShardEvidence> = evidence
                     .evidence
                     .into_iter()
-                    .map(|x| ShardEvidence { shard: ShardIndex(x.shard), blob_count: x.blob_count, blob_ids_digest: hex::encode(x.blob_ids_digest) })
+                    .map(|x| ShardEvidence {
+                        shard: ShardIndex(x.shard),
+                        blob_count: x.blob_count,
+                        blob_ids_digest: hex::encode(x.blob_ids_digest),
+                    })
                     .collect();
                 let record = AttestationRecord::sign(&self.key, self.me.clone(), e, "recovery-service", evidence);
                 let stored = match token.attest(&self.control_plane, &record).await? {
@@ -782,7 +826,11 @@ impl Progress {
     }
 
     fn fail(&mut self, blob: BlobId, error: String) {
-        let entry = self.failed.entry(blob).or_insert(FailedBlob { attempts: 0, last_error: String::new(), first_failed_ms: now_ms() });
+        let entry = self.failed.entry(blob).or_insert(FailedBlob {
+            attempts: 0,
+            last_error: String::new(),
+            first_failed_ms: now_ms(),
+        });
         entry.attempts += 1;
         entry.last_error = error;
         self.changes.insert(blob, Some(entry.clone()));
@@ -808,7 +856,10 @@ mod tests {
             node_status: status as i32,
             recovery_epoch,
             running_syncs: syncing.len() as u32,
-            recovering: recovering.iter().map(|(shard, scan_id)| pb::ShardScan { shard: *shard, scan_id: *scan_id }).collect(),
+            recovering: recovering
+                .iter()
+                .map(|(shard, scan_id)| pb::ShardScan { shard: *shard, scan_id: *scan_id })
+                .collect(),
             syncing_shards: syncing.to_vec(),
             ..Default::default()
         }
@@ -820,14 +871,16 @@ mod tests {
         // (state, expected work)
         let cases = [
             (state(RecoveryInProgress, 4, &[(1, 10), (2, 20)], &[]), Some((4, true, vec![(1, 10), (2, 20)]))),
-            (state(RecoveryInProgress, 4, &[], &[3]), Some((4, true, vec![])), ), // wait for syncs, then attest
-            (state(Active, 0, &[(5, 50)], &[]), Some((4, false, vec![(5, 50)]))),   // a restart or a failed sync
-            (state(Active, 0, &[], &[3]), None),                                  // only syncing
+            (state(RecoveryInProgress, 4, &[], &[3]), Some((4, true, vec![]))), // wait for syncs, then attest
+            (state(Active, 0, &[(5, 50)], &[]), Some((4, false, vec![(5, 50)]))), // a restart or a failed sync
+            (state(Active, 0, &[], &[3]), None),                                // only syncing
             (state(Active, 0, &[], &[]), None),
             (state(Standby, 0, &[(1, 1)], &[]), None),
         ];
         for (st, want) in cases {
-            let got = Work::derive(&st).map(|w| (w.target_epoch, w.node_recovery, w.shards.iter().map(|(s, id)| (s.0, *id)).collect::<Vec<_>>()));
+            let got = Work::derive(&st).map(|w| {
+                (w.target_epoch, w.node_recovery, w.shards.iter().map(|(s, id)| (s.0, *id)).collect::<Vec<_>>())
+            });
             assert_eq!(got, want, "{st:?}");
         }
     }
@@ -837,7 +890,17 @@ mod tests {
             target_epoch: target,
             shards: shards
                 .iter()
-                .map(|(s, scan, at)| (ShardIndex(*s), ShardCursor { scan_id: *scan, after: Some(BlobId([*at; 32])), finished: *at == 255, scanned: u64::from(*at) }))
+                .map(|(s, scan, at)| {
+                    (
+                        ShardIndex(*s),
+                        ShardCursor {
+                            scan_id: *scan,
+                            after: Some(BlobId([*at; 32])),
+                            finished: *at == 255,
+                            scanned: u64::from(*at),
+                        },
+                    )
+                })
                 .collect(),
             pass: 3,
             blobs_scanned: 100,
@@ -846,7 +909,11 @@ mod tests {
     }
 
     fn work(target: u64, shards: &[(u32, u64)]) -> Work {
-        Work { target_epoch: target, node_recovery: true, shards: shards.iter().map(|(s, id)| (ShardIndex(*s), *id)).collect() }
+        Work {
+            target_epoch: target,
+            node_recovery: true,
+            shards: shards.iter().map(|(s, id)| (ShardIndex(*s), *id)).collect(),
+        }
     }
 
     #[test]

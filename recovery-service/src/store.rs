@@ -178,11 +178,11 @@ impl RecoveryStore {
         for item in self.db.iterator(mode) {
             let (k, v) = item.map_err(|e| RecoveryStoreError::Rocks(e.to_string()))?;
             let Some(hex_id) = k.strip_prefix(FAILED_PREFIX.as_bytes()) else { break };
-            let id = std::str::from_utf8(hex_id)
-                .ok()
-                .and_then(|h| h.parse::<BlobId>().ok())
-                .ok_or_else(|| RecoveryStoreError::Corrupt(format!("failed-blob key {}", String::from_utf8_lossy(&k))))?;
-            let entry = serde_json::from_slice(&v).map_err(|e| RecoveryStoreError::Corrupt(format!("failed blob {id}: {e}")))?;
+            let id = std::str::from_utf8(hex_id).ok().and_then(|h| h.parse::<BlobId>().ok()).ok_or_else(|| {
+                RecoveryStoreError::Corrupt(format!("failed-blob key {}", String::from_utf8_lossy(&k)))
+            })?;
+            let entry = serde_json::from_slice(&v)
+                .map_err(|e| RecoveryStoreError::Corrupt(format!("failed blob {id}: {e}")))?;
             out.insert(id, entry);
         }
         Ok(out)
@@ -220,7 +220,9 @@ mod tests {
         {
             let store = RecoveryStore::open(dir.path()).unwrap();
             let mut cursor = Cursor { target_epoch: 3, ..Cursor::default() };
-            cursor.shards.insert(ShardIndex(1), ShardCursor { scan_id: 9, after: Some(b), finished: false, scanned: 2 });
+            cursor
+                .shards
+                .insert(ShardIndex(1), ShardCursor { scan_id: 9, after: Some(b), finished: false, scanned: 2 });
             store.save_progress(&cursor, &BTreeMap::from([(a, Some(failed(1))), (b, Some(failed(2)))])).unwrap();
             cursor.pass = 2;
             store.save_progress(&cursor, &BTreeMap::from([(a, None)])).unwrap();

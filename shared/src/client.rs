@@ -284,7 +284,10 @@ impl BlobClient {
             });
         }
         let slivers: Vec<(ShardIndex, &[u8])> = got.iter().map(|(s, d)| (*s, d.as_slice())).collect();
-        let data = erasure::decode(&metadata, &slivers)?;
+        let data = erasure::decode(&metadata, &slivers).map_err(|e| match e {
+            ErasureError::InconsistentEncoding { .. } => ClientError::Invalid(*id),
+            other => other.into(),
+        })?;
         // Each sliver matched its digest, but only one codeword decodes to the same bytes from
         // any k of them: re-encode and compare, so an inconsistently written blob is refused
         // instead of read differently depending on which owners answered first.

@@ -81,6 +81,8 @@ pub struct Versioned {
     pub value: Vec<u8>,
     /// Revision of its last modification.
     pub mod_revision: u64,
+    /// How many times the key was written since it was created (1 = never overwritten).
+    pub version: u64,
 }
 
 /// A condition of a [`Kv::txn`].
@@ -355,7 +357,10 @@ impl AttestToken<'_> {
     /// Stores `record` (which must be for this token's epoch) create-if-absent.
     pub async fn attest(mut self, control_plane: &ControlPlane, record: &AttestationRecord) -> Result<AttestOutcome> {
         if record.epoch != self.epoch {
-            return Err(ControlPlaneError::AttestationRefused(format!("a token for epoch {} cannot attest epoch {}", self.epoch, record.epoch)));
+            return Err(ControlPlaneError::AttestationRefused(format!(
+                "a token for epoch {} cannot attest epoch {}",
+                self.epoch, record.epoch
+            )));
         }
         let outcome = control_plane.attest(record).await?;
         self.used = true;
@@ -630,12 +635,17 @@ impl ControlPlane {
     pub async fn mark_blob_invalid(&self, id: &BlobId, proof: InconsistencyProof) -> Result<BlobRecord> {
         let key = self.blob_key(id);
         for _ in 0..CAS_RETRIES {
-            let (mut record, rev) = self.get_json::<BlobRecord>(&key).await?.ok_or(ControlPlaneError::UnknownBlob(*id))?;
+            let (mut record, rev) =
+                self.get_json::<BlobRecord>(&key).await?.ok_or(ControlPlaneError::UnknownBlob(*id))?;
             if record.invalid.is_some() {
                 return Ok(record);
             }
             record.invalid = Some(proof.clone());
-            if self.kv.txn(vec![Guard::ModRevision(key.clone(), rev)], vec![(key.clone(), Self::encode(&record))]).await? {
+            if self
+                .kv
+                .txn(vec![Guard::ModRevision(key.clone(), rev)], vec![(key.clone(), Self::encode(&record))])
+                .await?
+            {
                 return Ok(record);
             }
         }
@@ -737,7 +747,14 @@ impl ControlPlane {
         self.list_json(&self.key(&format!("attestations/{epoch:020}/")), None, usize::MAX).await
     }
 
+    /// How many times the attestation key of `node` for `epoch` was written (0 = absent). Rule
+    /// 5 says exactly once: any other number is a second attestation, whatever its content.
+    pub async fn attestation_writes(&self, epoch: Epoch, node: &NodeId) -> Result<u64> {
+        Ok(self.kv.get(&self.attestation_key(epoch, node)).await?.map(|v| v.version).unwrap_or(0))
+    }
+
     /// The attestation of one node for one epoch.
+
     pub async fn attestation(&self, epoch: Epoch, node: &NodeId) -> Result<Option<AttestationRecord>> {
         Ok(self.get_json(&self.attestation_key(epoch, node)).await?.map(|(a, _)| a))
     }

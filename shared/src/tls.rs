@@ -150,17 +150,14 @@ impl TlsConfig {
             path: self.cert_file.display().to_string(),
             reason,
         })?;
-        if let Some(node) = expected {
-            if identity != PeerIdentity::Node(node.clone()) {
-                return Err(TlsError::Invalid {
-                    what: "certificate",
-                    path: self.cert_file.display().to_string(),
-                    reason: format!(
-                        "it names {identity}, but this is node {node} (expected {})",
-                        node_server_name(node)
-                    ),
-                });
-            }
+        if let Some(node) = expected
+            && identity != PeerIdentity::Node(node.clone())
+        {
+            return Err(TlsError::Invalid {
+                what: "certificate",
+                path: self.cert_file.display().to_string(),
+                reason: format!("it names {identity}, but this is node {node} (expected {})", node_server_name(node)),
+            });
         }
         if first_pem_der(&ca).is_none() {
             return Err(TlsError::Invalid {
@@ -247,10 +244,10 @@ pub fn identity_of(der: &[u8]) -> Result<PeerIdentity, String> {
                 if let Ok(id) = NodeId::new(id) {
                     found.push(PeerIdentity::Node(id));
                 }
-            } else if let Some(client) = dns.strip_suffix(CLIENT_SUFFIX) {
-                if NodeId::new(client).is_ok() {
-                    found.push(PeerIdentity::Client(client.to_string()));
-                }
+            } else if let Some(client) = dns.strip_suffix(CLIENT_SUFFIX)
+                && NodeId::new(client).is_ok()
+            {
+                found.push(PeerIdentity::Client(client.to_string()));
             }
         }
     }

@@ -216,11 +216,13 @@ impl TransitionGuard {
         F: FnOnce(&ShardStore) -> Result<T, StoreError> + Send + 'static,
     {
         let held = self.held.clone();
-        self.held.store.call(move |s| {
-            let _held = held;
-            f(s)
-        })
-        .await
+        self.held
+            .store
+            .call(move |s| {
+                let _held = held;
+                f(s)
+            })
+            .await
     }
 }
 
@@ -302,7 +304,9 @@ impl Node {
     /// Takes the transition lock exclusively. Hold it across read-check-write of persisted state.
     pub async fn transition(&self) -> TransitionGuard {
         let lock = self.transition_lock.clone().write_owned().await;
-        TransitionGuard { held: Arc::new(HeldTransition { store: self.store.clone(), view: self.view.clone(), _lock: lock }) }
+        TransitionGuard {
+            held: Arc::new(HeldTransition { store: self.store.clone(), view: self.view.clone(), _lock: lock }),
+        }
     }
 
     /// Takes the transition lock shared, for a data-plane write: the published view stays

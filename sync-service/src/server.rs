@@ -219,13 +219,13 @@ impl SyncService for SyncServer {
                 metadata.length, record.length
             )));
         }
-        if let Some(c) = self.node.view().committee() {
-            if metadata.n_shards != c.n_shards {
-                return Err(Status::invalid_argument(format!(
-                    "metadata is for {} shards; this cluster has {}",
-                    metadata.n_shards, c.n_shards
-                )));
-            }
+        if let Some(c) = self.node.view().committee()
+            && metadata.n_shards != c.n_shards
+        {
+            return Err(Status::invalid_argument(format!(
+                "metadata is for {} shards; this cluster has {}",
+                metadata.n_shards, c.n_shards
+            )));
         }
         self.node.store.call(move |s| s.put_metadata(&id, &metadata)).await.map_err(internal)?;
         Ok(Response::new(pb::StoreMetadataResponse {}))
@@ -604,7 +604,10 @@ impl SyncService for SyncServer {
         Ok(Response::new(pb::CheckBlobsResponse { blobs }))
     }
 
-    async fn audit_blobs(&self, request: Request<pb::AuditBlobsRequest>) -> Result<Response<pb::AuditBlobsResponse>, Status> {
+    async fn audit_blobs(
+        &self,
+        request: Request<pb::AuditBlobsRequest>,
+    ) -> Result<Response<pb::AuditBlobsResponse>, Status> {
         self.authorize(&request, Access::MemberOrClient)?;
         let req = request.into_inner();
         if req.blob_ids.len() > MAX_CHECK_BLOBS {
@@ -624,7 +627,11 @@ impl SyncService for SyncServer {
                 ids.into_iter()
                     .map(|id| {
                         let metadata = s.metadata(&id)?;
-                        let mut audit = pb::BlobAudit { blob_id: id.0.to_vec(), has_metadata: metadata.is_some(), ..Default::default() };
+                        let mut audit = pb::BlobAudit {
+                            blob_id: id.0.to_vec(),
+                            has_metadata: metadata.is_some(),
+                            ..Default::default()
+                        };
                         for (shard, stored) in &with_storage {
                             let sliver = if *stored { s.sliver(*shard, &id)? } else { None };
                             match (sliver, &metadata) {
@@ -639,7 +646,11 @@ impl SyncService for SyncServer {
             })
             .await
             .map_err(internal)?;
-        Ok(Response::new(pb::AuditBlobsResponse { epoch: view.epoch(), owned_shards: owned.iter().map(|s| s.0).collect(), blobs }))
+        Ok(Response::new(pb::AuditBlobsResponse {
+            epoch: view.epoch(),
+            owned_shards: owned.iter().map(|s| s.0).collect(),
+            blobs,
+        }))
     }
 
     async fn mark_shards_recovered(
@@ -663,7 +674,10 @@ impl SyncService for SyncServer {
             for scan in req.shards {
                 let shard = self.committee_shard(&view, scan.shard)?;
                 if !owned.contains(&shard) {
-                    return Err(Status::failed_precondition(format!("this node does not own shard {shard} in epoch {}", view.epoch())));
+                    return Err(Status::failed_precondition(format!(
+                        "this node does not own shard {shard} in epoch {}",
+                        view.epoch()
+                    )));
                 }
                 match view.shards.get(&shard) {
                     Some(r) if r.status == ShardStatus::Active => {}
@@ -762,7 +776,8 @@ fn sync_state(node: &Node, view: &NodeView) -> pb::SyncState {
         .iter()
         .filter_map(|s| {
             let r = view.shards.get(s)?;
-            (r.status == ShardStatus::ActiveRecover).then(|| pb::ShardScan { shard: s.0, scan_id: r.scan_id.unwrap_or(0) })
+            (r.status == ShardStatus::ActiveRecover)
+                .then(|| pb::ShardScan { shard: s.0, scan_id: r.scan_id.unwrap_or(0) })
         })
         .collect();
     pb::SyncState {
@@ -792,7 +807,10 @@ impl SyncAdmin for SyncServer {
             let current =
                 view.shards.get(&shard).ok_or_else(|| Status::not_found(format!("no storage for shard {shard}")))?;
             let record = shard_state::apply(Some(current), &ShardEvent::RetrySync).map_err(|_| {
-                Status::failed_precondition(format!("shard {shard} is {} and has no failed sync to retry", current.status))
+                Status::failed_precondition(format!(
+                    "shard {shard} is {} and has no failed sync to retry",
+                    current.status
+                ))
             })?;
             guard.call(move |s| s.put_shard_record(shard, &record)).await.map_err(internal)?;
             drop(guard);

@@ -194,10 +194,8 @@ impl ShardStore {
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         std::fs::create_dir_all(&path)
             .map_err(|e| StoreError::Rocks { path: path.display().to_string(), message: e.to_string() })?;
-        let mut names: Vec<String> = match Db::list_cf(&opts, &path) {
-            Ok(names) => names,
-            Err(_) => Vec::new(), // a new store has no column families yet
-        };
+        // A new store has no column families yet.
+        let mut names: Vec<String> = Db::list_cf(&opts, &path).unwrap_or_default();
         for fixed in [CF_NODE, CF_SHARDS, CF_METADATA, CF_PENDING] {
             if !names.iter().any(|n| n == fixed) {
                 names.push(fixed.to_string());

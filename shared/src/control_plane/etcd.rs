@@ -192,10 +192,11 @@ impl Kv for EtcdKv {
     async fn get(&self, key: &str) -> Result<Option<Versioned>> {
         let mut client = self.client.clone();
         let response = self.call("get", client.get(key, None)).await?;
-        Ok(response
-            .kvs()
-            .first()
-            .map(|kv| Versioned { value: kv.value().to_vec(), mod_revision: to_u64(kv.mod_revision()) }))
+        Ok(response.kvs().first().map(|kv| Versioned {
+            value: kv.value().to_vec(),
+            mod_revision: to_u64(kv.mod_revision()),
+            version: to_u64(kv.version()),
+        }))
     }
 
     async fn range(&self, prefix: &str, start: Option<&str>, limit: usize) -> Result<Vec<(String, Versioned)>> {
@@ -218,7 +219,11 @@ impl Kv for EtcdKv {
             .map(|kv| {
                 Ok((
                     utf8_key(kv.key())?,
-                    Versioned { value: kv.value().to_vec(), mod_revision: to_u64(kv.mod_revision()) },
+                    Versioned {
+                        value: kv.value().to_vec(),
+                        mod_revision: to_u64(kv.mod_revision()),
+                        version: to_u64(kv.version()),
+                    },
                 ))
             })
             .collect()

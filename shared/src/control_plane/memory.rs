@@ -70,7 +70,9 @@ impl Kv for MemoryKv {
         state.revision += 1;
         let revision = state.revision;
         for (key, value) in puts {
-            state.data.insert(key.clone(), Versioned { value: value.clone(), mod_revision: revision });
+            let version = state.data.get(&key).map(|v| v.version).unwrap_or(0) + 1;
+            state.data.insert(key.clone(), Versioned { value: value.clone(), mod_revision: revision, version });
+
             let event = KvEvent { revision, key, value };
             state.history.push(event.clone());
             // No receivers is fine: nobody watches yet.

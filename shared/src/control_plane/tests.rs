@@ -165,7 +165,12 @@ async fn watch_replays_history_after_a_revision_then_follows_live() {
         for _ in 0..5 {
             events.push(stream.next().await.unwrap().unwrap().event);
         }
-        let attested: Vec<usize> = events.iter().enumerate().filter(|(_, e)| matches!(e, EpochEvent::Attested { epoch: 1, .. })).map(|(i, _)| i).collect();
+        let attested: Vec<usize> = events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(e, EpochEvent::Attested { epoch: 1, .. }))
+            .map(|(i, _)| i)
+            .collect();
         assert_eq!(attested.len(), 4, "{events:?}");
         let done_at = events.iter().position(|e| *e == EpochEvent::Done(1)).unwrap();
         let before: Vec<NodeId> = events[..done_at]

@@ -66,7 +66,8 @@ async fn try_attest(node: &Arc<Node>) -> Result<(), NodeError> {
     // needs a scan again) while the evidence was read.
     let _hold = node.data_write().await;
     let now = node.view();
-    let all_active = now.owned(&node.id).iter().all(|s| now.shards.get(s).map(|r| r.status) == Some(ShardStatus::Active));
+    let all_active =
+        now.owned(&node.id).iter().all(|s| now.shards.get(s).map(|r| r.status) == Some(ShardStatus::Active));
     if now.epoch() != epoch || now.status() != NodeStatus::Active || !all_active {
         return Ok(());
     }

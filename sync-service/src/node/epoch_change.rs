@@ -265,7 +265,9 @@ async fn complete_epoch_if_quorum(node: &Arc<Node>, epoch: Epoch) {
     match node.control_plane.complete_epoch_if_quorum(epoch).await {
         Ok(true) => info!(epoch, "completed the phase flip to Done for a quorum of attestations"),
         Ok(false) => {}
-        Err(e) => warn!(epoch, error = %e, "cannot check the epoch's attestations; the next attestation or restart tries again"),
+        Err(e) => {
+            warn!(epoch, error = %e, "cannot check the epoch's attestations; the next attestation or restart tries again")
+        }
     }
 }
 
@@ -289,7 +291,12 @@ async fn release_locked_shards(node: &Arc<Node>) {
 }
 
 /// The node that attested an epoch in `from..=to` in which it owned `shard`, if any.
-async fn taken_over(node: &Arc<Node>, shard: ShardIndex, from: Epoch, to: Epoch) -> Result<Option<ferry_shared::types::NodeId>, NodeError> {
+async fn taken_over(
+    node: &Arc<Node>,
+    shard: ShardIndex,
+    from: Epoch,
+    to: Epoch,
+) -> Result<Option<ferry_shared::types::NodeId>, NodeError> {
     for epoch in from..=to {
         let Some(committee) = node.control_plane.committee(epoch).await? else { continue };
         let Some(owner) = committee.owner(shard).cloned() else { continue };

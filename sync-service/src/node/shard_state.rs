@@ -169,14 +169,53 @@ mod tests {
             (None, [Some(Active), Some(ActiveSync), Some(ActiveRecover), None, None, None, None, None, None, None]),
             (
                 Some(ActiveSync),
-                [None, None, Some(ActiveRecover), None, Some(Active), Some(ActiveRecover), Some(ActiveRecover), None, None, Some(LockedToMove)],
+                [
+                    None,
+                    None,
+                    Some(ActiveRecover),
+                    None,
+                    Some(Active),
+                    Some(ActiveRecover),
+                    Some(ActiveRecover),
+                    None,
+                    None,
+                    Some(LockedToMove),
+                ],
             ),
             (
                 Some(ActiveRecover),
-                [None, None, Some(ActiveRecover), Some(ActiveRecover), None, None, None, Some(Active), Some(ActiveSync), Some(LockedToMove)],
+                [
+                    None,
+                    None,
+                    Some(ActiveRecover),
+                    Some(ActiveRecover),
+                    None,
+                    None,
+                    None,
+                    Some(Active),
+                    Some(ActiveSync),
+                    Some(LockedToMove),
+                ],
             ),
-            (Some(Active), [None, None, Some(ActiveRecover), Some(ActiveRecover), None, None, None, None, None, Some(LockedToMove)]),
-            (Some(LockedToMove), [None, Some(ActiveSync), Some(ActiveRecover), None, None, None, None, None, None, None]),
+            (
+                Some(Active),
+                [
+                    None,
+                    None,
+                    Some(ActiveRecover),
+                    Some(ActiveRecover),
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    Some(LockedToMove),
+                ],
+            ),
+            (
+                Some(LockedToMove),
+                [None, Some(ActiveSync), Some(ActiveRecover), None, None, None, None, None, None, None],
+            ),
         ];
         for (from, outcomes) in table {
             let start = from.map(record);
@@ -206,9 +245,15 @@ mod tests {
         let recovering = apply(Some(&record(ShardStatus::Active)), &ShardEvent::HistoryBroken).unwrap();
         let scan = recovering.scan_id.unwrap();
         let broken_again = apply(Some(&recovering), &ShardEvent::HistoryBroken).unwrap();
-        assert!(matches!(apply(Some(&broken_again), &ShardEvent::Recovered { scan_id: scan }), Err(IllegalTransition::StaleScan { .. })));
+        assert!(matches!(
+            apply(Some(&broken_again), &ShardEvent::Recovered { scan_id: scan }),
+            Err(IllegalTransition::StaleScan { .. })
+        ));
         let current = broken_again.scan_id.unwrap();
-        assert_eq!(apply(Some(&broken_again), &ShardEvent::Recovered { scan_id: current }).unwrap().status, ShardStatus::Active);
+        assert_eq!(
+            apply(Some(&broken_again), &ShardEvent::Recovered { scan_id: current }).unwrap().status,
+            ShardStatus::Active
+        );
     }
 
     #[test]

@@ -166,7 +166,8 @@ impl ProgressClock {
 async fn supervise(node: &Arc<Node>, shard: ShardIndex) {
     let cfg = node.config.shard_sync.clone();
     let clock = ProgressClock::now();
-    let mut backoff = Backoff::new(Duration::from_millis(cfg.initial_backoff_ms), Duration::from_millis(cfg.max_backoff_ms));
+    let mut backoff =
+        Backoff::new(Duration::from_millis(cfg.initial_backoff_ms), Duration::from_millis(cfg.max_backoff_ms));
     loop {
         let mut transfer = tokio::task::JoinSet::new(); // aborted with the supervisor
         transfer.spawn(run(node.clone(), shard, clock.clone()).in_current_span());
@@ -198,7 +199,8 @@ async fn supervise(node: &Arc<Node>, shard: ShardIndex) {
 async fn run(node: Arc<Node>, shard: ShardIndex, clock: Arc<ProgressClock>) {
     let node = &node;
     let cfg = node.config.shard_sync.clone();
-    let mut backoff = Backoff::new(Duration::from_millis(cfg.initial_backoff_ms), Duration::from_millis(cfg.max_backoff_ms));
+    let mut backoff =
+        Backoff::new(Duration::from_millis(cfg.initial_backoff_ms), Duration::from_millis(cfg.max_backoff_ms));
     loop {
         let Some(permit) = node.sync_limit.acquire().await else { return };
         let progress = match start_attempt(node, shard).await {
@@ -273,7 +275,8 @@ async fn update_syncing(
     update: impl FnOnce(&mut ShardRecord) -> Result<(), NodeError> + Send + 'static,
 ) -> Result<bool, NodeError> {
     let guard = node.transition().await;
-    let outcome = guard
+
+    guard
         .call(move |s| {
             let Some(mut r) = s.shard_record(shard)? else { return Ok(Ok(false)) };
             if r.status != ShardStatus::ActiveSync {
@@ -285,8 +288,7 @@ async fn update_syncing(
             s.put_shard_record(shard, &r)?;
             Ok(Ok(true))
         })
-        .await?;
-    outcome
+        .await?
 }
 
 async fn record_error(node: &Arc<Node>, shard: ShardIndex, msg: &str) {
@@ -308,7 +310,8 @@ async fn record_error(node: &Arc<Node>, shard: ShardIndex, msg: &str) {
 async fn fail_for_good(node: &Arc<Node>, shard: ShardIndex, msg: &str) {
     node.metrics.sync_failures.inc();
     let cfg = &node.config.shard_sync;
-    let mut backoff = Backoff::new(Duration::from_millis(cfg.initial_backoff_ms), Duration::from_millis(cfg.max_backoff_ms));
+    let mut backoff =
+        Backoff::new(Duration::from_millis(cfg.initial_backoff_ms), Duration::from_millis(cfg.max_backoff_ms));
     loop {
         let msg = msg.to_string();
         let written = async {
@@ -389,9 +392,15 @@ async fn write_batch(
 
 /// The source's committee entry: the shard's owner in the epoch before the gain, looked up in
 /// that epoch's committee (it may have left the current one).
-async fn source_member(node: &Arc<Node>, progress: &SyncProgress) -> Result<(NodeId, ferry_shared::Member), AttemptError> {
+async fn source_member(
+    node: &Arc<Node>,
+    progress: &SyncProgress,
+) -> Result<(NodeId, ferry_shared::Member), AttemptError> {
     let source = progress.source.clone().ok_or_else(|| AttemptError::Fatal("no previous owner is known".into()))?;
-    let previous_epoch = progress.gained_epoch.checked_sub(1).ok_or_else(|| AttemptError::Fatal("a shard gained at genesis has no source".into()))?;
+    let previous_epoch = progress
+        .gained_epoch
+        .checked_sub(1)
+        .ok_or_else(|| AttemptError::Fatal("a shard gained at genesis has no source".into()))?;
     let committee = node
         .control_plane
         .committee(previous_epoch)
@@ -413,7 +422,12 @@ enum StreamEnd {
     LimitReached,
 }
 
-async fn attempt(node: &Arc<Node>, shard: ShardIndex, start: &SyncProgress, clock: &ProgressClock) -> Result<(), AttemptError> {
+async fn attempt(
+    node: &Arc<Node>,
+    shard: ShardIndex,
+    start: &SyncProgress,
+    clock: &ProgressClock,
+) -> Result<(), AttemptError> {
     let cfg = node.config.shard_sync.clone();
     let current = node.view().committee().cloned().ok_or(AttemptError::Superseded)?;
     let (source, source_member) = source_member(node, start).await?;
@@ -445,13 +459,17 @@ async fn attempt(node: &Arc<Node>, shard: ShardIndex, start: &SyncProgress, cloc
         }
         .sign(&node.key);
         let stream = match tokio::time::timeout(cfg.item_timeout(), client.stream_shard(request)).await {
-            Err(_) => return Err(AttemptError::Retryable(format!("{source} did not answer within {:?}", cfg.item_timeout()))),
+            Err(_) => {
+                return Err(AttemptError::Retryable(format!("{source} did not answer within {:?}", cfg.item_timeout())));
+            }
             Ok(Err(status)) => return Err(classify(&status)),
             Ok(Ok(r)) => r.into_inner(),
         };
         match receive(node, shard, &source, stream, &mut progress, clock).await? {
             StreamEnd::EndOfShard => return complete(node, shard, progress).await,
-            StreamEnd::LimitReached => info!(cursor = ?progress.cursor, "the source stopped at its item limit; asking for the rest"),
+            StreamEnd::LimitReached => {
+                info!(cursor = ?progress.cursor, "the source stopped at its item limit; asking for the rest")
+            }
         }
     }
 }
@@ -473,12 +491,16 @@ async fn receive(
     let mut last = progress.cursor;
     let end = loop {
         let next = match tokio::time::timeout(cfg.item_timeout(), stream.message()).await {
-            Err(_) => Err(tonic::Status::deadline_exceeded(format!("no item from {source} for {:?}", cfg.item_timeout()))),
+            Err(_) => {
+                Err(tonic::Status::deadline_exceeded(format!("no item from {source} for {:?}", cfg.item_timeout())))
+            }
             Ok(Err(status)) => Err(status),
             Ok(Ok(Some(item))) if item.end => break StreamEnd::EndOfShard,
             Ok(Ok(Some(item))) if item.limit_reached => break StreamEnd::LimitReached,
             Ok(Ok(Some(item))) => Ok(item),
-            Ok(Ok(None)) => Err(tonic::Status::unavailable(format!("the stream from {source} ended before the end of the shard"))),
+            Ok(Ok(None)) => {
+                Err(tonic::Status::unavailable(format!("the stream from {source} ended before the end of the shard")))
+            }
         };
         let item = match next {
             Ok(item) => item,
@@ -513,7 +535,12 @@ async fn receive(
 
 /// Checks an item against the metadata this node holds (or the metadata sent with it, which
 /// must hash to the blob id). `Some(metadata to store with it, if new)`, or `None` if it is bad.
-fn verify_item(shard: ShardIndex, blob_id: &BlobId, item: &pb::ShardItem, local: Option<BlobMetadata>) -> Option<Option<BlobMetadata>> {
+fn verify_item(
+    shard: ShardIndex,
+    blob_id: &BlobId,
+    item: &pb::ShardItem,
+    local: Option<BlobMetadata>,
+) -> Option<Option<BlobMetadata>> {
     let (metadata, is_new) = match (local, &item.metadata) {
         (Some(m), _) => (m, false),
         (None, Some(p)) => (BlobMetadata::from_proto(p).and_then(|m| m.verify_id(blob_id).map(|()| m)).ok()?, true),
@@ -582,7 +609,8 @@ async fn complete(node: &Arc<Node>, shard: ShardIndex, mut progress: SyncProgres
     loop {
         let page = node.control_plane.list_blobs(after, 512).await.map_err(|e| AttemptError::Local(e.into()))?;
         let Some(last) = page.last().map(|b| b.blob_id) else { break };
-        let ids: Vec<BlobId> = page.iter().filter(|b| b.certificate.is_some() && b.invalid.is_none()).map(|b| b.blob_id).collect();
+        let ids: Vec<BlobId> =
+            page.iter().filter(|b| b.certificate.is_some() && b.invalid.is_none()).map(|b| b.blob_id).collect();
         let absent = node
             .store
             .call(move |s| {
@@ -621,8 +649,19 @@ mod tests {
 
     #[test]
     fn transport_trouble_is_retried_and_refusals_are_final() {
-        for code in [Code::Unavailable, Code::DeadlineExceeded, Code::ResourceExhausted, Code::Internal, Code::Cancelled, Code::PermissionDenied, Code::Unknown] {
-            assert!(matches!(classify(&tonic::Status::new(code, "x")), AttemptError::Retryable(_)), "{code:?} is retried");
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+            Code::Internal,
+            Code::Cancelled,
+            Code::PermissionDenied,
+            Code::Unknown,
+        ] {
+            assert!(
+                matches!(classify(&tonic::Status::new(code, "x")), AttemptError::Retryable(_)),
+                "{code:?} is retried"
+            );
         }
         for code in [Code::FailedPrecondition, Code::NotFound, Code::InvalidArgument, Code::Unimplemented] {
             assert!(matches!(classify(&tonic::Status::new(code, "x")), AttemptError::Fatal(_)), "{code:?} is final");

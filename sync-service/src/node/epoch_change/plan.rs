@@ -32,7 +32,13 @@ pub struct EpochPlan {
 
 /// The plan for applying `diff` (of the epoch `epoch`) to a node whose persisted view is
 /// `view`. `member` says whether the node is in the new committee.
-pub fn plan(view: &NodeView, diff: &EpochDiff, epoch: u64, member: bool, fill: FillMethod) -> Result<EpochPlan, IllegalTransition> {
+pub fn plan(
+    view: &NodeView,
+    diff: &EpochDiff,
+    epoch: u64,
+    member: bool,
+    fill: FillMethod,
+) -> Result<EpochPlan, IllegalTransition> {
     let status = match (member, diff.path, view.status()) {
         (false, _, _) => NodeStatus::Standby,
         (true, FillPath::Genesis, _) => NodeStatus::Active,
@@ -85,7 +91,9 @@ pub fn restart(view: &NodeView, me: &NodeId) -> Result<Vec<(ShardIndex, ShardRec
     let owned: BTreeSet<ShardIndex> = view.owned(me).into_iter().collect();
     view.shards
         .iter()
-        .filter(|(shard, r)| owned.contains(shard) && matches!(r.status, ShardStatus::Active | ShardStatus::ActiveRecover))
+        .filter(|(shard, r)| {
+            owned.contains(shard) && matches!(r.status, ShardStatus::Active | ShardStatus::ActiveRecover)
+        })
         .map(|(shard, r)| Ok((*shard, shard_state::apply(Some(r), &ShardEvent::HistoryBroken)?)))
         .collect()
 }
@@ -108,7 +116,13 @@ mod tests {
     }
 
     fn member(name: &str) -> Member {
-        Member { node_id: id(name), public_key: String::new(), sync_address: String::new(), recovery_address: String::new(), weight: 1 }
+        Member {
+            node_id: id(name),
+            public_key: String::new(),
+            sync_address: String::new(),
+            recovery_address: String::new(),
+            weight: 1,
+        }
     }
 
     /// Epoch `epoch` with shards 0..4 owned by `owners[i]`.
@@ -116,12 +130,22 @@ mod tests {
         let mut names: Vec<&str> = owners.to_vec();
         names.sort();
         names.dedup();
-        Committee { epoch, n_shards: 4, members: names.iter().map(|n| member(n)).collect(), assignment: owners.iter().map(|o| id(o)).collect() }
+        Committee {
+            epoch,
+            n_shards: 4,
+            members: names.iter().map(|n| member(n)).collect(),
+            assignment: owners.iter().map(|o| id(o)).collect(),
+        }
     }
 
     fn view(status: NodeStatus, c: &Committee, shards: &[(u32, ShardStatus)]) -> NodeView {
-        let shards: BTreeMap<ShardIndex, ShardRecord> = shards.iter().map(|(s, st)| (ShardIndex(*s), ShardRecord::new(*st))).collect();
-        NodeView { state: Some(NodeState { status, epoch: c.epoch, committee: c.clone(), last_revision: 1 }), shards, running_syncs: 0 }
+        let shards: BTreeMap<ShardIndex, ShardRecord> =
+            shards.iter().map(|(s, st)| (ShardIndex(*s), ShardRecord::new(*st))).collect();
+        NodeView {
+            state: Some(NodeState { status, epoch: c.epoch, committee: c.clone(), last_revision: 1 }),
+            shards,
+            running_syncs: 0,
+        }
     }
 
     fn statuses(p: &EpochPlan) -> Vec<(u32, ShardStatus)> {
@@ -232,7 +256,12 @@ mod tests {
             for (s, r) in &p.records {
                 if r.status == ActiveSync {
                     let source = r.sync.as_ref().and_then(|p| p.source.clone());
-                    assert_eq!(source.as_ref(), case.previous.as_ref().and_then(|c| c.owner(*s)), "{}: the source is the previous owner", case.name);
+                    assert_eq!(
+                        source.as_ref(),
+                        case.previous.as_ref().and_then(|c| c.owner(*s)),
+                        "{}: the source is the previous owner",
+                        case.name
+                    );
                 }
                 if r.status == LockedToMove {
                     assert_eq!(r.locked_epoch, Some(case.next.epoch), "{}", case.name);
