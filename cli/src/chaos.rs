@@ -15,9 +15,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use ferry_proto::v1::{
-    self as pb, recovery_service_client::RecoveryServiceClient, sync_service_client::SyncServiceClient,
-};
+use ferry_proto::v1::{self as pb, recovery_service_client::RecoveryServiceClient};
 use ferry_shared::{
     client::BlobClient,
     control_plane::{ControlPlane, EpochPhase},
@@ -109,7 +107,8 @@ async fn history(seed: u64, steps: usize, dir: &Path, bin_dir: &Path, log: &mut 
     let mut cluster = LocalCluster::up(&up_options(dir, bin_dir)).await?;
     let result = async {
         let cp = cluster.control_plane().await?;
-        let mut world = World { rng: StdRng::seed_from_u64(seed), blobs: Vec::new(), down: None, removed: None };
+        let mut world =
+            World { rng: StdRng::seed_from_u64(seed), blobs: Vec::new(), down: None, wiped: None, removed: None };
         world.store(&cluster, &cp, 10).await?;
         for _ in 0..steps {
             let step = world.step(&mut cluster, &cp).await?;
@@ -128,11 +127,13 @@ async fn history(seed: u64, steps: usize, dir: &Path, bin_dir: &Path, log: &mut 
     result
 }
 
-/// The history's state: the blobs stored, and the one node (if any) that is down or removed.
+/// The history's state: the blobs stored, and the one node (if any) that is down, recovering
+/// from a wipe, or removed.
 struct World {
     rng: StdRng,
     blobs: Vec<(BlobId, Vec<u8>)>,
     down: Option<usize>,
+    wiped: Option<usize>,
     removed: Option<usize>,
 }
 
@@ -150,7 +151,7 @@ impl World {
 
     /// A node to impair, if none is impaired now (the committee tolerates one).
     fn healthy_pick(&mut self, cluster: &LocalCluster) -> Option<usize> {
-        if self.down.is_some() || self.removed.is_some() {
+        if self.down.is_some() || self.wiped.is_some() || self.removed.is_some() {
             return None;
         }
         Some(self.rng.gen_range(0..cluster.nodes.len()))
@@ -185,16 +186,17 @@ impl World {
                         Ok(format!("kill -9 {service} of node {i}, down"))
                     }
                 }
-                None => self.restore(cluster).await,
+                None => self.restore(cluster, cp).await,
             },
             3 => match self.healthy_pick(cluster) {
                 Some(i) => {
                     cluster.wipe_node(i)?;
                     cluster.start_node(i)?;
                     cluster.wait_healthy(i).await?;
+                    self.wiped = Some(i);
                     Ok(format!("wipe node {i}"))
                 }
-                None => self.restore(cluster).await,
+                None => self.restore(cluster, cp).await,
             },
             4 => {
                 // A weight change; if a node is down, it stays down across the boundary.
@@ -221,7 +223,7 @@ impl World {
                     self.removed = None;
                     Ok(format!("epoch: add {id} back"))
                 }
-                _ => self.restore(cluster).await,
+                _ => self.restore(cluster, cp).await,
             },
             6 => {
                 let i = self.rng.gen_range(0..cluster.nodes.len());
@@ -237,20 +239,22 @@ impl World {
                 cluster.restart_etcd().await?;
                 Ok("restart etcd".into())
             }
-            _ => self.restore(cluster).await,
+            _ => self.restore(cluster, cp).await,
         }
     }
 
-    /// Brings a down node back, if any.
-    async fn restore(&mut self, cluster: &mut LocalCluster) -> anyhow::Result<String> {
-        match self.down.take() {
-            Some(i) => {
-                cluster.start_node(i)?;
-                cluster.wait_healthy(i).await?;
-                Ok(format!("start node {i}"))
-            }
-            None => Ok("nothing to restore".into()),
+    /// Brings a down node back, or waits for a wiped one to finish its recovery.
+    async fn restore(&mut self, cluster: &mut LocalCluster, cp: &ControlPlane) -> anyhow::Result<String> {
+        if let Some(i) = self.down.take() {
+            cluster.start_node(i)?;
+            cluster.wait_healthy(i).await?;
+            return Ok(format!("start node {i}"));
         }
+        if let Some(i) = self.wiped.take() {
+            quiesce(cluster, cp).await?;
+            return Ok(format!("node {i} recovered"));
+        }
+        Ok("nothing to restore".into())
     }
 
     /// Ends the history with every node up and a member.
@@ -261,7 +265,7 @@ impl World {
         log: &mut Vec<String>,
     ) -> anyhow::Result<()> {
         if self.down.is_some() {
-            let step = self.restore(cluster).await?;
+            let step = self.restore(cluster, cp).await?;
             log.push(step);
         }
         if let Some(i) = self.removed.take() {
@@ -309,16 +313,6 @@ async fn wait_done(cp: &ControlPlane) -> anyhow::Result<()> {
     }
 }
 
-async fn node_status(cluster: &LocalCluster, i: usize) -> Option<pb::GetStatusResponse> {
-    let n = &cluster.nodes[i];
-    let channel = cluster
-        .connector()
-        .ok()?
-        .channel(&format!("127.0.0.1:{}", n.sync_port), &n.id, Some(Duration::from_secs(5)))
-        .ok()?;
-    SyncServiceClient::new(channel).get_status(pb::GetStatusRequest {}).await.ok().map(|r| r.into_inner())
-}
-
 /// Waits until the epoch is `Done` and every member is `Active` at it with every owned shard
 /// `Active`.
 pub async fn quiesce(cluster: &LocalCluster, cp: &ControlPlane) -> anyhow::Result<()> {
@@ -334,7 +328,7 @@ pub async fn quiesce(cluster: &LocalCluster, cp: &ControlPlane) -> anyhow::Resul
             if !committee.is_member(&n.id) {
                 continue;
             }
-            match node_status(cluster, i).await {
+            match cluster.sync_status(i).await {
                 Some(s) => {
                     let owned = committee.shards_of(&n.id);
                     let all_active = owned

@@ -508,8 +508,19 @@ impl LocalCluster {
         self.wait_for_etcd().await.map(|_| ())
     }
 
-    /// Whether node `i`'s sync-service process is alive.
+    /// `GetStatus` of node `i`'s sync-service, or `None` if it cannot be asked now.
+    pub async fn sync_status(&self, i: usize) -> Option<ferry_proto::v1::GetStatusResponse> {
+        let n = &self.nodes[i];
+        let channel = self
+            .connector()
+            .ok()?
+            .channel(&format!("127.0.0.1:{}", n.sync_port), &n.id, Some(Duration::from_secs(5)))
+            .ok()?;
+        let mut client = ferry_proto::v1::sync_service_client::SyncServiceClient::new(channel);
+        client.get_status(ferry_proto::v1::GetStatusRequest {}).await.ok().map(|r| r.into_inner())
+    }
 
+    /// Whether node `i`'s sync-service process is alive.
     pub fn sync_alive(&self, i: usize) -> bool {
         self.nodes[i].sync_pid.is_some_and(pid_alive)
     }

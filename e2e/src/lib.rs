@@ -414,6 +414,46 @@ impl Cluster {
     }
 }
 
+/// Blobs a test stored, with their bytes.
+pub type Blobs = Vec<(BlobId, Vec<u8>)>;
+
+/// A 4-node, 8-shard cluster with both services on every node (sync-service configs adjusted
+/// by `tweak`) and `count` seeded blobs of up to 2000 bytes.
+pub async fn cluster_with_blobs(
+    count: usize,
+    tweak: impl Fn(&mut SyncConfig) + Send + Sync + 'static,
+) -> anyhow::Result<(Cluster, Blobs)> {
+    let mut cluster = Cluster::new(4, 8).await?;
+    cluster.tweak_sync = Box::new(tweak);
+    cluster.start_genesis().await?;
+    for i in 0..4 {
+        cluster.start_recovery(i).await?;
+    }
+    let blobs = cluster.store_random_blobs(count, 2000, 7).await?;
+    Ok((cluster, blobs))
+}
+
+impl Cluster {
+    /// Fails unless every owned shard of node `i` holds exactly the encoding of every blob in
+    /// `blobs` (byte for byte, as the writer encoded it).
+    pub fn check_shards_match_encoding(&self, i: usize, blobs: &[(BlobId, Vec<u8>)]) -> anyhow::Result<()> {
+        let view = self.nodes[i].node()?.view();
+        for shard in view.owned(&self.nodes[i].id) {
+            let contents = self.shard_contents(i, shard)?;
+            if contents.len() != blobs.len() {
+                bail!("shard {shard} of node {i} holds {} of {} blobs", contents.len(), blobs.len());
+            }
+            for (id, data) in blobs {
+                let expected = &ferry_shared::erasure::encode(data, self.n_shards)?.slivers[shard.as_usize()];
+                if contents.iter().find(|(b, _)| b == id).map(|(_, d)| d) != Some(expected) {
+                    bail!("the sliver of {id} in shard {shard} of node {i} is not the writer's");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A one-line description of a view for failure messages.
 pub fn describe(v: &NodeView) -> String {
     let shards: Vec<String> = v.shards.iter().map(|(s, r)| format!("{s}:{:?}", r.status)).collect();

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ferry_e2e::{Cluster, WAIT};
+use ferry_e2e::{Cluster, WAIT, cluster_with_blobs};
 use ferry_proto::v1 as pb;
 use ferry_shared::{
     Member,
@@ -20,43 +20,11 @@ use ferry_shared::{
     control_plane::BlobRecord,
     erasure,
     failpoints::fail,
-    types::{BlobId, NodeStatus, ShardStatus},
+    types::{NodeStatus, ShardStatus},
 };
-use ferry_sync_service::config::SyncConfig;
-
-type Blobs = Vec<(BlobId, Vec<u8>)>;
-
-/// A 4-node, 8-shard cluster with both services on every node and `count` blobs.
-async fn cluster(count: usize, tweak: impl Fn(&mut SyncConfig) + Send + Sync + 'static) -> (Cluster, Blobs) {
-    let mut cluster = Cluster::new(4, 8).await.unwrap();
-    cluster.tweak_sync = Box::new(tweak);
-    cluster.start_genesis().await.unwrap();
-    for i in 0..4 {
-        cluster.start_recovery(i).await.unwrap();
-    }
-    let blobs = cluster.store_random_blobs(count, 2000, 17).await.unwrap();
-    (cluster, blobs)
-}
 
 fn weighted(cluster: &Cluster, heavy: usize, weight: u64) -> Vec<Member> {
     cluster.nodes.iter().enumerate().map(|(i, n)| n.member(if i == heavy { weight } else { 1 })).collect()
-}
-
-/// Every owned shard of node `i` holds exactly the encoding of every blob in `blobs`.
-fn check_shards_match_encoding(cluster: &Cluster, i: usize, blobs: &Blobs) {
-    let view = cluster.nodes[i].node().unwrap().view();
-    for shard in view.owned(&cluster.nodes[i].id) {
-        let contents = cluster.shard_contents(i, shard).unwrap();
-        assert_eq!(contents.len(), blobs.len(), "shard {shard} of node {i} holds every blob");
-        for (id, data) in blobs {
-            let expected = &erasure::encode(data, cluster.n_shards).unwrap().slivers[shard.as_usize()];
-            assert_eq!(
-                contents.iter().find(|(b, _)| b == id).map(|(_, d)| d),
-                Some(expected),
-                "sliver of {id} in shard {shard} of node {i}"
-            );
-        }
-    }
 }
 
 /// Waits until node `i` has attested `epoch`, and checks the evidence covers `blobs` blobs in
@@ -83,7 +51,7 @@ async fn wait_attested(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_down_across_one_epoch_recovers_what_it_missed_before_it_attests() {
-    let (mut cluster, mut blobs) = cluster(30, |_| {}).await;
+    let (mut cluster, mut blobs) = cluster_with_blobs(30, |_| {}).await.unwrap();
     cluster.stop_node(3).await.unwrap(); // down, not wiped
     blobs.extend(cluster.store_random_blobs(20, 2000, 71).await.unwrap());
     cluster.next_epoch(weighted(&cluster, 0, 2)).await.unwrap();
@@ -94,13 +62,13 @@ async fn a_node_down_across_one_epoch_recovers_what_it_missed_before_it_attests(
     cluster.start_node(3).await.unwrap();
     cluster.wait_all_active(3, 1).await.unwrap();
     wait_attested(&cluster, 3, 1, blobs.len()).await;
-    check_shards_match_encoding(&cluster, 3, &blobs);
+    cluster.check_shards_match_encoding(3, &blobs).unwrap();
     cluster.assert_no_holes().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_restarted_within_an_epoch_recovers_what_it_missed() {
-    let (mut cluster, mut blobs) = cluster(30, |_| {}).await;
+    let (mut cluster, mut blobs) = cluster_with_blobs(30, |_| {}).await.unwrap();
     cluster.stop_node(2).await.unwrap();
     blobs.extend(cluster.store_random_blobs(20, 2000, 72).await.unwrap());
     cluster.start_node(2).await.unwrap();
@@ -110,7 +78,7 @@ async fn a_node_restarted_within_an_epoch_recovers_what_it_missed() {
         assert_eq!(view.shards[&shard].status, ShardStatus::ActiveRecover, "shard {shard} is checked after a restart");
     }
     cluster.wait_all_active(2, 0).await.unwrap();
-    check_shards_match_encoding(&cluster, 2, &blobs);
+    cluster.check_shards_match_encoding(2, &blobs).unwrap();
     cluster.assert_no_holes().await.unwrap();
 }
 
@@ -124,21 +92,21 @@ async fn wipe_and_recover(cluster: &mut Cluster, i: usize, epoch: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_second_recovery_without_a_wipe_scans_again() {
-    let (mut cluster, mut blobs) = cluster(30, |_| {}).await;
+    let (mut cluster, mut blobs) = cluster_with_blobs(30, |_| {}).await.unwrap();
     wipe_and_recover(&mut cluster, 3, 0).await;
-    check_shards_match_encoding(&cluster, 3, &blobs);
+    cluster.check_shards_match_encoding(3, &blobs).unwrap();
     // It crashes again, without a wipe, and misses writes.
     cluster.stop_node(3).await.unwrap();
     blobs.extend(cluster.store_random_blobs(20, 2000, 73).await.unwrap());
     cluster.start_node(3).await.unwrap();
     cluster.wait_all_active(3, 0).await.unwrap();
-    check_shards_match_encoding(&cluster, 3, &blobs);
+    cluster.check_shards_match_encoding(3, &blobs).unwrap();
     cluster.assert_no_holes().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_recovered_node_that_crashes_across_two_epochs_comes_back_whole() {
-    let (mut cluster, mut blobs) = cluster(30, |_| {}).await;
+    let (mut cluster, mut blobs) = cluster_with_blobs(30, |_| {}).await.unwrap();
     wipe_and_recover(&mut cluster, 3, 0).await;
     cluster.stop_node(3).await.unwrap();
     for (epoch, weight) in [(1u64, 2u64), (2, 3)] {
@@ -155,13 +123,13 @@ async fn a_recovered_node_that_crashes_across_two_epochs_comes_back_whole() {
     cluster.wait_all_active(3, 2).await.unwrap();
     let a = wait_attested(&cluster, 3, 2, blobs.len()).await;
     assert_eq!(a.attested_by, "recovery-service");
-    check_shards_match_encoding(&cluster, 3, &blobs);
+    cluster.check_shards_match_encoding(3, &blobs).unwrap();
     cluster.assert_no_holes().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_removed_nodes_shards_move_by_shard_sync_and_are_dropped_once_taken_over() {
-    let (cluster, blobs) = cluster(40, |_| {}).await;
+    let (cluster, blobs) = cluster_with_blobs(40, |_| {}).await.unwrap();
     let c0 = cluster.committee().await.unwrap();
     let removed = cluster.nodes[3].id.clone();
     let c1 = cluster.next_epoch(cluster.nodes.iter().take(3).map(|n| n.member(1)).collect()).await.unwrap();
@@ -193,11 +161,12 @@ async fn a_removed_nodes_shards_move_by_shard_sync_and_are_dropped_once_taken_ov
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sync_from_a_source_that_restarts_several_times_completes_by_shard_sync() {
-    let (mut cluster, blobs) = cluster(120, |c| {
+    let (mut cluster, blobs) = cluster_with_blobs(120, |c| {
         c.stream.max_bytes_per_sec = 6_000;
         c.shard_sync.batch_items = 4;
     })
-    .await;
+    .await
+    .unwrap();
     let c0 = cluster.committee().await.unwrap();
     let c1 = cluster.next_epoch(weighted(&cluster, 0, 2)).await.unwrap();
     let me = cluster.nodes[0].id.clone();
@@ -249,7 +218,7 @@ fn inconsistent_blob(data: &[u8], n_shards: u32, shard: usize) -> erasure::Encod
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_blob_whose_slivers_are_not_one_codeword_is_marked_invalid_and_recovery_completes() {
-    let (mut cluster, blobs) = cluster(20, |_| {}).await;
+    let (mut cluster, blobs) = cluster_with_blobs(20, |_| {}).await.unwrap();
     let committee = cluster.committee().await.unwrap();
     let bad = inconsistent_blob(&[7u8; 3000], cluster.n_shards, 0);
     let bad_id = cluster.client().store_encoded(&committee, &bad).await.unwrap();
@@ -266,7 +235,7 @@ async fn a_blob_whose_slivers_are_not_one_codeword_is_marked_invalid_and_recover
     let proof = record.invalid.expect("marked invalid cluster-wide");
     assert_eq!(proof.reported_by, cluster.nodes[2].id);
     assert!(proof.shards.len() >= 4, "the proof names the k slivers decoded: {proof:?}");
-    check_shards_match_encoding(&cluster, 2, &blobs);
+    cluster.check_shards_match_encoding(2, &blobs).unwrap();
     cluster.check_blobs(&blobs).await.unwrap();
     let report = cluster.assert_no_holes().await.unwrap();
     assert_eq!((report.certified, report.invalid), (blobs.len() as u64, 1));
@@ -278,7 +247,7 @@ async fn a_blob_whose_slivers_are_not_one_codeword_is_marked_invalid_and_recover
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_blob_recovery_task_that_panics_is_retried_not_skipped() {
-    let (mut cluster, blobs) = cluster(30, |_| {}).await;
+    let (mut cluster, blobs) = cluster_with_blobs(30, |_| {}).await.unwrap();
     fail::cfg("recover-blob", "1*panic(a blob recovery task dies)").unwrap();
     cluster.stop_node(3).await.unwrap();
     cluster.wipe(3).unwrap();
@@ -289,13 +258,13 @@ async fn a_blob_recovery_task_that_panics_is_retried_not_skipped() {
         ferry_shared::metrics::scrape(cluster.nodes[3].recovery.as_ref().unwrap().metrics_addr).await.unwrap();
     let failed = ferry_shared::metrics::sample(&metrics, "ferry_recovery_blobs_failed_total", &[]);
     assert_eq!(failed, 1.0, "the blob whose task panicked was counted failed (and retried)");
-    check_shards_match_encoding(&cluster, 3, &blobs);
+    cluster.check_shards_match_encoding(3, &blobs).unwrap();
     cluster.assert_no_holes().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_shard_sync_task_that_panics_is_restarted_and_a_failed_status_write_is_retried() {
-    let (mut cluster, blobs) = cluster(40, |c| c.shard_sync.batch_items = 8).await;
+    let (mut cluster, blobs) = cluster_with_blobs(40, |c| c.shard_sync.batch_items = 8).await.unwrap();
     let c0 = cluster.committee().await.unwrap();
     fail::cfg("sync-after-batch", "1*panic(the sync task dies after a batch)").unwrap();
     let c1 = cluster.next_epoch(weighted(&cluster, 0, 2)).await.unwrap();
@@ -341,7 +310,7 @@ async fn a_shard_sync_task_that_panics_is_restarted_and_a_failed_status_write_is
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_locked_shard_is_kept_until_its_new_owner_holds_it() {
-    let (cluster, blobs) = cluster(60, |c| c.stream.max_bytes_per_sec = 4_000).await;
+    let (cluster, blobs) = cluster_with_blobs(60, |c| c.stream.max_bytes_per_sec = 4_000).await.unwrap();
     let c0 = cluster.committee().await.unwrap();
     let me = cluster.nodes[0].id.clone();
     let c1 = rebalance(&c0, weighted(&cluster, 0, 2)).unwrap();
@@ -395,7 +364,7 @@ async fn a_locked_shard_is_kept_until_its_new_owner_holds_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stream_cut_at_the_servers_item_limit_is_resumed_not_taken_as_the_end() {
-    let (cluster, blobs) = cluster(50, |c| c.stream.max_items = 7).await;
+    let (cluster, blobs) = cluster_with_blobs(50, |c| c.stream.max_items = 7).await.unwrap();
     let c0 = cluster.committee().await.unwrap();
     let c1 = cluster.next_epoch(weighted(&cluster, 0, 2)).await.unwrap();
     cluster.wait_all_active(0, 1).await.unwrap();
@@ -414,7 +383,7 @@ async fn a_stream_cut_at_the_servers_item_limit_is_resumed_not_taken_as_the_end(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_whose_caller_gave_up_still_holds_off_the_shard_lock() {
-    let (cluster, _blobs) = cluster(5, |_| {}).await;
+    let (cluster, _blobs) = cluster_with_blobs(5, |_| {}).await.unwrap();
     let c0 = cluster.committee().await.unwrap();
     // The next epoch moves one of node 0's shards to node 1.
     let me = cluster.nodes[0].id.clone();

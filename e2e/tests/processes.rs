@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ferry_proto::v1::{self as pb, sync_service_client::SyncServiceClient};
+use ferry_proto::v1 as pb;
 use ferry_shared::{
     client::BlobClient,
     control_plane::{ControlPlane, EpochPhase},
@@ -55,14 +55,7 @@ async fn store_blobs(cluster: &LocalCluster, cp: &ControlPlane, n: usize, seed: 
 }
 
 async fn status(cluster: &LocalCluster, i: usize) -> Option<pb::GetStatusResponse> {
-    let n = &cluster.nodes[i];
-    let channel = cluster
-        .connector()
-        .ok()?
-        .channel(&format!("127.0.0.1:{}", n.sync_port), &n.id, Some(Duration::from_secs(5)))
-        .ok()?;
-    let mut c = SyncServiceClient::new(channel);
-    c.get_status(pb::GetStatusRequest {}).await.ok().map(|r| r.into_inner())
+    cluster.sync_status(i).await
 }
 
 /// The last lines of node `i`'s service logs, for a failure message.

@@ -7,29 +7,13 @@ use std::{
     time::Duration,
 };
 
-use ferry_e2e::{Cluster, WAIT, describe};
+use ferry_e2e::{Cluster, WAIT, cluster_with_blobs, describe};
 use ferry_proto::v1 as pb;
 use ferry_recovery_service::store::RecoveryStore;
 use ferry_shared::{
-    erasure,
     failpoints::fail,
-    types::{BlobId, NodeStatus, ShardIndex, ShardStatus},
+    types::{NodeStatus, ShardIndex, ShardStatus},
 };
-
-/// Starts a 4-node, 8-shard cluster with both services on every node and `blobs` blobs.
-async fn cluster_with_blobs(
-    count: usize,
-    tweak: impl Fn(&mut ferry_sync_service::config::SyncConfig) + Send + Sync + 'static,
-) -> (Cluster, Vec<(BlobId, Vec<u8>)>) {
-    let mut cluster = Cluster::new(4, 8).await.unwrap();
-    cluster.tweak_sync = Box::new(tweak);
-    cluster.start_genesis().await.unwrap();
-    for i in 0..4 {
-        cluster.start_recovery(i).await.unwrap();
-    }
-    let blobs = cluster.store_random_blobs(count, 2000, 7).await.unwrap();
-    (cluster, blobs)
-}
 
 /// Crashes node `i` into recovery: stop both services, wipe its stores, optionally pre-set
 /// the pause flag, restart both.
@@ -48,19 +32,6 @@ async fn wipe_and_restart(cluster: &mut Cluster, i: usize, paused: bool) {
     cluster.start_recovery(i).await.unwrap();
 }
 
-fn check_shards_match_encoding(cluster: &Cluster, i: usize, blobs: &[(BlobId, Vec<u8>)]) {
-    let view = cluster.nodes[i].node().unwrap().view();
-    for shard in view.owned(&cluster.nodes[i].id) {
-        let contents = cluster.shard_contents(i, shard).unwrap();
-        assert_eq!(contents.len(), blobs.len(), "shard {shard} of node {i} holds every blob");
-        for (id, data) in blobs {
-            let expected = &erasure::encode(data, cluster.n_shards).unwrap().slivers[shard.as_usize()];
-            let got = contents.iter().find(|(b, _)| b == id).map(|(_, d)| d);
-            assert_eq!(got, Some(expected), "sliver of {id} in shard {shard} of node {i}");
-        }
-    }
-}
-
 /// What the rule-3 timeline records, in the order one task saw it.
 #[derive(Debug, Clone, Copy)]
 enum Observed {
@@ -76,7 +47,7 @@ async fn recovery_status(cluster: &Cluster, i: usize) -> pb::RecoveryStatus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_recovering_node_fills_gained_shards_by_shard_sync_and_attests_once() {
-    let (mut cluster, blobs) = cluster_with_blobs(120, |c| c.stream.max_bytes_per_sec = 12_000).await;
+    let (mut cluster, blobs) = cluster_with_blobs(120, |c| c.stream.max_bytes_per_sec = 12_000).await.unwrap();
     let c0 = cluster.committee().await.unwrap();
     wipe_and_restart(&mut cluster, 3, true).await;
     let me = cluster.nodes[3].id.clone();
@@ -178,7 +149,7 @@ async fn a_recovering_node_fills_gained_shards_by_shard_sync_and_attests_once() 
     );
     let listed = rclient.list_attestations(pb::ListAttestationsRequest {}).await.unwrap().into_inner().attestations;
     assert_eq!(listed.len(), 1);
-    check_shards_match_encoding(&cluster, 3, &blobs);
+    cluster.check_shards_match_encoding(3, &blobs).unwrap();
     cluster.check_blobs(&blobs).await.unwrap();
 }
 
@@ -211,12 +182,12 @@ async fn recovery_service_restarted_mid_recovery_resumes_from_its_cursor() {
         "recovered {total} of {} across the restart",
         blobs.len()
     );
-    check_shards_match_encoding(&cluster, 2, &blobs);
+    cluster.check_shards_match_encoding(2, &blobs).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn losing_the_sync_state_stream_makes_the_count_unknown_not_zero_while_sync_service_serves() {
-    let (mut cluster, mut blobs) = cluster_with_blobs(40, |_| {}).await;
+    let (mut cluster, mut blobs) = cluster_with_blobs(40, |_| {}).await.unwrap();
     wipe_and_restart(&mut cluster, 1, true).await;
     let recovery = cluster.nodes[1].recovery.as_ref().unwrap().recovery.clone();
     let mut watch = recovery.subscribe();
@@ -236,13 +207,13 @@ async fn losing_the_sync_state_stream_makes_the_count_unknown_not_zero_while_syn
     fail::remove("sync-state-stream");
     cluster.wait_all_active(1, 0).await.unwrap();
     assert!(recovery.status().blobs_recovered > 0, "recovery went on once the count was known again");
-    check_shards_match_encoding(&cluster, 1, &blobs);
+    cluster.check_shards_match_encoding(1, &blobs).unwrap();
     cluster.assert_no_holes().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lagging_node_that_missed_two_epochs_catches_up_by_blob_recovery() {
-    let (mut cluster, mut blobs) = cluster_with_blobs(30, |_| {}).await;
+    let (mut cluster, mut blobs) = cluster_with_blobs(30, |_| {}).await.unwrap();
     cluster.stop_recovery(3).await.unwrap();
     cluster.stop_sync(3).await.unwrap();
     for (epoch, weight) in [(1u64, 2u64), (2, 3)] {
@@ -264,12 +235,12 @@ async fn a_lagging_node_that_missed_two_epochs_catches_up_by_blob_recovery() {
     let a = cluster.control_plane.attestation(2, &me).await.unwrap().expect("attested epoch 2");
     assert_eq!(a.attested_by, "recovery-service");
     assert!(cluster.control_plane.attestation(1, &me).await.unwrap().is_none(), "never attests an epoch it skipped");
-    check_shards_match_encoding(&cluster, 3, &blobs);
+    cluster.check_shards_match_encoding(3, &blobs).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_shard_sync_that_fails_for_good_during_recovery_is_covered_by_blob_recovery() {
-    let (mut cluster, blobs) = cluster_with_blobs(40, |c| c.shard_sync.give_up_after_ms = 1000).await;
+    let (mut cluster, blobs) = cluster_with_blobs(40, |c| c.shard_sync.give_up_after_ms = 1000).await.unwrap();
     let c0 = cluster.committee().await.unwrap();
     wipe_and_restart(&mut cluster, 3, true).await;
     let members: Vec<_> = cluster.nodes.iter().enumerate().map(|(i, n)| n.member(if i == 3 { 2 } else { 1 })).collect();
@@ -290,14 +261,14 @@ async fn a_shard_sync_that_fails_for_good_during_recovery_is_covered_by_blob_rec
     cluster.start_sync(source).await.unwrap();
     cluster.nodes[3].recovery.as_ref().unwrap().recovery.set_paused(false).await.unwrap();
     cluster.wait_all_active(3, 1).await.unwrap();
-    check_shards_match_encoding(&cluster, 3, &blobs);
+    cluster.check_shards_match_encoding(3, &blobs).unwrap();
     assert_eq!(cluster.control_plane.attestation_writes(1, &me).await.unwrap(), 1, "one attestation, written once");
     cluster.assert_no_holes().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_dropped_while_recovering_never_attests_nor_becomes_active() {
-    let (mut cluster, _blobs) = cluster_with_blobs(20, |_| {}).await;
+    let (mut cluster, _blobs) = cluster_with_blobs(20, |_| {}).await.unwrap();
     wipe_and_restart(&mut cluster, 3, true).await;
     let members = cluster.nodes.iter().take(3).map(|n| n.member(1)).collect();
     cluster.next_epoch(members).await.unwrap();
@@ -321,7 +292,7 @@ async fn a_node_dropped_while_recovering_never_attests_nor_becomes_active() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_blob_with_fewer_than_k_reachable_owners_is_retried_and_reported() {
-    let (mut cluster, blobs) = cluster_with_blobs(10, |_| {}).await;
+    let (mut cluster, blobs) = cluster_with_blobs(10, |_| {}).await.unwrap();
     wipe_and_restart(&mut cluster, 0, true).await;
     // 8 shards, k = 4: with nodes 1 and 2 down only node 3's 2 shards are reachable.
     cluster.stop_sync(1).await.unwrap();
@@ -338,12 +309,12 @@ async fn a_blob_with_fewer_than_k_reachable_owners_is_retried_and_reported() {
     cluster.start_sync(1).await.unwrap();
     cluster.start_sync(2).await.unwrap();
     cluster.wait_all_active(0, 0).await.unwrap();
-    check_shards_match_encoding(&cluster, 0, &blobs);
+    cluster.check_shards_match_encoding(0, &blobs).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_epoch_change_mid_recovery_keeps_the_cursor_of_kept_shards() {
-    let (mut cluster, blobs) = cluster_with_blobs(240, |_| {}).await;
+    let (mut cluster, blobs) = cluster_with_blobs(240, |_| {}).await.unwrap();
     let c0 = cluster.committee().await.unwrap();
     // Small pages, so a re-scan from the first blob shows as more than one page of extra work.
     const PAGE: u64 = 16;
@@ -376,7 +347,7 @@ async fn an_epoch_change_mid_recovery_keeps_the_cursor_of_kept_shards() {
         "the kept shards' scan went on from its cursor: {status:?}"
     );
     assert!(status.rescans_saved >= scanned_before, "{status:?}");
-    check_shards_match_encoding(&cluster, 3, &blobs);
+    cluster.check_shards_match_encoding(3, &blobs).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

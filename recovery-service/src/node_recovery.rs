@@ -770,7 +770,7 @@ impl Recovery {
             }
             // No token: this process attested the epoch already (a retry after a failed
             // completion); CompleteRecovery checks the attestation exists.
-            if let Some(token) = self.attester.token(e) {
+            if let Some(token) = self.attester.token(e).await {
                 let evidence = own
                     .get_shard_evidence(pb::GetShardEvidenceRequest {})
                     .await

@@ -313,29 +313,25 @@ pub enum AttestOutcome {
     AlreadyPresent(AttestationRecord),
 }
 
-/// The one attester of a node in a process: hands out at most one [`AttestToken`] per epoch
-/// at a time, and none for an epoch attested already. Rule 5's "exactly once" rests on etcd's
-/// create-if-absent; the token keeps a process's triggers (a sync finishing, a recovery
-/// completing, a restart) from racing each other to it.
+/// The one attester of a node in a process: hands out one [`AttestToken`] at a time, and none
+/// for an epoch attested already. Rule 5's "exactly once" rests on etcd's create-if-absent; the
+/// token serialises a process's triggers (a sync finishing, a recovery completing, a restart),
+/// so two of them never race each other to it, and none is lost: a trigger that finds the token
+/// in use waits for it, then checks again.
 #[derive(Debug, Default)]
 pub struct Attester {
-    state: std::sync::Mutex<AttesterState>,
-}
-
-#[derive(Debug, Default)]
-struct AttesterState {
-    attested: std::collections::BTreeSet<Epoch>,
-    in_hand: std::collections::BTreeSet<Epoch>,
+    attested: tokio::sync::Mutex<std::collections::BTreeSet<Epoch>>,
 }
 
 impl Attester {
-    /// The token for `epoch`, unless the epoch is attested or its token is in use.
-    pub fn token(&self, epoch: Epoch) -> Option<AttestToken<'_>> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.attested.contains(&epoch) || !state.in_hand.insert(epoch) {
+    /// The token for `epoch` (waiting while another trigger holds it), or `None` once the epoch
+    /// is attested.
+    pub async fn token(&self, epoch: Epoch) -> Option<AttestToken<'_>> {
+        let attested = self.attested.lock().await;
+        if attested.contains(&epoch) {
             return None;
         }
-        Some(AttestToken { attester: self, epoch, used: false })
+        Some(AttestToken { attested, epoch })
     }
 }
 
@@ -343,9 +339,8 @@ impl Attester {
 /// without a stored attestation (an error, a check that failed), it can be taken again.
 #[derive(Debug)]
 pub struct AttestToken<'a> {
-    attester: &'a Attester,
+    attested: tokio::sync::MutexGuard<'a, std::collections::BTreeSet<Epoch>>,
     epoch: Epoch,
-    used: bool,
 }
 
 impl AttestToken<'_> {
@@ -363,18 +358,13 @@ impl AttestToken<'_> {
             )));
         }
         let outcome = control_plane.attest(record).await?;
-        self.used = true;
+        self.attested.insert(self.epoch);
         Ok(outcome)
     }
-}
 
-impl Drop for AttestToken<'_> {
-    fn drop(&mut self) {
-        let mut state = self.attester.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.in_hand.remove(&self.epoch);
-        if self.used {
-            state.attested.insert(self.epoch);
-        }
+    /// Records that the epoch is attested (found in etcd), so no trigger asks again.
+    pub fn already_attested(mut self) {
+        self.attested.insert(self.epoch);
     }
 }
 
@@ -611,36 +601,32 @@ impl ControlPlane {
     /// Records a blob's certificate unless it is certified already; returns the record.
     /// The caller verifies the certificate first.
     pub async fn certify_blob(&self, id: &BlobId, certificate: Certificate) -> Result<BlobRecord> {
-        let key = self.blob_key(id);
-        for _ in 0..CAS_RETRIES {
-            let (mut record, rev) =
-                self.get_json::<BlobRecord>(&key).await?.ok_or(ControlPlaneError::UnknownBlob(*id))?;
-            if record.certificate.is_some() {
-                return Ok(record);
-            }
-            record.certificate = Some(certificate.clone());
-            if self
-                .kv
-                .txn(vec![Guard::ModRevision(key.clone(), rev)], vec![(key.clone(), Self::encode(&record))])
-                .await?
-            {
-                return Ok(record);
-            }
-        }
-        Err(ControlPlaneError::Contention(key))
+        self.update_blob_once(id, |r| &mut r.certificate, certificate).await
     }
 
     /// Marks a blob invalid with the proof of its inconsistent encoding, unless it is marked
     /// already; returns the record. The caller has checked the proof.
     pub async fn mark_blob_invalid(&self, id: &BlobId, proof: InconsistencyProof) -> Result<BlobRecord> {
+        self.update_blob_once(id, |r| &mut r.invalid, proof).await
+    }
+
+    /// Sets a field of a registered blob's record that is written once (compare-and-set on the
+    /// record's revision; the first writer wins and later ones get the stored record).
+    async fn update_blob_once<T: Clone>(
+        &self,
+        id: &BlobId,
+        field: impl Fn(&mut BlobRecord) -> &mut Option<T>,
+        value: T,
+    ) -> Result<BlobRecord> {
         let key = self.blob_key(id);
         for _ in 0..CAS_RETRIES {
             let (mut record, rev) =
                 self.get_json::<BlobRecord>(&key).await?.ok_or(ControlPlaneError::UnknownBlob(*id))?;
-            if record.invalid.is_some() {
+            let slot = field(&mut record);
+            if slot.is_some() {
                 return Ok(record);
             }
-            record.invalid = Some(proof.clone());
+            *slot = Some(value.clone());
             if self
                 .kv
                 .txn(vec![Guard::ModRevision(key.clone(), rev)], vec![(key.clone(), Self::encode(&record))])
@@ -754,7 +740,6 @@ impl ControlPlane {
     }
 
     /// The attestation of one node for one epoch.
-
     pub async fn attestation(&self, epoch: Epoch, node: &NodeId) -> Result<Option<AttestationRecord>> {
         Ok(self.get_json(&self.attestation_key(epoch, node)).await?.map(|(a, _)| a))
     }

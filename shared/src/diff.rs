@@ -1,4 +1,4 @@
-//! The epoch diff (DESIGN section 4): which shards a node gains at an epoch change and from
+//! The epoch diff (ARCHITECTURE.md, "The epoch diff and plan"): which shards a node gains at an epoch change and from
 //! whom, which it loses and which it keeps. A pure function both services use, so they always
 //! agree on how a gained shard is filled.
 

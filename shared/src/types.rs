@@ -193,7 +193,7 @@ impl fmt::Debug for NodeId {
     }
 }
 
-/// A node's lifecycle status (DESIGN section 3).
+/// A node's lifecycle status (ARCHITECTURE.md, "States").
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Debug)]
 #[serde(tag = "status", content = "epoch", rename_all = "snake_case")]
 pub enum NodeStatus {
@@ -246,7 +246,7 @@ impl fmt::Display for NodeStatus {
     }
 }
 
-/// A shard's status on one node (DESIGN section 3).
+/// A shard's status on one node (ARCHITECTURE.md, "States"; the edges are in sync-service's `node::shard_state`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Debug)]
 #[serde(rename_all = "snake_case")]
 pub enum ShardStatus {

@@ -147,6 +147,8 @@ pub struct Node {
     pub metrics: SyncMetrics,
     /// sync-service's single attester of this node (rule 5).
     pub attester: Attester,
+    /// Whether a failed attestation is being retried in the background.
+    attest_retrying: std::sync::atomic::AtomicBool,
     view: Arc<watch::Sender<NodeView>>,
     /// Whether the epoch follower's watch on the control plane is established (readiness).
     following: watch::Sender<bool>,
@@ -272,6 +274,8 @@ impl Node {
             tls,
             metrics,
             attester: Attester::default(),
+            attest_retrying: std::sync::atomic::AtomicBool::new(false),
+
             view,
             following: watch::channel(false).0,
             transition_lock: Arc::new(RwLock::new(())),

@@ -50,6 +50,17 @@ fn blob_id(bytes: &[u8]) -> Result<BlobId, Status> {
     BlobId::from_bytes(bytes).map_err(Status::from)
 }
 
+/// The ids of a `CheckBlobs` or `AuditBlobs` request, at most [`MAX_CHECK_BLOBS`].
+fn blob_id_list(raw: &[Vec<u8>]) -> Result<Vec<BlobId>, Status> {
+    if raw.len() > MAX_CHECK_BLOBS {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_CHECK_BLOBS} blob ids per request, got {}",
+            raw.len()
+        )));
+    }
+    raw.iter().map(|b| blob_id(b)).collect()
+}
+
 /// Remembers recently seen request signatures so a captured `StreamShard` request cannot be
 /// replayed within the allowed clock skew.
 #[derive(Default)]
@@ -571,14 +582,7 @@ impl SyncService for SyncServer {
         request: Request<pb::CheckBlobsRequest>,
     ) -> Result<Response<pb::CheckBlobsResponse>, Status> {
         self.authorize(&request, Access::MemberOrClient)?;
-        let req = request.into_inner();
-        if req.blob_ids.len() > MAX_CHECK_BLOBS {
-            return Err(Status::invalid_argument(format!(
-                "at most {MAX_CHECK_BLOBS} blob ids per request, got {}",
-                req.blob_ids.len()
-            )));
-        }
-        let ids = req.blob_ids.iter().map(|b| blob_id(b)).collect::<Result<Vec<_>, _>>()?;
+        let ids = blob_id_list(&request.into_inner().blob_ids)?;
         let view = self.node.view();
         let owned: Vec<ShardIndex> =
             view.owned(&self.node.id).into_iter().filter(|s| view.shards.contains_key(s)).collect();
@@ -609,14 +613,7 @@ impl SyncService for SyncServer {
         request: Request<pb::AuditBlobsRequest>,
     ) -> Result<Response<pb::AuditBlobsResponse>, Status> {
         self.authorize(&request, Access::MemberOrClient)?;
-        let req = request.into_inner();
-        if req.blob_ids.len() > MAX_CHECK_BLOBS {
-            return Err(Status::invalid_argument(format!(
-                "at most {MAX_CHECK_BLOBS} blob ids per request, got {}",
-                req.blob_ids.len()
-            )));
-        }
-        let ids = req.blob_ids.iter().map(|b| blob_id(b)).collect::<Result<Vec<_>, _>>()?;
+        let ids = blob_id_list(&request.into_inner().blob_ids)?;
         let view = self.node.view();
         let owned = view.owned(&self.node.id);
         let with_storage: Vec<(ShardIndex, bool)> = owned.iter().map(|s| (*s, view.shards.contains_key(s))).collect();

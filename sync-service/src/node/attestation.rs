@@ -5,9 +5,10 @@
 //! of its latest epoch, and every owned shard must be `Active`. Attestation is
 //! create-if-absent in etcd, so repeated checks (after every sync, at start-up) attest once.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use ferry_shared::{
+    backoff::Backoff,
     control_plane::{AttestOutcome, AttestationRecord},
     crypto::ShardEvidence,
     types::{NodeStatus, ShardIndex, ShardStatus},
@@ -45,8 +46,30 @@ pub async fn evidence(node: &Node, view: &NodeView) -> Result<Option<Vec<ShardEv
 /// `Active`. Errors are logged: the next trigger (sync end, restart) tries again.
 pub async fn attest_if_ready(node: &Arc<Node>) {
     if let Err(e) = try_attest(node).await {
-        warn!(error = %e, "attestation attempt failed; it is retried at the next trigger");
+        warn!(error = %e, "attestation attempt failed; retrying with backoff");
+        retry_in_background(node);
     }
+}
+
+/// Retries a failed attempt (etcd unreachable, say) until one goes through: no other trigger
+/// may come for an idle node. One retry loop at a time.
+fn retry_in_background(node: &Arc<Node>) {
+    if node.attest_retrying.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return;
+    }
+    let task_node = node.clone();
+    node.spawn_background(async move {
+        let node = task_node;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            backoff.wait().await;
+            match try_attest(&node).await {
+                Ok(()) => break,
+                Err(e) => warn!(error = %e, "attestation retry failed"),
+            }
+        }
+        node.attest_retrying.store(false, std::sync::atomic::Ordering::Release);
+    });
 }
 
 async fn try_attest(node: &Arc<Node>) -> Result<(), NodeError> {
@@ -57,10 +80,15 @@ async fn try_attest(node: &Arc<Node>) -> Result<(), NodeError> {
         return Ok(());
     }
     let epoch = state.epoch;
-    let Some(token) = node.attester.token(epoch) else { return Ok(()) }; // attested, or in hand
+    let Some(token) = node.attester.token(epoch).await else { return Ok(()) }; // attested already
     if node.control_plane.attestation(epoch, &node.id).await?.is_some() {
+        // Attested before (perhaps by a call whose phase flip then failed): make sure the flip
+        // is not lost with it.
+        node.control_plane.complete_epoch_if_quorum(epoch).await?;
+        token.already_attested();
         return Ok(());
     }
+
     let Some(evidence) = evidence(node, &view).await? else { return Ok(()) };
     // Re-check, holding off every transition, that nothing moved (a newer epoch, a shard that
     // needs a scan again) while the evidence was read.

@@ -460,7 +460,10 @@ async fn attempt(
         .sign(&node.key);
         let stream = match tokio::time::timeout(cfg.item_timeout(), client.stream_shard(request)).await {
             Err(_) => {
-                return Err(AttemptError::Retryable(format!("{source} did not answer within {:?}", cfg.item_timeout())));
+                return Err(AttemptError::Retryable(format!(
+                    "{source} did not answer within {:?}",
+                    cfg.item_timeout()
+                )));
             }
             Ok(Err(status)) => return Err(classify(&status)),
             Ok(Ok(r)) => r.into_inner(),
