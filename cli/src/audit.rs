@@ -3,13 +3,19 @@
 //! and reports what is missing or corrupt, per node and shard. What an operator runs after an
 //! incident to know, not assume, that no data was silently lost.
 //!
-//! The registry is read a page at a time and each page is checked on every node with
-//! `AuditBlobs` (which reads and hashes the slivers), so memory stays O(page). Blobs whose
-//! writer encoded them inconsistently (marked invalid with a proof) cannot be held by anyone
-//! and are counted apart. A node that cannot be asked, or that is at another epoch than the
-//! committee, is a finding too: its data is not proven.
+//! What counts as certified is the union of every member's certified index (each member
+//! verified every certificate in it), read a page at a time from all members together; each
+//! page of the union is checked on every node with `AuditBlobs` (which reads and hashes the
+//! slivers), so memory stays O(page x members). A member whose index lacks blobs others know
+//! is reported too (its anti-entropy has not caught up). Blobs claimed to be encoded
+//! inconsistently cannot be held by anyone and are counted apart. A node that cannot be asked,
+//! or that is at another epoch than the committee, is a finding too: its data is not proven.
 
-use std::{collections::BTreeMap, fmt::Write as _, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use ferry_proto::v1::{self as pb, sync_service_client::SyncServiceClient};
@@ -46,6 +52,8 @@ pub struct NodeAudit {
     pub node: NodeId,
     /// Why the node could not be audited (unreachable, at another epoch), if so.
     pub problem: Option<String>,
+    /// Certified blobs other members know that this node's index lacks (anti-entropy lag).
+    pub index_missing: u64,
     /// Per owned shard.
     pub shards: Vec<ShardAudit>,
 }
@@ -76,6 +84,7 @@ impl AuditReport {
 struct NodeTally {
     client: Option<SyncServiceClient<grpc::TracedChannel>>,
     problem: Option<String>,
+    index_missing: u64,
     shards: BTreeMap<u32, ShardAudit>,
 }
 
@@ -96,52 +105,87 @@ pub async fn run(control_plane: &ControlPlane, connector: &Connector) -> anyhow:
                 Ok(c) => (Some(SyncServiceClient::new(c).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)), None),
                 Err(s) => (None, Some(format!("cannot reach it: {}", s.message()))),
             };
-            (m.node_id.clone(), NodeTally { client, problem, shards })
+            (m.node_id.clone(), NodeTally { client, problem, index_missing: 0, shards })
         })
         .collect();
-    let mut committees: BTreeMap<u64, Arc<Committee>> = BTreeMap::new();
     let (mut certified, mut invalid) = (0u64, 0u64);
-    let mut start = None;
-    loop {
-        let page = control_plane.list_blobs(start, PAGE).await?;
-        let Some(last) = page.last().map(|b| b.blob_id) else { break };
-        let mut ids: Vec<BlobId> = Vec::new();
-        for record in &page {
-            let Some(cert) = &record.certificate else { continue };
-            let cert_committee = match committees.get(&cert.epoch) {
-                Some(c) => c.clone(),
-                None => {
-                    let Some(c) = control_plane.committee(cert.epoch).await? else { continue };
-                    let c = Arc::new(c);
-                    committees.insert(cert.epoch, c.clone());
-                    c
-                }
-            };
-            if cert.verify(&record.blob_id, &cert_committee).is_err() {
-                continue; // not certified, whatever the record says
-            }
-            if record.invalid.is_some() {
-                invalid += 1;
-                continue;
-            }
-            ids.push(record.blob_id);
+    let mut start = Some(BlobId::MIN);
+    while let Some(from) = start {
+        // One page from every member; the union is exact up to the smallest last id among the
+        // pages that did not reach the end of the index.
+        let mut pages: Vec<Option<IndexPage>> = Vec::with_capacity(tallies.len());
+        for (_, tally) in tallies.iter_mut() {
+            pages.push(list_page(tally, from).await);
         }
+        let bound = pages
+            .iter()
+            .flatten()
+            .filter(|(_, complete)| !complete)
+            .filter_map(|(ids, _)| ids.last().map(|(id, _)| *id))
+            .min();
+        let within = |id: &BlobId| bound.is_none_or(|b| *id <= b);
+        let mut union: BTreeMap<BlobId, bool> = BTreeMap::new();
+        for (ids, _) in pages.iter().flatten() {
+            for (id, claimed_invalid) in ids.iter().filter(|(id, _)| within(id)) {
+                *union.entry(*id).or_default() |= *claimed_invalid;
+            }
+        }
+        for ((_, tally), page) in tallies.iter_mut().zip(&pages) {
+            if let Some((ids, _)) = page {
+                let known: BTreeSet<BlobId> = ids.iter().map(|(id, _)| *id).filter(within).collect();
+                tally.index_missing += union.keys().filter(|id| !known.contains(id)).count() as u64;
+            }
+        }
+        invalid += union.values().filter(|v| **v).count() as u64;
+        let ids: Vec<BlobId> = union.iter().filter(|(_, v)| !**v).map(|(id, _)| *id).collect();
         certified += ids.len() as u64;
-        if !ids.is_empty() {
+        for chunk in ids.chunks(PAGE) {
             for (_, tally) in tallies.iter_mut() {
-                audit_page(&committee, tally, &ids).await;
+                audit_page(&committee, tally, chunk).await;
             }
         }
-        match last.successor() {
-            Some(next) => start = Some(next),
-            None => break,
-        }
+        start = bound.and_then(|b| b.successor());
     }
     let nodes = tallies
         .into_iter()
-        .map(|(node, t)| NodeAudit { node, problem: t.problem, shards: t.shards.into_values().collect() })
+        .map(|(node, t)| NodeAudit {
+            node,
+            problem: t.problem,
+            index_missing: t.index_missing,
+            shards: t.shards.into_values().collect(),
+        })
         .collect();
     Ok(AuditReport { epoch: committee.epoch, certified, invalid, nodes })
+}
+
+/// A page of a node's certified index from `from`: ids with whether an inconsistency was
+/// claimed, and whether the index ended. `None` (and the node marked) if it cannot be read.
+/// One page of a node's certified index: each blob with whether it is claimed invalid, and
+/// whether the index ended.
+type IndexPage = (Vec<(BlobId, bool)>, bool);
+
+async fn list_page(tally: &mut NodeTally, from: BlobId) -> Option<IndexPage> {
+    if tally.problem.is_some() {
+        return None;
+    }
+    let client = tally.client.as_mut()?;
+    let request =
+        pb::ListCertifiedRequest { start_blob_id: from.0.to_vec(), end_blob_id: Vec::new(), limit: PAGE as u32 };
+    match client.list_certified(request).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            let ids = r
+                .blobs
+                .iter()
+                .filter_map(|e| Some((BlobId::from_bytes(&e.blob_id).ok()?, e.invalid.is_some())))
+                .collect();
+            Some((ids, r.complete))
+        }
+        Err(s) => {
+            tally.problem = Some(format!("ListCertified failed: {}: {}", s.code(), s.message()));
+            None
+        }
+    }
 }
 
 async fn audit_page(committee: &Committee, tally: &mut NodeTally, ids: &[BlobId]) {
@@ -199,6 +243,13 @@ pub fn render(report: &AuditReport) -> String {
             None => {
                 let _ = writeln!(out, "  {}: {holes} HOLES", n.node);
             }
+        }
+        if n.index_missing > 0 {
+            let _ = writeln!(
+                out,
+                "    its certified index lacks {} blobs other members know (anti-entropy catching up)",
+                n.index_missing
+            );
         }
         for s in n.shards.iter().filter(|s| s.missing + s.corrupt > 0) {
             let _ = writeln!(

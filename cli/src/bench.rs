@@ -8,6 +8,8 @@
 //! services' own Prometheus counters (sliver payload bytes; `GetStatus` polling excluded), CPU
 //! time and peak RSS from `/proc` of node 0's processes.
 
+pub mod scale;
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -586,6 +588,7 @@ async fn pull_shard(
         timestamp_ms: crypto::now_ms(),
         include_metadata: false,
         limit,
+        include_certificates: false,
     }
     .sign(&key);
     let mut client = SyncServiceClient::new(sync_channel(cluster, &connector, i)?)
@@ -741,7 +744,7 @@ async fn rocksdb_throughput(options: &BenchOptions, scale: usize) -> anyhow::Res
     let written = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
         let mut bytes = 0u64;
         for batch in &batches {
-            store.write_sync_batch(shard, batch, &[], &record)?;
+            store.write_sync_batch(shard, batch, &[], &[], &record)?;
             bytes += batch.iter().map(|w| w.data.len() as u64).sum::<u64>();
         }
         Ok(bytes)

@@ -132,7 +132,8 @@ async fn scenario(cluster: &mut LocalCluster, options: &DemoOptions) -> anyhow::
 
     say(format!("advancing the epoch: {victim_id}'s weight goes to 3, so it gains shards from healthy nodes"));
     let changes = MemberChanges { weights: vec![(victim_id.clone(), 3)], ..MemberChanges::default() };
-    let plan = epoch::plan(&cp, &changes).await?;
+    let mut plan = epoch::plan(&cp, &changes).await?;
+    epoch::measure(&mut plan, &cp, &connector).await?;
     print!("{}", epoch::render(&plan));
     let gained: Vec<u32> = plan.moves.iter().filter(|m| m.to == victim_id).map(|m| m.shard.0).collect();
     let change_started = Instant::now();

@@ -3,11 +3,15 @@
 
 use std::collections::BTreeMap;
 
+use std::time::Duration;
+
 use anyhow::{Context, bail};
+use ferry_proto::v1::{self as pb, sync_service_client::SyncServiceClient};
 use ferry_shared::{
     Committee, Member,
     committee::rebalance,
     control_plane::ControlPlane,
+    grpc::Connector,
     types::{NodeId, ShardIndex},
 };
 use serde::Serialize;
@@ -21,9 +25,9 @@ pub struct ShardMove {
     pub from: NodeId,
     /// Next owner.
     pub to: NodeId,
-    /// Registered blobs (each has one sliver in the shard).
+    /// Slivers the current owner holds in the shard ([`measure`]; 0 until measured).
     pub blobs: u64,
-    /// Approximate bytes: the sum of sliver lengths.
+    /// Bytes of those slivers.
     pub bytes: u64,
 }
 
@@ -72,32 +76,42 @@ pub async fn plan(cp: &ControlPlane, changes: &MemberChanges) -> anyhow::Result<
         m.weight = *w;
     }
     let next = rebalance(&current, members).context("this change would leave shards without an owner")?;
-    // Blob count and size per shard: every registered blob has one sliver per shard.
-    let mut blobs = 0u64;
-    let mut bytes = 0u64;
-    let mut after = None;
-    loop {
-        let page = cp.list_blobs(after, 1000).await?;
-        let Some(last) = page.last().map(|b| b.blob_id) else { break };
-        for b in &page {
-            blobs += 1;
-            let k = ferry_shared::erasure::original_count(current.n_shards).unwrap_or(1);
-            bytes += ferry_shared::erasure::sliver_len(b.length, k).unwrap_or(0) as u64;
-        }
-        match last.successor() {
-            Some(n) => after = Some(n),
-            None => break,
-        }
-    }
     let moves = current
         .assignment
         .iter()
         .zip(&next.assignment)
         .enumerate()
         .filter(|(_, (a, b))| a != b)
-        .map(|(i, (a, b))| ShardMove { shard: ShardIndex(i as u32), from: a.clone(), to: b.clone(), blobs, bytes })
+        .map(|(i, (a, b))| ShardMove {
+            shard: ShardIndex(i as u32),
+            from: a.clone(),
+            to: b.clone(),
+            blobs: 0,
+            bytes: 0,
+        })
         .collect();
     Ok(EpochPlan { next, moves })
+}
+
+/// Fills in how much each move carries, from the counts the current owners keep (one status
+/// call per owner; an owner that does not answer leaves its moves at 0).
+pub async fn measure(plan: &mut EpochPlan, cp: &ControlPlane, connector: &Connector) -> anyhow::Result<()> {
+    let current = cp.current_committee().await?.context("the cluster has no committee; is it up?")?;
+    let owners: std::collections::BTreeSet<NodeId> = plan.moves.iter().map(|m| m.from.clone()).collect();
+    for owner in owners {
+        let Some(member) = current.member(&owner) else { continue };
+        let Ok(channel) = connector.channel(&member.sync_address, &owner, Some(Duration::from_secs(5))) else {
+            continue;
+        };
+        let Ok(status) = SyncServiceClient::new(channel).get_status(pb::GetStatusRequest {}).await else { continue };
+        for report in status.into_inner().shards {
+            for m in plan.moves.iter_mut().filter(|m| m.from == owner && m.shard.0 == report.shard) {
+                m.blobs = report.sliver_count;
+                m.bytes = report.sliver_bytes;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Renders a plan for people.

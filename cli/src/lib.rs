@@ -10,3 +10,4 @@ pub mod demo;
 pub mod epoch;
 pub mod local;
 pub mod status;
+pub mod store;

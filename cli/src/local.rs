@@ -198,7 +198,8 @@ impl LocalCluster {
         })
     }
 
-    fn node_dir(&self, i: usize) -> PathBuf {
+    /// Node `i`'s directory (key, configs, stores).
+    pub fn node_dir(&self, i: usize) -> PathBuf {
         self.dir.join("nodes").join(self.nodes[i].id.as_str())
     }
 
@@ -206,13 +207,13 @@ impl LocalCluster {
     pub fn member(&self, i: usize, weight: u64) -> anyhow::Result<Member> {
         let n = &self.nodes[i];
         let key = NodeKeypair::load(&self.node_dir(i).join("node.key"))?;
-        Ok(Member {
-            node_id: n.id.clone(),
-            public_key: key.public_hex(),
-            sync_address: format!("127.0.0.1:{}", n.sync_port),
-            recovery_address: format!("127.0.0.1:{}", n.recovery_port),
+        Ok(Member::for_key(
+            n.id.clone(),
+            &key,
+            format!("127.0.0.1:{}", n.sync_port),
+            format!("127.0.0.1:{}", n.recovery_port),
             weight,
-        })
+        ))
     }
 
     /// Creates and starts a cluster: etcd, keys and configs, the genesis committee, and every
@@ -295,6 +296,17 @@ impl LocalCluster {
         for i in 0..self.nodes.len() {
             self.wait_healthy(i).await?;
         }
+        // Up means settled: every node's certified index has caught up with its peers, so a
+        // node killed next does not hold the others' catch-up (and attestations) to the deadline.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for i in 0..self.nodes.len() {
+            while !self.sync_status(i).await.is_some_and(|s| s.index_caught_up) {
+                if Instant::now() > deadline {
+                    bail!("{}'s certified index did not catch up within 60 s", self.nodes[i].id);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         Ok(())
     }
 
@@ -350,8 +362,15 @@ impl LocalCluster {
             tls.cert_file.display(),
             tls.key_file.display()
         );
+        // A local cluster's members are all on this machine: compare indexes often, and after a
+        // restart wait for a member that is down only briefly (unless the caller says otherwise).
+        let index_toml = if sync_extra.contains("[index]") {
+            String::new()
+        } else {
+            "[index]\nanti_entropy_interval_ms = 2000\ncatch_up_deadline_ms = 5000\n".to_string()
+        };
         let sync = format!(
-            "node_id = \"{id}\"\nkey_file = \"{key}\"\nlisten = \"127.0.0.1:{p}\"\nhealth_listen = \"127.0.0.1:{h}\"\nmetrics_listen = \"127.0.0.1:{m}\"\n{cp_toml}\n{tls_toml}\n[store]\npath = \"{store}\"\n{sync_extra}\n",
+            "node_id = \"{id}\"\nkey_file = \"{key}\"\nlisten = \"127.0.0.1:{p}\"\nhealth_listen = \"127.0.0.1:{h}\"\nmetrics_listen = \"127.0.0.1:{m}\"\n{cp_toml}\n{tls_toml}\n[store]\npath = \"{store}\"\n{index_toml}{sync_extra}\n",
             id = n.id,
             key = dir.join("node.key").display(),
             p = n.sync_port,
@@ -461,6 +480,21 @@ impl LocalCluster {
             kill_pid(pid)?;
         }
         self.save()
+    }
+
+    /// Freezes node `i` (SIGSTOP to both services): it answers nobody and sends nothing, like a
+    /// node cut off by a partition or a stalled VM, but it is not restarted when it resumes.
+    pub fn pause_node(&self, i: usize) {
+        for pid in [self.nodes[i].sync_pid, self.nodes[i].recovery_pid].into_iter().flatten() {
+            signal(pid, "STOP");
+        }
+    }
+
+    /// Lets a node frozen by [`LocalCluster::pause_node`] run again (SIGCONT).
+    pub fn resume_node(&self, i: usize) {
+        for pid in [self.nodes[i].sync_pid, self.nodes[i].recovery_pid].into_iter().flatten() {
+            signal(pid, "CONT");
+        }
     }
 
     /// SIGKILLs only one service of node `i`.

@@ -76,11 +76,18 @@ enum Command {
         #[arg(long)]
         client: Vec<String>,
     },
-    /// Stores a file as a blob and prints its id once certified.
-    #[command(after_help = "Example:\n  ferryctl store ./photo.jpg")]
+    /// Stores files as blobs and prints each one's id once certified. Directories are walked;
+    /// many files are stored in batches, several at once, with a throughput summary.
+    #[command(
+        after_help = "One file prints its id; several print `ID  PATH` per file and a summary on stderr.\n\nExamples:\n  ferryctl store ./photo.jpg\n  ferryctl store ./photos/ --concurrency 8"
+    )]
     Store {
-        /// The file.
-        file: PathBuf,
+        /// Files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Batches (of up to 256 files or 32 MiB) stored at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
     },
     /// Reads a blob into a file.
     #[command(after_help = "Example:\n  ferryctl read 3fa1...e9 -o photo.jpg")]
@@ -161,6 +168,39 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
         scales: Vec<usize>,
         /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Fills a 4-node local cluster with many small blobs (a million by default) and measures
+    /// what must not grow with them (etcd, node memory, `ferryctl status`), then a shard sync
+    /// and a wiped node's recovery at that size.
+    #[command(after_help = "Example:\n  ferryctl bench-scale --blobs 1000000 --json scale.json")]
+    BenchScale {
+        /// Working directory for the cluster (deleted first).
+        #[arg(long, default_value = ".ferry-bench/scale")]
+        bench_dir: PathBuf,
+        /// Where sync-service and recovery-service are (default: next to ferryctl).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Blobs to store.
+        #[arg(long, default_value_t = 1_000_000)]
+        blobs: usize,
+        /// Bytes per blob.
+        #[arg(long, default_value_t = 1024)]
+        blob_size: usize,
+        /// Shards of the cluster.
+        #[arg(long, default_value_t = 8)]
+        shards: u32,
+        /// Store batches (of up to 256 blobs) in flight.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Blobs between samples.
+        #[arg(long, default_value_t = 50_000)]
+        sample_every: usize,
+        /// Skip wiping and recovering a node at the end.
+        #[arg(long)]
+        skip_recovery: bool,
+        /// Write the report as JSON to this file (rewritten after every sample).
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -318,13 +358,17 @@ fn connector(cli: &Cli) -> anyhow::Result<Connector> {
 
 fn parse_member(spec: &str, flag: &str) -> anyhow::Result<Member> {
     let (id, rest) = parse_kv(spec, flag)?;
-    let (key, addrs) =
-        rest.split_once('@').with_context(|| format!("{flag} must look like ID=PUBKEY@SYNC_ADDR,RECOVERY_ADDR"))?;
+    let (keys, addrs) =
+        rest.split_once('@').with_context(|| format!("{flag} must look like ID=KEYS@SYNC_ADDR,RECOVERY_ADDR"))?;
+    let (key, bls_key) = keys
+        .split_once(':')
+        .with_context(|| format!("{flag}: KEYS is what `ferryctl keygen` prints: ED25519_KEY:BLS_KEY"))?;
     let (sync, recovery) =
         addrs.split_once(',').with_context(|| format!("{flag} needs both addresses: SYNC_ADDR,RECOVERY_ADDR"))?;
     Ok(Member {
         node_id: NodeId::new(id)?,
         public_key: key.into(),
+        bls_key: bls_key.into(),
         sync_address: sync.into(),
         recovery_address: recovery.into(),
         weight: 1,
@@ -367,19 +411,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let key = NodeKeypair::generate();
             key.save(out)?;
-            println!("{}", key.public_hex());
+            // What `--member ID=KEYS@...` takes: the ed25519 key, then the BLS key with its
+            // proof of possession.
+            println!("{}:{}", key.public_hex(), key.bls_key_hex());
         }
-        Command::Store { file } => {
-            let data = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        Command::Store { paths, concurrency } => {
+            let files = ferryctl::store::expand(paths)?;
             let mut client = BlobClient::new(control_plane(&cli).await?, connector(&cli)?, Duration::from_secs(30));
-            if data.len() >= PROGRESS_FROM_BYTES {
-                client = client.with_progress(std::sync::Arc::new(progress_bar));
+            if let [(file, len)] = files.as_slice() {
+                let data = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+                if *len as usize >= PROGRESS_FROM_BYTES {
+                    client = client.with_progress(std::sync::Arc::new(progress_bar));
+                }
+                let id = client.store(&data).await?;
+                if data.len() >= PROGRESS_FROM_BYTES {
+                    eprintln!();
+                }
+                println!("{id}");
+                return Ok(());
             }
-            let id = client.store(&data).await?;
-            if data.len() >= PROGRESS_FROM_BYTES {
-                eprintln!();
+            let summary = ferryctl::store::store_files(&client, files, *concurrency, |path, outcome| match outcome {
+                Ok(id) => println!("{id}  {}", path.display()),
+                Err(e) => eprintln!("FAILED {}: {e}", path.display()),
+            })
+            .await?;
+            eprintln!(
+                "stored {} blobs ({:.1} MiB) in {:.1} s: {:.0} blobs/s, {:.1} MiB/s{}",
+                summary.stored,
+                summary.bytes as f64 / (1024.0 * 1024.0),
+                summary.elapsed.as_secs_f64(),
+                summary.blobs_per_sec(),
+                summary.mib_per_sec(),
+                if summary.failed.is_empty() { String::new() } else { format!("; {} FAILED", summary.failed.len()) }
+            );
+            if !summary.failed.is_empty() {
+                bail!("{} of the files were not stored", summary.failed.len());
             }
-            println!("{id}");
         }
         Command::Read { blob_id, output } => {
             let id: BlobId = blob_id.parse()?;
@@ -454,7 +521,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     w.parse().with_context(|| format!("weight {w:?} is not a whole number"))?,
                 ));
             }
-            let plan = epoch::plan(&cp, &changes).await?;
+            let mut plan = epoch::plan(&cp, &changes).await?;
+            epoch::measure(&mut plan, &cp, &connector(&cli)?).await?;
             print!("{}", epoch::render(&plan));
             if *yes {
                 cp.propose_epoch(&plan.next).await?;
@@ -622,6 +690,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .with_context(|| format!("cannot write {}", path.display()))?;
                 eprintln!("wrote {}", path.display());
             }
+        }
+        Command::BenchScale {
+            bench_dir,
+            bin_dir,
+            blobs,
+            blob_size,
+            shards,
+            concurrency,
+            sample_every,
+            skip_recovery,
+            json,
+        } => {
+            let bin_dir = match bin_dir {
+                Some(b) => b.clone(),
+                None => default_bin_dir()?,
+            };
+            let options = bench::scale::ScaleOptions {
+                dir: bench_dir.clone(),
+                bin_dir,
+                blobs: *blobs,
+                blob_size: *blob_size,
+                shards: *shards,
+                concurrency: *concurrency,
+                sample_every: *sample_every,
+                skip_recovery: *skip_recovery,
+                json: json.clone(),
+            };
+            let report = bench::scale::run(&options).await?;
+            print!("{}", bench::scale::render(&report));
         }
         Command::Demo { demo_dir, bin_dir, blobs } => {
             let bin_dir = match bin_dir {

@@ -36,6 +36,8 @@ pub struct TestNode {
     pub key_file: PathBuf,
     /// Public key hex.
     pub public_key: String,
+    /// BLS key with its proof of possession, hex.
+    pub bls_key: String,
     /// sync-service gRPC port.
     pub sync_port: u16,
     /// sync-service health port.
@@ -60,6 +62,7 @@ impl TestNode {
         Member {
             node_id: self.id.clone(),
             public_key: self.public_key.clone(),
+            bls_key: self.bls_key.clone(),
             sync_address: format!("127.0.0.1:{}", self.sync_port),
             recovery_address: format!("127.0.0.1:{}", self.recovery_port),
             weight,
@@ -115,6 +118,7 @@ impl Cluster {
             key.save(&key_file)?;
             nodes.push(TestNode {
                 public_key: key.public_hex(),
+                bls_key: key.bls_key_hex(),
                 key_file,
                 sync_port: free_port(),
                 sync_health_port: free_port(),
@@ -211,6 +215,10 @@ impl Cluster {
         c.shard_sync.max_backoff_ms = 500;
         // Tests with a source down for good should not wait the production deadline (5 min).
         c.shard_sync.give_up_after_ms = 3_000;
+        // Nor a restarted node for a member that is down (the production deadline is 30 s);
+        // and peers compare indexes often, so a missed blob is found within a test's wait.
+        c.index.catch_up_deadline_ms = 2_000;
+        c.index.anti_entropy_interval_ms = 1_000;
         (self.tweak_sync)(&mut c);
         c
     }
@@ -329,12 +337,18 @@ impl Cluster {
         let mut rng = StdRng::seed_from_u64(seed);
         let client = self.client();
         let mut blobs = Vec::new();
-        for _ in 0..count {
-            let len = rng.gen_range(0..=max_len);
-            let mut data = vec![0u8; len];
-            rng.fill(&mut data[..]);
-            let id = client.store(&data).await.context("store blob")?;
-            blobs.push((id, data));
+        let data: Vec<Vec<u8>> = (0..count)
+            .map(|_| {
+                let mut data = vec![0u8; rng.gen_range(0..=max_len)];
+                rng.fill(&mut data[..]);
+                data
+            })
+            .collect();
+        for chunk in data.chunks(ferry_shared::client::STORE_BATCH_BLOBS) {
+            let refs: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
+            for (stored, data) in client.store_many(&refs).await?.into_iter().zip(chunk) {
+                blobs.push((stored.context("store blob")?, data.clone()));
+            }
         }
         Ok(blobs)
     }

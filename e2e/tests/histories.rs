@@ -15,9 +15,9 @@ use ferry_e2e::{Cluster, WAIT, cluster_with_blobs};
 use ferry_proto::v1 as pb;
 use ferry_shared::{
     Member,
+    certificate::CommitteeKeys,
     client::ClientError,
     committee::rebalance,
-    control_plane::BlobRecord,
     erasure,
     failpoints::fail,
     types::{NodeStatus, ShardStatus},
@@ -219,9 +219,9 @@ fn inconsistent_blob(data: &[u8], n_shards: u32, shard: usize) -> erasure::Encod
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_blob_whose_slivers_are_not_one_codeword_is_marked_invalid_and_recovery_completes() {
     let (mut cluster, blobs) = cluster_with_blobs(20, |_| {}).await.unwrap();
-    let committee = cluster.committee().await.unwrap();
+    let keys = CommitteeKeys::new(std::sync::Arc::new(cluster.committee().await.unwrap())).unwrap();
     let bad = inconsistent_blob(&[7u8; 3000], cluster.n_shards, 0);
-    let bad_id = cluster.client().store_encoded(&committee, &bad).await.unwrap();
+    let bad_id = cluster.client().store_encoded(&keys, &[(0, bad)]).await.remove(0).unwrap();
     assert!(
         matches!(cluster.client().read(&bad_id).await, Err(ClientError::Invalid(_))),
         "a read re-encodes and refuses it"
@@ -231,10 +231,12 @@ async fn a_blob_whose_slivers_are_not_one_codeword_is_marked_invalid_and_recover
     let status = cluster.nodes[2].recovery.as_ref().unwrap().recovery.status();
     assert_eq!(status.blobs_invalid, 1, "{status:?}");
     assert_eq!(status.blobs_failed, 0, "an invalid blob is not retried: {status:?}");
-    let record: BlobRecord = cluster.control_plane.blob(&bad_id).await.unwrap().unwrap();
-    let proof = record.invalid.expect("marked invalid cluster-wide");
-    assert_eq!(proof.reported_by, cluster.nodes[2].id);
-    assert!(proof.shards.len() >= 4, "the proof names the k slivers decoded: {proof:?}");
+    for node in &cluster.nodes {
+        let record = node.node().unwrap().store.certified(&bad_id).unwrap().unwrap();
+        let proof = record.invalid.unwrap_or_else(|| panic!("{} has the claim too (passed on)", node.id));
+        assert_eq!(proof.reported_by, cluster.nodes[2].id);
+        assert!(proof.shards.len() >= 4, "the proof names the k slivers decoded: {proof:?}");
+    }
     cluster.check_shards_match_encoding(2, &blobs).unwrap();
     cluster.check_blobs(&blobs).await.unwrap();
     let report = cluster.assert_no_holes().await.unwrap();
@@ -393,17 +395,6 @@ async fn a_write_whose_caller_gave_up_still_holds_off_the_shard_lock() {
     c1.assignment[shard.as_usize()] = cluster.nodes[1].id.clone();
     // A blob whose sliver for that shard is stored on node 0 by hand.
     let enc = erasure::encode(&[3u8; 1000], cluster.n_shards).unwrap();
-    cluster
-        .control_plane
-        .register_blob(&BlobRecord {
-            blob_id: enc.blob_id,
-            length: 1000,
-            registered_epoch: 0,
-            certificate: None,
-            invalid: None,
-        })
-        .await
-        .unwrap();
     let mut client = cluster.sync_client(0).await.unwrap();
     client
         .store_metadata(pb::StoreMetadataRequest {

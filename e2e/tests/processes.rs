@@ -283,7 +283,13 @@ async fn a_phase_flip_lost_with_its_attester_is_completed_by_the_others() {
     cp.propose_epoch(&plan.next).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while cluster.sync_alive(2) {
-        assert!(Instant::now() < deadline, "node 2 did not reach the crash window\n{}", log_tails(&cluster, 2));
+        assert!(
+            Instant::now() < deadline,
+            "node 2 did not reach the crash window\n{}\n{}\n{}",
+            log_tails(&cluster, 2),
+            log_tails(&cluster, 0),
+            log_tails(&cluster, 1)
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(cp.attestation(1, &node2).await.unwrap().is_some(), "node 2 attested before it died");
@@ -329,4 +335,44 @@ async fn a_few_seeded_chaos_histories_come_to_rest_whole() {
         .filter_map(|o| o.violation.as_ref().map(|v| format!("seed {}: {v} (steps: {})", o.seed, o.steps.join(", "))))
         .collect();
     assert!(violations.is_empty(), "{}", violations.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_cut_off_while_active_learns_and_repairs_what_it_missed_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = up(dir.path(), "").await;
+    let cp = cluster.control_plane().await.unwrap();
+    let mut blobs = store_blobs(&cluster, &cp, 20, 41).await;
+    let victim = 3;
+    let pid = cluster.nodes[victim].sync_pid;
+    let learned_before = status(&cluster, victim).await.unwrap().index_learned;
+    // Frozen: no client write, no certificate and no peer reaches it; the others still own a
+    // quorum of shards (6 of 8), so stores succeed without it.
+    cluster.pause_node(victim);
+    let client = BlobClient::new(cp.clone(), cluster.connector().unwrap(), Duration::from_secs(2));
+    let mut rng = StdRng::seed_from_u64(42);
+    let data: Vec<Vec<u8>> = (0..30)
+        .map(|_| {
+            let mut d = vec![0u8; rng.gen_range(1..3000)];
+            rng.fill(&mut d[..]);
+            d
+        })
+        .collect();
+    let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+    for (stored, d) in client.store_many(&refs).await.unwrap().into_iter().zip(&data) {
+        blobs.push((stored.expect("a quorum of the others stores it"), d.clone()));
+    }
+    cluster.resume_node(victim);
+    // It was never restarted: it learns the certificates from its peers and repairs its shards.
+    let s = wait_status(&cluster, victim, "every owned shard holds every blob", |s| {
+        s.certified_count == blobs.len() as u64 && s.shards.iter().all(|r| r.sliver_count == blobs.len() as u64)
+    })
+    .await;
+    assert_eq!(cluster.nodes[victim].sync_pid, pid, "the same process");
+    assert!(s.index_learned >= learned_before + 30, "learned from peers, not from the client: {s:?}");
+    assert_eq!(s.pending_count, 0);
+    assert_no_holes(&cluster, &cp).await;
+    check_reads(&cluster, &cp, &blobs).await;
+    let mut cluster = cluster;
+    cluster.down().unwrap();
 }

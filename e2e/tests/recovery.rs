@@ -294,6 +294,9 @@ async fn a_node_dropped_while_recovering_never_attests_nor_becomes_active() {
 async fn a_blob_with_fewer_than_k_reachable_owners_is_retried_and_reported() {
     let (mut cluster, blobs) = cluster_with_blobs(10, |_| {}).await.unwrap();
     wipe_and_restart(&mut cluster, 0, true).await;
+    // Its index learns the blobs from its peers first (without a quorum of peers it would not
+    // know what to recover, and would wait).
+    cluster.wait_view(0, "index caught up", |v| v.index_caught_up).await.unwrap();
     // 8 shards, k = 4: with nodes 1 and 2 down only node 3's 2 shards are reachable.
     cluster.stop_sync(1).await.unwrap();
     cluster.stop_sync(2).await.unwrap();

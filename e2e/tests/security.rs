@@ -24,6 +24,7 @@ fn stream_request(key: &NodeKeypair, requester: &NodeId, shard: ShardIndex) -> p
         timestamp_ms: crypto::now_ms(),
         include_metadata: false,
         limit: 0,
+        include_certificates: false,
     }
     .sign(key)
 }

@@ -284,6 +284,7 @@ fn signed_request(key: &NodeKeypair, requester: &NodeId, shard: u32, epoch: u64)
         timestamp_ms: crypto::now_ms(),
         include_metadata: false,
         limit: 0,
+        include_certificates: false,
     }
     .sign(key)
 }
@@ -343,29 +344,23 @@ async fn stream_shard_refuses_non_owners_forgeries_replays_and_bad_input() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_data_plane_stores_only_verified_slivers_of_registered_blobs() {
+async fn the_data_plane_stores_only_verified_slivers_and_metadata() {
     let mut cluster = Cluster::new(4, 4).await.unwrap();
     let c0 = cluster.start_genesis().await.unwrap();
     let mut client = cluster.sync_client(0).await.unwrap();
     let enc = erasure::encode(b"hello ferry", 4).unwrap();
     let id = enc.blob_id.0.to_vec();
-    // Not registered yet.
+    // Metadata of another cluster's shard count.
+    let other_cluster = erasure::encode(b"hello ferry", 7).unwrap();
     let err = client
-        .store_metadata(pb::StoreMetadataRequest { blob_id: id.clone(), metadata: Some(enc.metadata.to_proto()) })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition);
-    cluster
-        .control_plane
-        .register_blob(&ferry_shared::control_plane::BlobRecord {
-            blob_id: enc.blob_id,
-            length: 11,
-            registered_epoch: 0,
-            certificate: None,
-            invalid: None,
+        .store_metadata(pb::StoreMetadataRequest {
+            blob_id: other_cluster.blob_id.0.to_vec(),
+            metadata: Some(other_cluster.metadata.to_proto()),
         })
         .await
-        .unwrap();
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("7 shards"), "{}", err.message());
     // Metadata that does not hash to the id.
     let mut wrong = enc.metadata.clone();
     wrong.length += 1;
@@ -413,12 +408,13 @@ async fn the_data_plane_stores_only_verified_slivers_of_registered_blobs() {
         .into_inner();
     let conf = r.confirmation.expect("the node holds the blob in every shard it owns");
     let member = c0.member(&cluster.nodes[0].id).unwrap();
-    crypto::verify(
-        &member.public_key,
-        &crypto::confirmation_message(&cluster.nodes[0].id, &enc.blob_id, 0),
-        &conf.signature,
-    )
-    .unwrap();
+    crypto::verify_bls(&member.bls_key, &crypto::confirmation_message(&cluster.name, &enc.blob_id, 0), &conf.signature)
+        .unwrap();
+    assert!(
+        crypto::verify_bls(&member.bls_key, &crypto::confirmation_message("other", &enc.blob_id, 0), &conf.signature)
+            .is_err(),
+        "a confirmation names its cluster"
+    );
     let got = client.get_sliver(pb::GetSliverRequest { blob_id: id, shard: mine.0 }).await.unwrap().into_inner();
     assert_eq!(got.data, enc.slivers[mine.as_usize()]);
 }

@@ -17,9 +17,9 @@ use std::{
 use ferry_proto::v1::{self as pb, sync_service_client::SyncServiceClient};
 use ferry_shared::{
     Committee,
-    control_plane::InconsistencyProof,
     erasure::{self, BlobMetadata},
     grpc::{self, Connector, TracedChannel},
+    registry::InconsistencyProof,
     types::{BlobId, NodeId, ShardIndex},
 };
 use futures::{StreamExt, stream::FuturesUnordered};
@@ -88,6 +88,11 @@ impl Peers {
         Peers { me, own, connector, timeout, channels: Mutex::new(HashMap::new()) }
     }
 
+    /// This node.
+    pub fn me(&self) -> &NodeId {
+        &self.me
+    }
+
     /// A client to this node's own sync-service.
     pub fn own(&self) -> SyncServiceClient<TracedChannel> {
         SyncServiceClient::new(self.own.clone())
@@ -95,7 +100,8 @@ impl Peers {
             .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES)
     }
 
-    fn client(&self, committee: &Committee, node: &NodeId) -> Option<SyncServiceClient<TracedChannel>> {
+    /// A client to `node`'s sync-service at the address `committee` lists.
+    pub fn client(&self, committee: &Committee, node: &NodeId) -> Option<SyncServiceClient<TracedChannel>> {
         if node == &self.me {
             return Some(self.own());
         }
@@ -272,4 +278,238 @@ pub async fn confirm_inconsistency(
     }
     let slivers: Vec<(ShardIndex, &[u8])> = got.iter().map(|(s, d)| (*s, d.as_slice())).collect();
     erasure::confirms_inconsistency(&metadata, &slivers)
+}
+
+/// One blob of a batch: the shards of this node to rebuild it into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    /// The blob.
+    pub blob: BlobId,
+    /// Shards lacking its sliver.
+    pub shards: Vec<ShardIndex>,
+}
+
+/// Sliver bytes fetched per source shard in one go: bounds a batch's memory at about
+/// `k x BATCH_BYTES`, plus what is rebuilt.
+pub const BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// Per blob of a batch, what its recovery came to.
+pub type BatchOutcome = Vec<(BlobId, Result<Recovered, BlobRecoveryError>)>;
+
+/// Slivers by shard.
+type Slivers = Vec<(ShardIndex, Vec<u8>)>;
+
+/// Blobs rebuilt, with how many slivers each, and their uploads: one `StoreBlobs` request.
+type UploadChunk = (Vec<(BlobId, usize)>, Vec<pb::BlobUpload>);
+
+/// Recovers many blobs together: metadata from this node's index (which holds it for the
+/// blobs it learned) or from peers, slivers from the owners of `k` other shards with one
+/// `GetSlivers` call per shard and sub-batch, a decode per blob off the async workers (a task
+/// each, so one panicking decode fails only its blob), and one `StoreBlobs` write per sub-batch
+/// of everything rebuilt. A blob that cannot be completed this way (an owner down, a sliver
+/// that does not verify) falls back to [`recover_blob`], which tries every other owner.
+pub async fn recover_batch(peers: &Arc<Peers>, committee: &Committee, batch: Vec<Wanted>) -> BatchOutcome {
+    let mut results = Vec::with_capacity(batch.len());
+    // Metadata: this node's own copy first (one call), then peers for the rest.
+    let ids: Vec<Vec<u8>> = batch.iter().map(|w| w.blob.0.to_vec()).collect();
+    let mut own = peers.own();
+    let local: HashMap<BlobId, BlobMetadata> =
+        match own.get_certificates(pb::GetCertificatesRequest { blob_ids: ids, include_metadata: true }).await {
+            Ok(r) => r
+                .into_inner()
+                .blobs
+                .iter()
+                .filter_map(|e| {
+                    let id = BlobId::from_bytes(&e.blob_id).ok()?;
+                    let m = BlobMetadata::from_proto(e.metadata.as_ref()?).ok()?;
+                    (m.verify_id(&id).is_ok() && m.n_shards == committee.n_shards).then_some((id, m))
+                })
+                .collect(),
+            Err(_) => HashMap::new(),
+        };
+    let mut ready: Vec<(Wanted, BlobMetadata)> = Vec::with_capacity(batch.len());
+    for w in batch {
+        match local.get(&w.blob) {
+            Some(m) => ready.push((w, m.clone())),
+            None => match fetch_metadata(peers, committee, &w.blob).await {
+                Ok(m) => ready.push((w, m)),
+                Err(e) => results.push((w.blob, Err(e))),
+            },
+        }
+    }
+    // Sub-batches bounded by sliver bytes per source shard.
+    let mut sub: Vec<(Wanted, BlobMetadata)> = Vec::new();
+    let mut bytes = 0usize;
+    for (w, m) in ready {
+        let len = m.sliver_len().unwrap_or(0);
+        if !sub.is_empty() && bytes + len > BATCH_BYTES {
+            results.extend(recover_sub_batch(peers, committee, std::mem::take(&mut sub)).await);
+            bytes = 0;
+        }
+        bytes += len;
+        sub.push((w, m));
+    }
+    if !sub.is_empty() {
+        results.extend(recover_sub_batch(peers, committee, sub).await);
+    }
+    results
+}
+
+async fn recover_sub_batch(
+    peers: &Arc<Peers>,
+    committee: &Committee,
+    batch: Vec<(Wanted, BlobMetadata)>,
+) -> Vec<(BlobId, Result<Recovered, BlobRecoveryError>)> {
+    let Some(k) = batch.first().map(|(_, m)| m.k as usize) else { return Vec::new() };
+    let wanted_anywhere: std::collections::BTreeSet<ShardIndex> =
+        batch.iter().flat_map(|(w, _)| w.shards.iter().copied()).collect();
+    let mut sources: Vec<ShardIndex> =
+        (0..committee.n_shards).map(ShardIndex).filter(|s| !wanted_anywhere.contains(s)).collect();
+    let offset = spread_offset(&batch[0].0.blob, sources.len());
+    sources.rotate_left(offset);
+    let ids: Vec<Vec<u8>> = batch.iter().map(|(w, _)| w.blob.0.to_vec()).collect();
+    // Verified slivers per blob, filled source shard by source shard until each has k.
+    let mut got: Vec<Slivers> = vec![Vec::new(); batch.len()];
+    let mut fetched = vec![0u64; batch.len()];
+    let mut sources = sources.into_iter();
+    loop {
+        let short = got.iter().filter(|g| g.len() < k).count();
+        if short == 0 {
+            break;
+        }
+        // As many sources at once as the neediest blob still lacks.
+        let need = got.iter().map(|g| k.saturating_sub(g.len())).max().unwrap_or(0);
+        let round: Vec<ShardIndex> = sources.by_ref().take(need).collect();
+        if round.is_empty() {
+            break;
+        }
+        let mut calls = FuturesUnordered::new();
+        for shard in round {
+            let Some(owner) = committee.owner(shard).cloned() else { continue };
+            let Some(mut client) = peers.client(committee, &owner) else { continue };
+            let request = pb::GetSliversRequest { shard: shard.0, blob_ids: ids.clone() };
+            let timeout = peers.timeout;
+            calls.push(async move { (shard, tokio::time::timeout(timeout, client.get_slivers(request)).await) });
+        }
+        while let Some((shard, answer)) = calls.next().await {
+            let Ok(Ok(answer)) = answer else {
+                debug!(shard = shard.0, "a source shard's owner did not answer GetSlivers");
+                continue;
+            };
+            for (i, data) in answer.into_inner().slivers.into_iter().enumerate() {
+                let Some((_, metadata)) = batch.get(i) else { break };
+                if got[i].len() < k && !data.is_empty() && metadata.verify_sliver(shard, &data).is_ok() {
+                    fetched[i] += data.len() as u64;
+                    got[i].push((shard, data));
+                }
+            }
+        }
+    }
+    // Decode each blob that has k verified slivers, a task apiece.
+    let mut decodes = tokio::task::JoinSet::new();
+    let mut by_task = HashMap::new();
+    let mut results = Vec::with_capacity(batch.len());
+    let mut fallback = Vec::new();
+    for ((wanted, metadata), slivers) in batch.into_iter().zip(got) {
+        if slivers.len() < k {
+            fallback.push(wanted);
+            continue;
+        }
+        let me = peers.me.clone();
+        let blob = wanted.blob;
+        let handle = decodes.spawn_blocking(move || {
+            ferry_shared::failpoints::fail_point!("recover-blob", |_| Err(BlobRecoveryError::Decode(
+                blob,
+                "fail point recover-blob".into()
+            )));
+            let available: Vec<(ShardIndex, &[u8])> = slivers.iter().map(|(s, d)| (*s, d.as_slice())).collect();
+            erasure::rebuild(&metadata, &available, &wanted.shards).map(|rebuilt| (metadata, rebuilt)).map_err(|e| {
+                match e {
+                    erasure::ErasureError::InconsistentEncoding { shard } => BlobRecoveryError::Inconsistent {
+                        blob,
+                        proof: InconsistencyProof {
+                            shards: slivers.iter().map(|(s, _)| *s).collect(),
+                            mismatched: ShardIndex(shard),
+                            reported_by: me,
+                        },
+                    },
+                    other => BlobRecoveryError::Decode(blob, other.to_string()),
+                }
+            })
+        });
+        by_task.insert(handle.id(), blob);
+    }
+    let fetched_of: HashMap<BlobId, u64> =
+        ids.iter().zip(&fetched).filter_map(|(id, n)| Some((BlobId::from_bytes(id).ok()?, *n))).collect();
+    let mut to_store: Vec<(BlobId, BlobMetadata, Slivers)> = Vec::new();
+    while let Some(done) = decodes.join_next_with_id().await {
+        match done {
+            Ok((task, Ok((metadata, rebuilt)))) => {
+                if let Some(blob) = by_task.remove(&task) {
+                    to_store.push((blob, metadata, rebuilt));
+                }
+            }
+            Ok((task, Err(e))) => {
+                if let Some(blob) = by_task.remove(&task) {
+                    results.push((blob, Err(e)));
+                }
+            }
+            Err(e) => {
+                if let Some(blob) = by_task.remove(&e.id()) {
+                    results.push((blob, Err(BlobRecoveryError::Decode(blob, format!("the decode task failed: {e}")))));
+                }
+            }
+        }
+    }
+    // One write per chunk of what was rebuilt.
+    let mut own = peers.own();
+    let mut chunk: Vec<(BlobId, usize)> = Vec::new();
+    let mut uploads: Vec<pb::BlobUpload> = Vec::new();
+    let mut chunk_bytes = 0usize;
+    let mut pending_chunks: Vec<UploadChunk> = Vec::new();
+    for (blob, metadata, rebuilt) in to_store {
+        let bytes: usize = rebuilt.iter().map(|(_, d)| d.len()).sum();
+        if !uploads.is_empty() && (uploads.len() >= 256 || chunk_bytes + bytes > BATCH_BYTES) {
+            pending_chunks.push((std::mem::take(&mut chunk), std::mem::take(&mut uploads)));
+            chunk_bytes = 0;
+        }
+        chunk_bytes += bytes;
+        chunk.push((blob, rebuilt.len()));
+        uploads.push(pb::BlobUpload {
+            blob_id: blob.0.to_vec(),
+            metadata: Some(metadata.to_proto()),
+            slivers: rebuilt.into_iter().map(|(s, data)| pb::SliverUpload { shard: s.0, data }).collect(),
+        });
+    }
+    if !uploads.is_empty() {
+        pending_chunks.push((chunk, uploads));
+    }
+    for (chunk, uploads) in pending_chunks {
+        match own.store_blobs(pb::StoreBlobsRequest { blobs: uploads, skip_confirmations: true }).await {
+            Ok(answer) => {
+                let answer = answer.into_inner().blobs;
+                for (i, (blob, slivers)) in chunk.into_iter().enumerate() {
+                    let error = answer.get(i).map(|a| a.error.clone()).unwrap_or_else(|| "no answer".into());
+                    results.push((
+                        blob,
+                        if error.is_empty() {
+                            Ok(Recovered { slivers, bytes_fetched: fetched_of.get(&blob).copied().unwrap_or(0) })
+                        } else {
+                            Err(BlobRecoveryError::Store(blob, error))
+                        },
+                    ));
+                }
+            }
+            Err(status) => {
+                for (blob, _) in chunk {
+                    results.push((blob, Err(BlobRecoveryError::Store(blob, status.message().to_string()))));
+                }
+            }
+        }
+    }
+    // The rest one by one, trying every owner.
+    for wanted in fallback {
+        results.push((wanted.blob, recover_blob(peers, committee, wanted.blob, &wanted.shards).await));
+    }
+    results
 }

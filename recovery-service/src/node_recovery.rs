@@ -22,15 +22,13 @@ use ferry_proto::v1::{self as pb};
 use ferry_shared::{
     Committee,
     backoff::Backoff,
-    control_plane::{AttestOutcome, AttestationRecord, Attester, BlobRecord, ControlPlane, ControlPlaneError},
+    control_plane::{AttestOutcome, AttestationRecord, Attester, ControlPlane, ControlPlaneError},
     crypto::{NodeKeypair, ShardEvidence, now_ms},
+    registry::InconsistencyProof,
     types::{BlobId, Epoch, NodeId, NodeStatus, ShardIndex},
 };
 use thiserror::Error;
-use tokio::{
-    sync::{Semaphore, watch},
-    task::JoinSet,
-};
+use tokio::{sync::watch, task::JoinSet};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
@@ -141,6 +139,25 @@ impl Work {
         let counters =
             if any_kept || (!epoch_changed && stored.shards.is_empty()) { stored } else { Cursor::default() };
         Cursor { target_epoch: self.target_epoch, shards, rescans_saved: counters.rescans_saved + saved, ..counters }
+    }
+}
+
+/// A blob of the node's certified index, as the scan reads it from its sync-service (which
+/// verified the certificate when the blob entered the index).
+#[derive(Debug, Clone)]
+pub struct IndexEntry {
+    /// The blob.
+    pub blob_id: BlobId,
+    /// A claim that it is encoded inconsistently, if one was made.
+    pub invalid: Option<InconsistencyProof>,
+}
+
+impl IndexEntry {
+    fn from_proto(entry: &pb::CertifiedEntry, n_shards: u32) -> Option<IndexEntry> {
+        Some(IndexEntry {
+            blob_id: BlobId::from_bytes(&entry.blob_id).ok()?,
+            invalid: entry.invalid.as_ref().and_then(|p| InconsistencyProof::from_proto(p, n_shards).ok()),
+        })
     }
 }
 
@@ -301,12 +318,34 @@ impl Recovery {
             Duration::from_millis(self.tuning.retry_initial_ms),
             Duration::from_millis(self.tuning.retry_max_ms),
         );
+        // The repair generation last handled completely; generations are drawn at random per
+        // sync-service process, so a restarted sync-service is repaired again.
+        let mut repaired: Option<u64> = None;
         loop {
             let state = match rx.wait_for(|s| s.is_some()).await {
                 Ok(s) => s.clone(),
                 Err(_) => return, // the follower is gone: the process is shutting down
             };
             let Some(state) = state else { continue };
+            if Work::derive(&state).is_none() && Self::needs_repair(&state, repaired) {
+                match self.repair(&state).await {
+                    Ok(0) => {
+                        repaired = Some(state.repair_generation);
+                        backoff.reset();
+                    }
+                    Ok(failed) => {
+                        warn!(failed, "repairs left blobs unrecovered; retrying");
+                        backoff.wait().await;
+                    }
+                    Err(RecoveryError::Superseded | RecoveryError::Unknown) => {}
+                    Err(e) => {
+                        warn!(error = %e, "repair pass failed; retrying");
+                        self.update(|s| s.last_error = e.to_string());
+                        backoff.wait().await;
+                    }
+                }
+                continue;
+            }
             let Some(work) = Work::derive(&state) else {
                 self.update(|s| {
                     s.phase = if s.phase == pb::RecoveryPhase::Done as i32 {
@@ -372,6 +411,16 @@ impl Recovery {
                 }
             });
             self.check_same(work)?;
+            if !state.index_caught_up {
+                // Rule 9: the index is scanned only once it knows what the peers know.
+                info!("waiting for the certified index to catch up with the peers before scanning");
+                self.update(|s| s.phase = pb::RecoveryPhase::WaitingForIndex as i32);
+                let mut rx = self.sync_state.clone();
+                rx.wait_for(|s| s.as_ref().is_none_or(|s| s.index_caught_up || Work::derive(s).as_ref() != Some(work)))
+                    .await
+                    .map_err(|_| RecoveryError::Unknown)?;
+                continue;
+            }
             let mut paused = self.paused.subscribe();
             if !*paused.borrow_and_update() {
                 return Ok(());
@@ -519,12 +568,23 @@ impl Recovery {
         progress: &mut Progress,
         clock: &mut PassClock,
     ) -> Result<(), RecoveryError> {
+        let n_shards = self.committee(work.target_epoch).await?.ok_or(RecoveryError::Superseded)?.n_shards;
         // Retry earlier failures first.
         let retry: Vec<BlobId> = progress.failed.keys().copied().collect();
         for chunk in retry.chunks(self.tuning.scan_page) {
+            let answer = self
+                .peers
+                .own()
+                .get_certificates(pb::GetCertificatesRequest {
+                    blob_ids: chunk.iter().map(|id| id.0.to_vec()).collect(),
+                    include_metadata: false,
+                })
+                .await
+                .map_err(sync_err("GetCertificates"))?
+                .into_inner();
             let mut records = Vec::new();
-            for id in chunk {
-                match self.control_plane.blob(id).await? {
+            for (id, entry) in chunk.iter().zip(&answer.blobs) {
+                match entry.certificate.is_some().then(|| IndexEntry::from_proto(entry, n_shards)).flatten() {
                     Some(r) => records.push(r),
                     None => progress.forget(*id),
                 }
@@ -549,8 +609,20 @@ impl Recovery {
                 },
                 None => None,
             };
-            // A registry read error fails the pass (returned); it never ends it as if clean.
-            let page = self.control_plane.list_blobs(start, self.tuning.scan_page).await?;
+            // An index read error fails the pass (returned); it never ends it as if clean.
+            let listed = self
+                .peers
+                .own()
+                .list_certified(pb::ListCertifiedRequest {
+                    start_blob_id: start.map(|b| b.0.to_vec()).unwrap_or_default(),
+                    end_blob_id: Vec::new(),
+                    limit: self.tuning.scan_page as u32,
+                })
+                .await
+                .map_err(sync_err("ListCertified"))?
+                .into_inner();
+            let page: Vec<IndexEntry> =
+                listed.blobs.iter().filter_map(|e| IndexEntry::from_proto(e, n_shards)).collect();
             let Some(last) = page.last().map(|b| b.blob_id) else {
                 progress.finish(&unfinished);
                 break;
@@ -561,7 +633,7 @@ impl Recovery {
     }
 
     /// Whether a blob marked invalid really is: the proof is checked once per process.
-    async fn confirmed_invalid(&self, record: &BlobRecord, committee: &Committee) -> bool {
+    async fn confirmed_invalid(&self, record: &IndexEntry, committee: &Committee) -> bool {
         let Some(proof) = &record.invalid else { return false };
         if self.invalid.lock().unwrap_or_else(|p| p.into_inner()).contains(&record.blob_id) {
             return true;
@@ -575,11 +647,11 @@ impl Recovery {
         confirmed
     }
 
-    /// Checks and recovers one page of registry records, then advances the cursors to `last`.
+    /// Checks and recovers one page of the index, then advances the cursors to `last`.
     async fn recover_page(
         &self,
         work: &Work,
-        page: &[BlobRecord],
+        page: &[IndexEntry],
         last: Option<BlobId>,
         progress: &mut Progress,
         clock: &mut PassClock,
@@ -587,12 +659,6 @@ impl Recovery {
         let committee = self.committee(work.target_epoch).await?.ok_or(RecoveryError::Superseded)?;
         let mut certified = Vec::new();
         for record in page {
-            let Some(cert) = &record.certificate else { continue };
-            let Some(cert_committee) = self.committee(cert.epoch).await? else { continue };
-            if let Err(e) = cert.verify(&record.blob_id, &cert_committee) {
-                warn!(blob = %record.blob_id, error = %e, "certificate does not verify; ignoring the blob");
-                continue;
-            }
             if self.confirmed_invalid(record, &committee).await {
                 progress.forget(record.blob_id); // never recoverable: not a failure to retry
                 continue;
@@ -610,14 +676,12 @@ impl Recovery {
                 .into_inner()
                 .blobs
         };
-        let limit = Arc::new(Semaphore::new(self.max_concurrent_blobs().max(1)));
-        let mut tasks: JoinSet<Result<blob_recovery::Recovered, blob_recovery::BlobRecoveryError>> = JoinSet::new();
-        let mut running: HashMap<tokio::task::Id, BlobId> = HashMap::new();
         let mut present = 0u64;
+        let mut wanted = Vec::new();
         for p in presence {
             let Ok(blob) = BlobId::from_bytes(&p.blob_id) else { continue };
             // Only shards whose cursor has not passed this blob, and that are in the work.
-            let wanted: Vec<ShardIndex> = p
+            let shards: Vec<ShardIndex> = p
                 .missing_shards
                 .iter()
                 .map(|s| ShardIndex(*s))
@@ -626,38 +690,14 @@ impl Recovery {
                     last.is_none() || progress.cursor.shards.get(s).and_then(|c| c.after).is_none_or(|c| c < blob)
                 })
                 .collect();
-            if wanted.is_empty() {
+            if shards.is_empty() {
                 progress.forget(blob);
                 present += 1;
                 continue;
             }
-            // Rule 3 holds per blob too: no new blob recovery while shard syncs run or paused.
-            let permit = loop {
-                let clear =
-                    self.sync_state.borrow().as_ref().is_some_and(|s| s.running_syncs == 0) && !*self.paused.borrow();
-                if clear && let Ok(permit) = limit.clone().acquire_owned().await {
-                    break permit;
-                }
-                while let Some(done) = tasks.join_next_with_id().await {
-                    self.record_result(done, &mut running, progress, clock).await;
-                }
-                self.wait_until_clear(work).await?;
-            };
-            let peers = self.peers.clone();
-            let committee = committee.clone();
-            let span = info_span!("recover_blob", blob = %blob, shards = wanted.len());
-            let handle = tasks.spawn(
-                async move {
-                    let _permit = permit;
-                    blob_recovery::recover_blob(&peers, &committee, blob, &wanted).await
-                }
-                .instrument(span),
-            );
-            running.insert(handle.id(), blob);
+            wanted.push(blob_recovery::Wanted { blob, shards });
         }
-        while let Some(done) = tasks.join_next_with_id().await {
-            self.record_result(done, &mut running, progress, clock).await;
-        }
+        self.recover_batches(work, &committee, wanted, progress, clock).await?;
         self.update(|s| s.blobs_present += present);
         if let Some(last) = last {
             for c in progress.cursor.shards.values_mut() {
@@ -672,6 +712,76 @@ impl Recovery {
         self.persist(progress, clock).await
     }
 
+    /// Recovers `wanted` a batch at a time ([`blob_recovery::recover_batch`]), up to
+    /// `max_concurrent_blobs / BATCH_BLOBS` batches at once (at least two, so one batch's
+    /// fetch overlaps another's decode and write). Rule 3 holds per batch: none starts while
+    /// shard syncs run or recovery is paused.
+    async fn recover_batches(
+        &self,
+        work: &Work,
+        committee: &Arc<Committee>,
+        wanted: Vec<blob_recovery::Wanted>,
+        progress: &mut Progress,
+        clock: &mut PassClock,
+    ) -> Result<(), RecoveryError> {
+        const BATCH_BLOBS: usize = 128;
+        let parallel = (self.max_concurrent_blobs() / BATCH_BLOBS).max(2);
+        let mut tasks: JoinSet<Vec<(BlobId, Result<blob_recovery::Recovered, blob_recovery::BlobRecoveryError>)>> =
+            JoinSet::new();
+        let mut running: HashMap<tokio::task::Id, Vec<BlobId>> = HashMap::new();
+        let mut batches = wanted.chunks(BATCH_BLOBS).map(<[_]>::to_vec).collect::<Vec<_>>().into_iter();
+        loop {
+            let clear =
+                self.sync_state.borrow().as_ref().is_some_and(|s| s.running_syncs == 0) && !*self.paused.borrow();
+            if !clear {
+                while let Some(done) = tasks.join_next_with_id().await {
+                    self.record_batch(done, &mut running, progress, clock).await;
+                }
+                self.wait_until_clear(work).await?;
+                continue;
+            }
+            if tasks.len() < parallel
+                && let Some(batch) = batches.next()
+            {
+                let ids: Vec<BlobId> = batch.iter().map(|w| w.blob).collect();
+                let (peers, committee) = (self.peers.clone(), committee.clone());
+                let span = info_span!("recover_batch", blobs = ids.len());
+                let handle = tasks.spawn(
+                    async move { blob_recovery::recover_batch(&peers, &committee, batch).await }.instrument(span),
+                );
+                running.insert(handle.id(), ids);
+                continue;
+            }
+            match tasks.join_next_with_id().await {
+                Some(done) => self.record_batch(done, &mut running, progress, clock).await,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    async fn record_batch(
+        &self,
+        done: Result<(tokio::task::Id, blob_recovery::BatchOutcome), tokio::task::JoinError>,
+        running: &mut HashMap<tokio::task::Id, Vec<BlobId>>,
+        progress: &mut Progress,
+        clock: &mut PassClock,
+    ) {
+        match done {
+            Ok((task, outcomes)) => {
+                running.remove(&task);
+                for (blob, outcome) in outcomes {
+                    self.record_outcome(blob, Ok(outcome), progress, clock).await;
+                }
+            }
+            Err(e) => {
+                // A batch task that panicked: each of its blobs failed, and is retried.
+                for blob in running.remove(&e.id()).unwrap_or_default() {
+                    self.record_outcome(blob, Err(format!("blob recovery task failed: {e}")), progress, clock).await;
+                }
+            }
+        }
+    }
+
     /// Persists the cursor and the failed set's changes in one batch, then publishes them.
     async fn persist(&self, progress: &mut Progress, clock: &PassClock) -> Result<(), RecoveryError> {
         let c = progress.cursor.clone();
@@ -681,21 +791,13 @@ impl Recovery {
         Ok(())
     }
 
-    async fn record_result(
+    async fn record_outcome(
         &self,
-        done: Result<
-            (tokio::task::Id, Result<blob_recovery::Recovered, blob_recovery::BlobRecoveryError>),
-            tokio::task::JoinError,
-        >,
-        running: &mut HashMap<tokio::task::Id, BlobId>,
+        blob: BlobId,
+        outcome: Result<Result<blob_recovery::Recovered, blob_recovery::BlobRecoveryError>, String>,
         progress: &mut Progress,
         clock: &mut PassClock,
     ) {
-        let (task, outcome) = match done {
-            Ok((id, result)) => (id, Ok(result)),
-            Err(e) => (e.id(), Err(e)),
-        };
-        let Some(blob) = running.remove(&task) else { return };
         match outcome {
             Ok(Ok(r)) => {
                 self.metrics.blobs_recovered.inc();
@@ -715,8 +817,8 @@ impl Recovery {
             }
             Ok(Err(blob_recovery::BlobRecoveryError::Inconsistent { proof, .. })) => {
                 warn!(%blob, shards = ?proof.shards, mismatched = proof.mismatched.0, "blob is encoded inconsistently; marking it invalid cluster-wide");
-                match self.control_plane.mark_blob_invalid(&blob, proof).await {
-                    Ok(_) => {
+                match self.report_inconsistency(blob, &proof).await {
+                    Ok(()) => {
                         self.invalid.lock().unwrap_or_else(|p| p.into_inner()).insert(blob);
                         progress.forget(blob);
                     }
@@ -732,9 +834,117 @@ impl Recovery {
                 // A task that panicked is a failure of its blob, retried later like any other.
                 self.metrics.blobs_failed.inc();
                 warn!(%blob, error = %e, "blob recovery task failed");
-                progress.fail(blob, format!("blob recovery task failed: {e}"));
+                progress.fail(blob, e);
             }
         }
+    }
+
+    fn needs_repair(state: &pb::SyncState, repaired: Option<u64>) -> bool {
+        let active = NodeStatus::from_proto(state.node_status, state.recovery_epoch) == Ok(NodeStatus::Active);
+        active && repaired != Some(state.repair_generation)
+    }
+
+    /// Recovers what owned `Active` shards lack (certified blobs learned after the shards were
+    /// filled: a node that missed writes, a certificate that arrived late), from the node's
+    /// pending table, under rule 3. Returns how many blobs are still missing.
+    async fn repair(&self, state: &pb::SyncState) -> Result<u64, RecoveryError> {
+        let committee = self.committee(state.epoch).await?.ok_or(RecoveryError::Superseded)?;
+        // Every owned shard shard sync is not filling: pending entries of a shard under a scan
+        // are blobs the scan fetches too, so repairing them early costs nothing twice.
+        let shards: Vec<ShardIndex> =
+            state.owned_shards.iter().filter(|s| !state.syncing_shards.contains(s)).map(|s| ShardIndex(*s)).collect();
+        let mut own = self.peers.own();
+        let mut failed = 0u64;
+        let mut repaired = 0u64;
+        for shard in shards {
+            let mut start: Option<BlobId> = None;
+            loop {
+                let mut rx = self.sync_state.clone();
+                sync_state::wait_for_no_syncs(&mut rx, || info!("waiting for shard syncs to finish before repairing"))
+                    .await
+                    .ok_or(RecoveryError::Unknown)?;
+                let _ = self.paused.subscribe().wait_for(|p| !*p).await;
+                let ids: Vec<BlobId> = own
+                    .list_pending(pb::ListPendingRequest {
+                        shard: shard.0,
+                        start_blob_id: start.map(|b| b.0.to_vec()).unwrap_or_default(),
+                        limit: self.tuning.scan_page as u32,
+                    })
+                    .await
+                    .map_err(sync_err("ListPending"))?
+                    .into_inner()
+                    .blob_ids
+                    .iter()
+                    .filter_map(|b| BlobId::from_bytes(b).ok())
+                    .collect();
+                let Some(last) = ids.last().copied() else { break };
+                if repaired == 0 && failed == 0 {
+                    info!(shard = shard.0, "repairing blobs owned shards lack");
+                    self.update(|s| s.phase = pb::RecoveryPhase::Repairing as i32);
+                }
+                for chunk in ids.chunks(128) {
+                    let batch: Vec<blob_recovery::Wanted> =
+                        chunk.iter().map(|blob| blob_recovery::Wanted { blob: *blob, shards: vec![shard] }).collect();
+                    for (blob, outcome) in blob_recovery::recover_batch(&self.peers, &committee, batch).await {
+                        match outcome {
+                            Ok(r) => {
+                                repaired += 1;
+                                self.metrics.blobs_recovered.inc();
+                                self.metrics.bytes_fetched.inc_by(r.bytes_fetched);
+                            }
+                            Err(blob_recovery::BlobRecoveryError::Inconsistent { proof, .. }) => {
+                                if self.report_inconsistency(blob, &proof).await.is_err() {
+                                    failed += 1;
+                                }
+                            }
+                            Err(e) => {
+                                failed += 1;
+                                warn!(%blob, error = %e, "repair of a blob failed; retried later");
+                            }
+                        }
+                    }
+                }
+                match last.successor() {
+                    Some(next) => start = Some(next),
+                    None => break,
+                }
+            }
+        }
+        if repaired > 0 || failed > 0 {
+            info!(repaired, failed, "repair pass done");
+            self.update(|s| {
+                s.slivers_repaired += repaired;
+                if s.phase == pb::RecoveryPhase::Repairing as i32 {
+                    s.phase = pb::RecoveryPhase::Idle as i32;
+                }
+            });
+            // A node holding back its attestation for these repairs can attest now.
+            own.mark_shards_recovered(pb::MarkShardsRecoveredRequest { shards: Vec::new(), epoch: state.epoch })
+                .await
+                .map_err(sync_err("MarkShardsRecovered"))?;
+        }
+        Ok(failed)
+    }
+
+    /// Records an inconsistency in this node's index, then passes it on to every member (best
+    /// effort: a member that misses it finds the inconsistency itself at decode).
+    async fn report_inconsistency(&self, blob: BlobId, proof: &InconsistencyProof) -> Result<(), RecoveryError> {
+        let request = pb::ReportInconsistencyRequest { blob_id: blob.0.to_vec(), proof: Some(proof.to_proto()) };
+        self.peers.own().report_inconsistency(request.clone()).await.map_err(sync_err("ReportInconsistency"))?;
+        let epoch = self.sync_state.borrow().as_ref().map(|s| s.epoch);
+        if let Some(committee) = match epoch {
+            Some(e) => self.committee(e).await?,
+            None => None,
+        } {
+            for member in committee.members.iter().filter(|m| m.node_id != self.me) {
+                if let Some(mut client) = self.peers.client(&committee, &member.node_id)
+                    && let Err(e) = client.report_inconsistency(request.clone()).await
+                {
+                    warn!(peer = %member.node_id, error = %e.message(), "could not pass the inconsistency on");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Finishes the work: marks the scanned shards `Active` (under the scan ids they were
@@ -760,6 +970,16 @@ impl Recovery {
         if !work.node_recovery {
             self.update(|s| s.phase = pb::RecoveryPhase::Idle as i32);
             return Ok(true);
+        }
+        // Blobs learned while the scan ran, past its position, are pending repairs: recovered
+        // before the node attests (its evidence refuses pending blobs). The state has changed
+        // (the shards just turned Active), so it is read afresh, not compared with the work's.
+        let state = self.sync_state.borrow().clone().ok_or(RecoveryError::Unknown)?;
+        if state.epoch != work.target_epoch {
+            return Err(RecoveryError::Superseded);
+        }
+        if self.repair(&state).await? > 0 {
+            return Ok(false);
         }
         let e = work.target_epoch;
         if e > 0 {

@@ -43,6 +43,9 @@ pub enum CommitteeError {
     /// A shard would be left without an owner, or given two.
     #[error("FERRY-COMMITTEE-007: shard {0} has {1} owners; every shard needs exactly one")]
     OwnerCount(u32, usize),
+    /// A member's BLS key is malformed or its proof of possession does not verify.
+    #[error("FERRY-COMMITTEE-008: member {0} has an invalid BLS key: {1}")]
+    BlsKey(NodeId, String),
 }
 
 /// One member of a committee.
@@ -52,12 +55,35 @@ pub struct Member {
     pub node_id: NodeId,
     /// Hex of the node's ed25519 public key (32 bytes).
     pub public_key: String,
+    /// Hex of the node's BLS12-381 public key (48 bytes) followed by its proof of possession
+    /// (96 bytes), as `ferryctl keygen` prints it; signs storage confirmations.
+    pub bls_key: String,
     /// gRPC address of the node's sync-service (`host:port`).
     pub sync_address: String,
     /// gRPC address of the node's recovery-service (`host:port`).
     pub recovery_address: String,
     /// Relative weight (stake); a member's share of shards is proportional to it.
     pub weight: u64,
+}
+
+impl Member {
+    /// The entry of the node holding `key`, with weight `weight`.
+    pub fn for_key(
+        node_id: NodeId,
+        key: &crate::crypto::NodeKeypair,
+        sync_address: impl Into<String>,
+        recovery_address: impl Into<String>,
+        weight: u64,
+    ) -> Member {
+        Member {
+            node_id,
+            public_key: key.public_hex(),
+            bls_key: key.bls_key_hex(),
+            sync_address: sync_address.into(),
+            recovery_address: recovery_address.into(),
+            weight,
+        }
+    }
 }
 
 /// The committee of one epoch.
@@ -94,6 +120,8 @@ impl Committee {
             if !key_ok {
                 return Err(CommitteeError::PublicKey(m.node_id.clone()));
             }
+            crate::crypto::parse_bls_key(&m.bls_key)
+                .map_err(|e| CommitteeError::BlsKey(m.node_id.clone(), e.to_string()))?;
         }
         for (shard, owner) in self.assignment.iter().enumerate() {
             if !seen.contains(owner) {
@@ -250,10 +278,24 @@ pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A member whose keys derive from its id (memoised: BLS keys take a millisecond).
     pub(crate) fn member(id: &str, weight: u64) -> Member {
+        static KEYS: std::sync::OnceLock<std::sync::Mutex<BTreeMap<String, (String, String)>>> =
+            std::sync::OnceLock::new();
+        let (public_key, bls_key) = KEYS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap()
+            .entry(id.to_string())
+            .or_insert_with(|| {
+                let key = crate::crypto::NodeKeypair::from_seed(*blake3::hash(id.as_bytes()).as_bytes());
+                (key.public_hex(), key.bls_key_hex())
+            })
+            .clone();
         Member {
             node_id: NodeId::new(id).unwrap(),
-            public_key: "00".repeat(32),
+            public_key,
+            bls_key,
             sync_address: format!("127.0.0.1:{}", 1000 + weight),
             recovery_address: String::new(),
             weight,
@@ -281,6 +323,12 @@ pub(crate) mod tests {
             Committee::genesis(4, vec![member("a", 1), member("a", 2)]),
             Err(CommitteeError::DuplicateMember(_))
         ));
+        // Another member's BLS key (its proof names another key) or none at all.
+        let mut c = Committee::genesis(4, vec![member("a", 1), member("b", 1)]).unwrap();
+        c.members[0].bls_key = format!("{}{}", &c.members[0].bls_key[..96], &c.members[1].bls_key[96..]);
+        assert!(matches!(c.validate(), Err(CommitteeError::BlsKey(..))));
+        c.members[0].bls_key = String::new();
+        assert!(matches!(c.validate(), Err(CommitteeError::BlsKey(..))));
     }
 
     fn members_strategy() -> impl Strategy<Value = Vec<Member>> {

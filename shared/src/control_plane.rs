@@ -1,5 +1,7 @@
-//! The control plane: committees per epoch, the current epoch and its phase, the blob
-//! registry, attestations and node statuses, kept in etcd under `/ferry/<cluster>/`.
+//! The control plane: committees per epoch, the current epoch and its phase, attestations and
+//! node statuses, kept in etcd under `/ferry/<cluster>/`. Control state only: it grows with
+//! nodes and epochs, never with blobs (the storage nodes keep per-blob state), and every read
+//! of a listing is paged so that no response nears etcd's message limit.
 //!
 //! [`ControlPlane`] holds all of Ferry's rules (create-if-absent attestation, the phase flip
 //! to `Done` at the first quorum, epoch proposals) on top of a small transactional key-value
@@ -19,7 +21,7 @@ use thiserror::Error;
 use crate::{
     committee::{Committee, CommitteeError},
     crypto::{self, ShardEvidence},
-    types::{BlobId, Epoch, NodeId, NodeStatus},
+    types::{Epoch, NodeId, NodeStatus},
 };
 
 /// A control-plane failure.
@@ -63,9 +65,6 @@ pub enum ControlPlaneError {
     /// An attestation from a node that is not a member of that epoch, or for an unknown epoch.
     #[error("FERRY-CP-006: attestation refused: {0}")]
     AttestationRefused(String),
-    /// A blob id that is not registered.
-    #[error("FERRY-CP-007: blob {0} is not registered")]
-    UnknownBlob(BlobId),
     /// A concurrent writer won too many times in a row.
     #[error("FERRY-CP-008: too much contention updating {0}; retry")]
     Contention(String),
@@ -139,112 +138,6 @@ impl EpochPhase {
         match self {
             EpochPhase::ChangeSync(e) | EpochPhase::Done(e) => e,
         }
-    }
-}
-
-/// A storage node's confirmation inside a certificate.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Confirmation {
-    /// Confirming node.
-    pub node_id: NodeId,
-    /// Hex ed25519 signature over [`crypto::confirmation_message`].
-    pub signature: String,
-}
-
-/// Proof that owners of a quorum of shards stored a blob.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Certificate {
-    /// Epoch of the committee whose members confirmed.
-    pub epoch: Epoch,
-    /// The confirmations.
-    pub confirmations: Vec<Confirmation>,
-}
-
-/// Why a certificate is not valid.
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum CertificateError {
-    /// Certificate epoch and committee epoch differ.
-    #[error("FERRY-CERT-001: certificate is for epoch {cert} but the committee is of epoch {committee}")]
-    Epoch {
-        /// Certificate epoch.
-        cert: Epoch,
-        /// Committee epoch.
-        committee: Epoch,
-    },
-    /// A confirmation from a non-member or with a bad signature.
-    #[error("FERRY-CERT-002: confirmation of {0} does not verify")]
-    BadConfirmation(NodeId),
-    /// The confirmers own too few shards.
-    #[error("FERRY-CERT-003: confirmers own {have} shards; a quorum needs {need}")]
-    NoQuorum {
-        /// Shards owned by confirmers.
-        have: u32,
-        /// Quorum.
-        need: u32,
-    },
-}
-
-impl Certificate {
-    /// Verifies every signature against the committee of the certificate's epoch and that the
-    /// confirmers own at least a quorum of shards.
-    pub fn verify(&self, blob: &BlobId, committee: &Committee) -> std::result::Result<(), CertificateError> {
-        if self.epoch != committee.epoch {
-            return Err(CertificateError::Epoch { cert: self.epoch, committee: committee.epoch });
-        }
-        let mut confirmers = Vec::new();
-        for c in &self.confirmations {
-            let member =
-                committee.member(&c.node_id).ok_or_else(|| CertificateError::BadConfirmation(c.node_id.clone()))?;
-            let signature =
-                hex::decode(&c.signature).map_err(|_| CertificateError::BadConfirmation(c.node_id.clone()))?;
-            crypto::verify(&member.public_key, &crypto::confirmation_message(&c.node_id, blob, self.epoch), &signature)
-                .map_err(|_| CertificateError::BadConfirmation(c.node_id.clone()))?;
-            if !confirmers.contains(&&c.node_id) {
-                confirmers.push(&c.node_id);
-            }
-        }
-        let have = committee.shards_owned_by(confirmers.iter().copied());
-        if have < committee.quorum_shards() {
-            return Err(CertificateError::NoQuorum { have, need: committee.quorum_shards() });
-        }
-        Ok(())
-    }
-}
-
-/// A blob in the registry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlobRecord {
-    /// Blob id.
-    pub blob_id: BlobId,
-    /// Length in bytes.
-    pub length: u64,
-    /// Epoch in which it was registered.
-    pub registered_epoch: Epoch,
-    /// Set once certified.
-    pub certificate: Option<Certificate>,
-    /// Set when a node found the blob's slivers are not one codeword (its writer encoded it
-    /// inconsistently): the blob can never be recovered, and readers refuse it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub invalid: Option<InconsistencyProof>,
-}
-
-/// Evidence that a blob was encoded inconsistently, verifiable by anyone who can fetch the
-/// listed slivers: each matches its digest in the blob's metadata, yet decoding from them
-/// rebuilds a sliver that does not ([`crate::erasure::confirms_inconsistency`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InconsistencyProof {
-    /// The shards whose (verified) slivers were decoded.
-    pub shards: Vec<crate::types::ShardIndex>,
-    /// The shard whose rebuilt sliver did not match its digest.
-    pub mismatched: crate::types::ShardIndex,
-    /// The node that found it.
-    pub reported_by: NodeId,
-}
-
-impl BlobRecord {
-    /// Epoch of certification, if certified.
-    pub fn certified_epoch(&self) -> Option<Epoch> {
-        self.certificate.as_ref().map(|c| c.epoch)
     }
 }
 
@@ -418,6 +311,7 @@ struct CurrentRecord {
 #[derive(Clone)]
 pub struct ControlPlane {
     kv: Arc<dyn Kv>,
+    cluster: String,
     prefix: String,
 }
 
@@ -429,10 +323,18 @@ impl std::fmt::Debug for ControlPlane {
 
 const CAS_RETRIES: usize = 64;
 
+/// Keys per page of a listing: attestations of nodes with 1,000 shards are about 100 KB each.
+const LIST_PAGE: usize = 16;
+
 impl ControlPlane {
     /// A control plane for `cluster` over `kv`.
     pub fn new(kv: Arc<dyn Kv>, cluster: &str) -> Self {
-        ControlPlane { kv, prefix: format!("/ferry/{cluster}/") }
+        ControlPlane { kv, cluster: cluster.to_string(), prefix: format!("/ferry/{cluster}/") }
+    }
+
+    /// The cluster's name: its keys' prefix, and part of every storage confirmation.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
     }
 
     /// [`ControlPlane::connect_etcd`], retried with backoff (200 ms doubling to 5 s) for up to
@@ -491,8 +393,23 @@ impl ControlPlane {
         }
     }
 
-    async fn list_json<T: DeserializeOwned>(&self, prefix: &str, start: Option<&str>, limit: usize) -> Result<Vec<T>> {
-        self.kv.range(prefix, start, limit).await?.into_iter().map(|(k, v)| Self::decode(&k, &v.value)).collect()
+    /// Every value under `prefix`, read a page of [`LIST_PAGE`] keys at a time so no response
+    /// nears etcd's message limit (an attestation of a node owning many shards is large).
+    async fn list_json<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>> {
+        let mut out = Vec::new();
+        let mut start: Option<String> = None;
+        loop {
+            let page = self.kv.range(prefix, start.as_deref(), LIST_PAGE).await?;
+            let full = page.len() == LIST_PAGE;
+            for (key, value) in &page {
+                out.push(Self::decode(key, &value.value)?);
+            }
+            match page.last() {
+                // The next page starts right after the last key (keys are UTF-8; NUL sorts first).
+                Some((key, _)) if full => start = Some(format!("{key}\0")),
+                _ => return Ok(out),
+            }
+        }
     }
 
     /// The current epoch's phase, if the cluster has started.
@@ -573,75 +490,6 @@ impl ControlPlane {
     /// The W3C `traceparent` of whoever proposed `epoch`, if it was traced.
     pub async fn epoch_traceparent(&self, epoch: Epoch) -> Result<Option<String>> {
         Ok(self.kv.get(&self.trace_key(epoch)).await?.map(|v| String::from_utf8_lossy(&v.value).into_owned()))
-    }
-
-    fn blob_key(&self, id: &BlobId) -> String {
-        self.key(&format!("blobs/{}", id.to_hex()))
-    }
-
-    /// Registers a blob if absent; returns the stored record (existing or new).
-    pub async fn register_blob(&self, record: &BlobRecord) -> Result<BlobRecord> {
-        let key = self.blob_key(&record.blob_id);
-        for _ in 0..CAS_RETRIES {
-            if let Some((existing, _)) = self.get_json::<BlobRecord>(&key).await? {
-                return Ok(existing);
-            }
-            if self.kv.txn(vec![Guard::Absent(key.clone())], vec![(key.clone(), Self::encode(record))]).await? {
-                return Ok(record.clone());
-            }
-        }
-        Err(ControlPlaneError::Contention(key))
-    }
-
-    /// A registered blob.
-    pub async fn blob(&self, id: &BlobId) -> Result<Option<BlobRecord>> {
-        Ok(self.get_json(&self.blob_key(id)).await?.map(|(b, _)| b))
-    }
-
-    /// Records a blob's certificate unless it is certified already; returns the record.
-    /// The caller verifies the certificate first.
-    pub async fn certify_blob(&self, id: &BlobId, certificate: Certificate) -> Result<BlobRecord> {
-        self.update_blob_once(id, |r| &mut r.certificate, certificate).await
-    }
-
-    /// Marks a blob invalid with the proof of its inconsistent encoding, unless it is marked
-    /// already; returns the record. The caller has checked the proof.
-    pub async fn mark_blob_invalid(&self, id: &BlobId, proof: InconsistencyProof) -> Result<BlobRecord> {
-        self.update_blob_once(id, |r| &mut r.invalid, proof).await
-    }
-
-    /// Sets a field of a registered blob's record that is written once (compare-and-set on the
-    /// record's revision; the first writer wins and later ones get the stored record).
-    async fn update_blob_once<T: Clone>(
-        &self,
-        id: &BlobId,
-        field: impl Fn(&mut BlobRecord) -> &mut Option<T>,
-        value: T,
-    ) -> Result<BlobRecord> {
-        let key = self.blob_key(id);
-        for _ in 0..CAS_RETRIES {
-            let (mut record, rev) =
-                self.get_json::<BlobRecord>(&key).await?.ok_or(ControlPlaneError::UnknownBlob(*id))?;
-            let slot = field(&mut record);
-            if slot.is_some() {
-                return Ok(record);
-            }
-            *slot = Some(value.clone());
-            if self
-                .kv
-                .txn(vec![Guard::ModRevision(key.clone(), rev)], vec![(key.clone(), Self::encode(&record))])
-                .await?
-            {
-                return Ok(record);
-            }
-        }
-        Err(ControlPlaneError::Contention(key))
-    }
-
-    /// Up to `limit` registered blobs from `start` (inclusive), in blob-id order.
-    pub async fn list_blobs(&self, start: Option<BlobId>, limit: usize) -> Result<Vec<BlobRecord>> {
-        let start_key = start.map(|id| self.blob_key(&id));
-        self.list_json(&self.key("blobs/"), start_key.as_deref(), limit).await
     }
 
     fn attestation_key(&self, epoch: Epoch, node: &NodeId) -> String {
@@ -730,7 +578,7 @@ impl ControlPlane {
 
     /// Every attestation for an epoch, ordered by node id.
     pub async fn attestations(&self, epoch: Epoch) -> Result<Vec<AttestationRecord>> {
-        self.list_json(&self.key(&format!("attestations/{epoch:020}/")), None, usize::MAX).await
+        self.list_json(&self.key(&format!("attestations/{epoch:020}/"))).await
     }
 
     /// How many times the attestation key of `node` for `epoch` was written (0 = absent). Rule
@@ -753,7 +601,23 @@ impl ControlPlane {
 
     /// Every node's mirrored status.
     pub async fn nodes(&self) -> Result<Vec<NodeRecord>> {
-        self.list_json(&self.key("nodes/"), None, usize::MAX).await
+        self.list_json(&self.key("nodes/")).await
+    }
+
+    /// How much the cluster keeps in etcd: keys under its prefix and their value bytes, read a
+    /// page at a time. Control state only, so this grows with nodes and epochs, never blobs.
+    pub async fn footprint(&self) -> Result<(u64, u64)> {
+        let (mut keys, mut bytes) = (0u64, 0u64);
+        let mut start: Option<String> = None;
+        loop {
+            let page = self.kv.range(&self.prefix, start.as_deref(), LIST_PAGE).await?;
+            keys += page.len() as u64;
+            bytes += page.iter().map(|(k, v)| (k.len() + v.value.len()) as u64).sum::<u64>();
+            match page.last() {
+                Some((key, _)) if page.len() == LIST_PAGE => start = Some(format!("{key}\0")),
+                _ => return Ok((keys, bytes)),
+            }
+        }
     }
 
     /// The store's current revision: a follower that read state directly resumes from here.

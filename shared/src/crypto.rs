@@ -1,8 +1,16 @@
-//! Node keys (ed25519) and the canonical, domain-separated bytes every signed message is
-//! signed over: storage confirmations, shard-stream requests and attestations.
+//! Node keys and the canonical, domain-separated bytes every signed message is signed over.
+//!
+//! A node has one secret, a 32-byte seed in its key file. Its ed25519 key (the seed itself)
+//! signs what only one node says: shard-stream requests and attestations. Its BLS12-381 key
+//! (derived from the seed with BLAKE3's key derivation, so there is still one secret to keep)
+//! signs storage confirmations, which a client aggregates into one compact certificate
+//! ([`crate::certificate`]). BLS keys use the IETF proof-of-possession scheme: every member
+//! publishes its public key with a signature of it under a separate domain, which rules out
+//! rogue-key attacks on aggregation.
 
 use std::path::Path;
 
+use blst::min_pk as bls;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -29,11 +37,39 @@ pub enum CryptoError {
     /// A signature that is malformed or does not verify.
     #[error("FERRY-KEY-004: signature does not verify")]
     BadSignature,
+    /// A BLS key that is malformed, not in the group, or whose proof of possession fails.
+    #[error("FERRY-KEY-005: invalid BLS key: {0}")]
+    BlsKey(&'static str),
 }
 
-/// A node's signing key. The seed is never logged (`Debug` prints only the public key).
+/// Domain of storage-confirmation signatures (the IETF BLS proof-of-possession ciphersuite).
+pub const BLS_SIGNATURE_DST: &[u8] = b"BLS_SIG_BLS12381G2_XMD:SHA-256_SSWU_RO_POP_";
+/// Domain of proofs of possession, distinct from every signed message.
+pub const BLS_POP_DST: &[u8] = b"BLS_POP_BLS12381G2_XMD:SHA-256_SSWU_RO_POP_";
+/// Bytes of a compressed BLS public key.
+pub const BLS_PUBLIC_KEY_BYTES: usize = 48;
+/// Bytes of a compressed BLS signature.
+pub const BLS_SIGNATURE_BYTES: usize = 96;
+
+/// A member's published BLS key: the public key and its proof of possession, as hex.
+pub fn parse_bls_key(hex_key: &str) -> Result<bls::PublicKey, CryptoError> {
+    let bytes = hex::decode(hex_key).map_err(|_| CryptoError::BlsKey("not hex"))?;
+    if bytes.len() != BLS_PUBLIC_KEY_BYTES + BLS_SIGNATURE_BYTES {
+        return Err(CryptoError::BlsKey("want 48 bytes of public key and 96 of proof of possession"));
+    }
+    let (public, proof) = bytes.split_at(BLS_PUBLIC_KEY_BYTES);
+    let key = bls::PublicKey::key_validate(public).map_err(|_| CryptoError::BlsKey("not a valid public key"))?;
+    let proof = bls::Signature::sig_validate(proof, true).map_err(|_| CryptoError::BlsKey("malformed proof"))?;
+    match proof.verify(false, public, BLS_POP_DST, &[], &key, false) {
+        blst::BLST_ERROR::BLST_SUCCESS => Ok(key),
+        _ => Err(CryptoError::BlsKey("proof of possession does not verify")),
+    }
+}
+
+/// A node's signing keys. The seed is never logged (`Debug` prints only the public key).
 pub struct NodeKeypair {
     signing: SigningKey,
+    bls: bls::SecretKey,
 }
 
 impl std::fmt::Debug for NodeKeypair {
@@ -45,12 +81,20 @@ impl std::fmt::Debug for NodeKeypair {
 impl NodeKeypair {
     /// A fresh random key.
     pub fn generate() -> Self {
-        NodeKeypair { signing: SigningKey::generate(&mut rand::rngs::OsRng) }
+        let mut seed = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+        Self::from_seed(seed)
     }
 
     /// From a 32-byte seed.
     pub fn from_seed(seed: [u8; 32]) -> Self {
-        NodeKeypair { signing: SigningKey::from_bytes(&seed) }
+        let ikm = blake3::derive_key("ferry node key 2026-12 bls12-381 storage confirmations", &seed);
+        // key_gen fails only for input keying material under 32 bytes.
+        let bls = match bls::SecretKey::key_gen(&ikm, &[]) {
+            Ok(key) => key,
+            Err(_) => unreachable!("32 bytes of keying material"),
+        };
+        NodeKeypair { signing: SigningKey::from_bytes(&seed), bls }
     }
 
     /// Reads a key file (64 hex characters of seed).
@@ -83,6 +127,29 @@ impl NodeKeypair {
     pub fn sign(&self, message: &[u8]) -> Vec<u8> {
         self.signing.sign(message).to_bytes().to_vec()
     }
+
+    /// The BLS key a committee lists for this node: public key and proof of possession, hex.
+    pub fn bls_key_hex(&self) -> String {
+        let public = self.bls.sk_to_pk().to_bytes();
+        let proof = self.bls.sign(&public, BLS_POP_DST, &[]).to_bytes();
+        hex::encode([public.as_slice(), proof.as_slice()].concat())
+    }
+
+    /// Signs a storage confirmation with the BLS key (aggregatable).
+    pub fn bls_sign(&self, message: &[u8]) -> [u8; BLS_SIGNATURE_BYTES] {
+        self.bls.sign(message, BLS_SIGNATURE_DST, &[]).to_bytes()
+    }
+}
+
+/// Verifies one member's BLS `signature` over a storage confirmation `message`, with the member's
+/// published BLS key (checked with its proof of possession).
+pub fn verify_bls(bls_key_hex: &str, message: &[u8], signature: &[u8]) -> Result<(), CryptoError> {
+    let key = parse_bls_key(bls_key_hex)?;
+    let signature = bls::Signature::sig_validate(signature, true).map_err(|_| CryptoError::BadSignature)?;
+    match signature.verify(false, message, BLS_SIGNATURE_DST, &[], &key, false) {
+        blst::BLST_ERROR::BLST_SUCCESS => Ok(()),
+        _ => Err(CryptoError::BadSignature),
+    }
 }
 
 /// Verifies `signature` over `message` with a hex public key from the committee.
@@ -98,10 +165,11 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-/// Bytes a storage confirmation signs.
-pub fn confirmation_message(node: &NodeId, blob: &BlobId, epoch: Epoch) -> Vec<u8> {
-    let mut out = b"ferry/storage-confirmation/v1".to_vec();
-    put_str(&mut out, node.as_str());
+/// Bytes a storage confirmation signs: the same for every confirming node, so the
+/// confirmations of one blob aggregate into one signature.
+pub fn confirmation_message(cluster: &str, blob: &BlobId, epoch: Epoch) -> Vec<u8> {
+    let mut out = b"ferry/storage-confirmation/v2".to_vec();
+    put_str(&mut out, cluster);
     out.extend_from_slice(blob.as_bytes());
     out.extend_from_slice(&epoch.to_be_bytes());
     out
@@ -124,12 +192,14 @@ pub struct StreamShardIntent<'a> {
     pub include_metadata: bool,
     /// Item limit (0 = whole shard).
     pub limit: u64,
+    /// Whether certificates are requested.
+    pub include_certificates: bool,
 }
 
 impl StreamShardIntent<'_> {
     /// Bytes the request signs.
     pub fn message(&self) -> Vec<u8> {
-        let mut out = b"ferry/stream-shard/v1".to_vec();
+        let mut out = b"ferry/stream-shard/v2".to_vec();
         out.extend_from_slice(&self.shard.0.to_be_bytes());
         out.extend_from_slice(&self.epoch.to_be_bytes());
         match &self.start {
@@ -143,6 +213,7 @@ impl StreamShardIntent<'_> {
         out.extend_from_slice(&self.timestamp_ms.to_be_bytes());
         out.push(u8::from(self.include_metadata));
         out.extend_from_slice(&self.limit.to_be_bytes());
+        out.push(u8::from(self.include_certificates));
         out
     }
 
@@ -157,6 +228,7 @@ impl StreamShardIntent<'_> {
             include_metadata: self.include_metadata,
             signature: key.sign(&self.message()),
             limit: self.limit,
+            include_certificates: self.include_certificates,
         }
     }
 }
@@ -206,11 +278,10 @@ mod tests {
     #[test]
     fn signatures_verify_and_tampering_is_caught() {
         let key = NodeKeypair::generate();
-        let node = NodeId::new("n1").unwrap();
-        let msg = confirmation_message(&node, &BlobId([7; 32]), 3);
+        let msg = confirmation_message("c", &BlobId([7; 32]), 3);
         let sig = key.sign(&msg);
         verify(&key.public_hex(), &msg, &sig).unwrap();
-        let other = confirmation_message(&node, &BlobId([7; 32]), 4);
+        let other = confirmation_message("c", &BlobId([7; 32]), 4);
         assert!(verify(&key.public_hex(), &other, &sig).is_err());
         assert!(verify(&key.public_hex(), &msg, &sig[..63]).is_err());
         assert!(verify("zz", &msg, &sig).is_err());
@@ -226,5 +297,24 @@ mod tests {
         std::fs::write(&path, "nothex").unwrap();
         assert!(matches!(NodeKeypair::load(&path), Err(CryptoError::KeyFormat(_))));
         assert!(!format!("{key:?}").contains(&hex::encode(key.signing.to_bytes())));
+    }
+
+    #[test]
+    fn a_bls_key_is_accepted_only_with_its_own_proof_of_possession() {
+        let (a, b) = (NodeKeypair::from_seed([1; 32]), NodeKeypair::from_seed([2; 32]));
+        assert_eq!(a.bls_key_hex(), NodeKeypair::from_seed([1; 32]).bls_key_hex(), "derived from the seed");
+        let key = parse_bls_key(&a.bls_key_hex()).unwrap();
+        assert_eq!(key.to_bytes().to_vec(), hex::decode(a.bls_key_hex()).unwrap()[..48].to_vec());
+        // a's public key with b's proof: refused (the rogue-key defence).
+        let (a_hex, b_hex) = (a.bls_key_hex(), b.bls_key_hex());
+        let mixed = format!("{}{}", &a_hex[..96], &b_hex[96..]);
+        assert!(matches!(parse_bls_key(&mixed), Err(CryptoError::BlsKey(_))));
+        assert!(parse_bls_key(&a_hex[..200]).is_err());
+        assert!(parse_bls_key("zz").is_err());
+        // A proof of possession is not a confirmation signature: different domains.
+        let public = hex::decode(&a_hex).unwrap()[..48].to_vec();
+        let as_confirmation = bls::Signature::from_bytes(&a.bls_sign(&public)).unwrap();
+        let forged = format!("{}{}", &a_hex[..96], hex::encode(as_confirmation.to_bytes()));
+        assert!(parse_bls_key(&forged).is_err());
     }
 }

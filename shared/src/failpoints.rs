@@ -7,8 +7,8 @@
 //! The points: `cp-before-done-flip` (an attester that completed a quorum, before the phase
 //! flip), `sync-after-batch` (a shard-sync task after a written batch), `sync-mark-failed`
 //! (writing a failed sync's status), `sync-state-stream` (the `WatchSyncState` stream),
-//! `store-sliver-write` (a `StoreSliver` write, in the store call) and `recover-blob` (a blob
-//! recovery task).
+//! `store-sliver-write` (a `StoreSliver` write, in the store call), `recover-blob` (a blob
+//! recovery task) and `index-digests` (a node answering `GetRangeDigests`: delays it).
 
 pub use fail;
 pub use fail::fail_point;
@@ -33,11 +33,32 @@ pub fn crash_if_asked(argument: Option<String>) {
 
 /// Whether fail point `name` is set to act now (always false without the feature).
 pub fn is_on(name: &str) -> bool {
+    let _ = name; // unused without the feature
     let check = || -> bool {
         fail_point!(name, |_| true);
         false
     };
     check()
+}
+
+/// The delay fail point `name` asks of node `node` with `return(<ms>)` (every node) or
+/// `return(<node>:<ms>)` (that node only), for async code, which the `sleep` action would
+/// block. `None` when off (always without the feature).
+pub fn delay_for(name: &str, node: &str) -> Option<std::time::Duration> {
+    let _ = (name, node); // unused without the feature
+    let check = || -> Option<String> {
+        fail_point!(name, |arg| Some(arg.unwrap_or_default()));
+        None
+    };
+    let argument = check()?;
+    let (target, ms) = match argument.split_once(':') {
+        Some((target, ms)) => (Some(target), ms),
+        None => (None, argument.as_str()),
+    };
+    if target.is_some_and(|t| t != node) {
+        return None;
+    }
+    ms.parse().ok().map(std::time::Duration::from_millis)
 }
 
 /// Resolves once fail point `name` is set to act (never without the feature): for long-lived

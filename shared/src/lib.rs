@@ -1,9 +1,11 @@
 //! What both Ferry services (and `ferryctl`) need: domain types, the committee and shard
 //! assignment, the epoch diff, the erasure code and blob metadata, node keys and signatures,
+//! compact certificates and the per-blob registry records nodes keep,
 //! configuration loading and its live reload, mutual TLS, telemetry and metrics set-up and the
 //! control-plane client.
 
 pub mod backoff;
+pub mod certificate;
 pub mod client;
 pub mod committee;
 pub mod config;
@@ -16,6 +18,7 @@ pub mod failpoints;
 pub mod grpc;
 pub mod lifecycle;
 pub mod metrics;
+pub mod registry;
 pub mod serving;
 pub mod telemetry;
 pub mod testing;

@@ -211,6 +211,9 @@ impl TlsMaterial {
             .ca_certificate(self.ca.clone())
             .identity(self.identity.clone())
             .domain_name(node_server_name(server))
+            // A frozen peer's kernel still accepts the TCP connection, and neither the connect
+            // timeout nor the request timeout covers the handshake that follows.
+            .timeout(crate::grpc::CONNECT_TIMEOUT)
     }
 }
 

@@ -85,13 +85,7 @@ impl Cluster {
 }
 
 fn member(id: &NodeId, key: &NodeKeypair, weight: u64) -> Member {
-    Member {
-        node_id: id.clone(),
-        public_key: key.public_hex(),
-        sync_address: "127.0.0.1:1".into(),
-        recovery_address: "127.0.0.1:2".into(),
-        weight,
-    }
+    Member::for_key(id.clone(), key, "127.0.0.1:1", "127.0.0.1:2", weight)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -40,6 +40,8 @@ pub struct SyncConfig {
     pub shard_sync: ShardSyncConfig,
     /// Shard streaming (the serving side).
     pub stream: StreamConfig,
+    /// The certified index: catching it up from peers and keeping it in step (anti-entropy).
+    pub index: IndexConfig,
 }
 
 impl Default for SyncConfig {
@@ -56,7 +58,30 @@ impl Default for SyncConfig {
             store: StoreConfig::default(),
             shard_sync: ShardSyncConfig::default(),
             stream: StreamConfig::default(),
+            index: IndexConfig::default(),
         }
+    }
+}
+
+/// How the node's certified index learns what its peers know.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct IndexConfig {
+    /// Pause between two anti-entropy rounds, each with the next peer in turn (ms). Default
+    /// 10000: with 100 members a node compares with every peer about every 17 minutes, and
+    /// each quiet round costs a peer one 11 KB digest reply.
+    pub anti_entropy_interval_ms: u64,
+    /// After a start, the index counts as caught up once every member answered a full round;
+    /// past this deadline (ms), answers from members owning a quorum of shards (with this
+    /// node's own) suffice, so one member that is down does not hold recovery up. Default 30000.
+    pub catch_up_deadline_ms: u64,
+    /// Blob ids asked per `ListCertified` page and certificates per `GetCertificates`. Default 1024.
+    pub page: usize,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        IndexConfig { anti_entropy_interval_ms: 10_000, catch_up_deadline_ms: 30_000, page: 1024 }
     }
 }
 
@@ -210,6 +235,8 @@ impl Validate for SyncConfig {
             ("stream.read_batch_items", self.stream.read_batch_items as u64),
             ("store.block_cache_mib", self.store.block_cache_mib as u64),
             ("store.write_buffer_mib", self.store.write_buffer_mib as u64),
+            ("index.anti_entropy_interval_ms", self.index.anti_entropy_interval_ms),
+            ("index.page", self.index.page as u64),
         ] {
             if value == 0 {
                 return Err(invalid(field, "must be at least 1"));
@@ -217,6 +244,9 @@ impl Validate for SyncConfig {
         }
         if s.initial_backoff_ms > s.max_backoff_ms {
             return Err(invalid("shard_sync.initial_backoff_ms", "must not exceed shard_sync.max_backoff_ms"));
+        }
+        if self.index.page > 4096 {
+            return Err(invalid("index.page", "at most 4096 (the servers' cap)"));
         }
         Ok(())
     }

@@ -159,6 +159,7 @@ pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyh
     };
     info!(%addr, %health_addr, %metrics_addr, node = %node.id, tls = node.tls.is_some(), "sync-service listening");
     let mut follower = tokio::spawn(epoch_change::run_follower(node.clone()));
+    node.spawn_background(crate::node::index::run(node.clone()));
     let task_node = node.clone();
     let mut shutdown = shutdown_rx;
     let task = tokio::spawn(async move {

@@ -26,6 +26,8 @@ pub struct SyncMetrics {
     pub streamed_bytes: IntCounterVec,
     /// `ferry_attestations_total`: epoch-sync-done attestations this node recorded.
     pub attestations: IntCounter,
+    /// `ferry_index_learned_total`: certified blobs that entered the index from any source.
+    pub index_learned: IntCounter,
     /// `ferry_rpc_duration_seconds{method, code}`.
     pub rpc: RpcMetrics,
 }
@@ -71,6 +73,13 @@ impl SyncMetrics {
             attestations: register(
                 &registry,
                 IntCounter::new("ferry_attestations_total", "Epoch-sync-done attestations this node recorded.")?,
+            ),
+            index_learned: register(
+                &registry,
+                IntCounter::new(
+                    "ferry_index_learned_total",
+                    "Certified blobs that entered this node's index (clients, shard streams, peers).",
+                )?,
             ),
             rpc: RpcMetrics::new(&registry)?,
             registry,

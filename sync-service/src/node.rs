@@ -12,6 +12,7 @@
 
 pub mod attestation;
 pub mod epoch_change;
+pub mod index;
 pub mod shard_state;
 pub mod shard_sync;
 pub mod sync_counter;
@@ -27,6 +28,7 @@ use ferry_shared::{
     control_plane::{Attester, ControlPlane, ControlPlaneError, NodeRecord},
     crypto::{self, NodeKeypair},
     grpc::Connector,
+    registry::CommitteeCache,
     tls::TlsMaterial,
     types::{Epoch, NodeId, NodeStatus, ShardIndex, ShardStatus},
 };
@@ -76,6 +78,9 @@ pub enum NodeError {
     /// A shard-status change the state machine does not allow (a bug, or a corrupt record).
     #[error(transparent)]
     Transition(#[from] shard_state::IllegalTransition),
+    /// A committee needed to verify certificates could not be read or parsed.
+    #[error(transparent)]
+    Registry(#[from] ferry_shared::registry::RegistryError),
 }
 
 /// What the node publishes about itself: persisted state plus the running-sync count, in one
@@ -88,6 +93,10 @@ pub struct NodeView {
     pub shards: BTreeMap<ShardIndex, ShardRecord>,
     /// Shard-sync tasks running now (rule 2).
     pub running_syncs: u32,
+    /// Whether the certified index caught up with the peers since the process started (rule 9).
+    pub index_caught_up: bool,
+    /// Rises each time the node learns certified blobs that owned `Active` shards lack.
+    pub repair_generation: u64,
 }
 
 impl NodeView {
@@ -147,6 +156,8 @@ pub struct Node {
     pub metrics: SyncMetrics,
     /// sync-service's single attester of this node (rule 5).
     pub attester: Attester,
+    /// Committees with parsed BLS keys, for verifying certificates.
+    pub committees: CommitteeCache,
     /// Whether a failed attestation is being retried in the background.
     attest_retrying: std::sync::atomic::AtomicBool,
     view: Arc<watch::Sender<NodeView>>,
@@ -180,7 +191,7 @@ impl Drop for HeldTransition {
         match (self.store.node_state(), self.store.shard_records()) {
             (Ok(state), Ok(shards)) => {
                 self.view.send_if_modified(|v| {
-                    let new = NodeView { state, shards, running_syncs: v.running_syncs };
+                    let new = NodeView { state, shards, ..v.clone() };
                     if *v == new {
                         false
                     } else {
@@ -205,9 +216,9 @@ pub struct TransitionGuard {
 impl TransitionGuard {
     /// The persisted view now (fresh from the store).
     pub async fn view(&self) -> Result<NodeView, NodeError> {
-        let running_syncs = self.held.view.borrow().running_syncs;
+        let published = self.held.view.borrow().clone();
         let (state, shards) = self.call(|s| Ok((s.node_state()?, s.shard_records()?))).await?;
-        Ok(NodeView { state, shards, running_syncs })
+        Ok(NodeView { state, shards, ..published })
     }
 
     /// A blocking store call under this guard: the lock stays held until the call is done,
@@ -266,6 +277,7 @@ impl Node {
             id,
             key,
             store,
+            committees: CommitteeCache::new(control_plane.clone()),
             control_plane,
             counter: SyncCounter::new(view.clone()),
             sync_limit: SyncLimiter::new(limit as usize),
@@ -302,7 +314,24 @@ impl Node {
     async fn load_view(&self) -> Result<NodeView, NodeError> {
         let running_syncs = self.counter.current();
         let (state, shards) = self.store.call(|s| Ok((s.node_state()?, s.shard_records()?))).await?;
-        Ok(NodeView { state, shards, running_syncs })
+        // Drawn per process, so recovery-service repairs again after a sync-service restart.
+        let repair_generation = rand::random();
+        Ok(NodeView { state, shards, running_syncs, repair_generation, ..NodeView::default() })
+    }
+
+    /// The cluster's name (part of every storage confirmation).
+    pub fn cluster(&self) -> &str {
+        self.control_plane.cluster()
+    }
+
+    /// Records that the certified index has caught up with the peers (once per process).
+    pub fn set_index_caught_up(&self) {
+        self.view.send_if_modified(|v| !std::mem::replace(&mut v.index_caught_up, true));
+    }
+
+    /// Tells recovery-service that owned `Active` shards lack newly learned blobs.
+    pub fn bump_repair_generation(&self) {
+        self.view.send_modify(|v| v.repair_generation += 1);
     }
 
     /// Takes the transition lock exclusively. Hold it across read-check-write of persisted state.

@@ -18,9 +18,11 @@ use std::{
 
 use ferry_proto::v1::{self as pb, sync_admin_server::SyncAdmin, sync_service_server::SyncService};
 use ferry_shared::{
+    certificate::Certificate,
     crypto::{self, StreamShardIntent},
     erasure::BlobMetadata,
     failpoints,
+    registry::InconsistencyProof,
     tls::{self, PeerIdentity},
     types::{BlobId, NodeId, NodeStatus, ShardIndex, ShardStatus},
 };
@@ -33,14 +35,22 @@ use tracing::{debug, info, warn};
 use crate::{
     node::{
         Node, NodeView, attestation,
+        index::{self, Offered},
         shard_state::{self, ShardEvent},
         shard_sync,
     },
-    store::StoreError,
+    store::{BUCKETS, StoreError, TOP_BUCKETS},
 };
 
-/// Largest number of blob ids in one `CheckBlobs` request.
+/// Largest number of blob ids in one `CheckBlobs`, `AuditBlobs`, `GetCertificates` or
+/// `CertifyBlobs` request.
 pub const MAX_CHECK_BLOBS: usize = 1024;
+/// Largest number of blobs in one `StoreBlobs` request.
+pub const MAX_STORE_BLOBS: usize = 256;
+/// Largest page of `ListCertified`, `ListPending` and `GetRangeDigests`.
+pub const MAX_PAGE: usize = 4096;
+/// Sliver bytes after which `GetSlivers` answers the rest empty.
+pub const MAX_SLIVERS_BYTES: usize = 32 * 1024 * 1024;
 
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
@@ -48,6 +58,19 @@ fn internal(e: impl std::fmt::Display) -> Status {
 
 fn blob_id(bytes: &[u8]) -> Result<BlobId, Status> {
     BlobId::from_bytes(bytes).map_err(Status::from)
+}
+
+/// An optional id: empty bytes for none.
+fn optional_blob_id(bytes: &[u8]) -> Result<Option<BlobId>, Status> {
+    if bytes.is_empty() { Ok(None) } else { blob_id(bytes).map(Some) }
+}
+
+/// A requested page size: 0 for the default (1024), at most [`MAX_PAGE`].
+fn page_limit(requested: u32) -> usize {
+    match requested {
+        0 => 1024,
+        n => (n as usize).min(MAX_PAGE),
+    }
 }
 
 /// The ids of a `CheckBlobs` or `AuditBlobs` request, at most [`MAX_CHECK_BLOBS`].
@@ -142,6 +165,31 @@ impl SyncServer {
         }
     }
 
+    /// Metadata from the network, checked against its id and the cluster's shard count.
+    fn checked_metadata(&self, id: &BlobId, proto: &pb::BlobMetadata) -> Result<BlobMetadata, Status> {
+        let metadata = BlobMetadata::from_proto(proto).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        metadata.verify_id(id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(c) = self.node.view().committee()
+            && metadata.n_shards != c.n_shards
+        {
+            return Err(Status::invalid_argument(format!(
+                "metadata is for {} shards; this cluster has {}",
+                metadata.n_shards, c.n_shards
+            )));
+        }
+        Ok(metadata)
+    }
+
+    /// This node's BLS-signed confirmation that it holds the blob in every owned shard.
+    fn confirmation(&self, id: &BlobId, epoch: u64) -> pb::StorageConfirmation {
+        pb::StorageConfirmation {
+            node_id: self.node.id.to_string(),
+            blob_id: id.0.to_vec(),
+            epoch,
+            signature: self.node.key.bls_sign(&crypto::confirmation_message(self.node.cluster(), id, epoch)).to_vec(),
+        }
+    }
+
     fn committee_shard(&self, view: &NodeView, raw: u32) -> Result<ShardIndex, Status> {
         let committee =
             view.committee().ok_or_else(|| Status::unavailable("this node has not loaded a committee yet; retry"))?;
@@ -173,6 +221,7 @@ impl SyncServer {
             timestamp_ms: req.timestamp_ms,
             include_metadata: req.include_metadata,
             limit: req.limit,
+            include_certificates: req.include_certificates,
         };
         crypto::verify(&member.public_key, &intent.message(), &req.signature)
             .map_err(|_| Status::permission_denied(format!("the signature of {requester} does not verify")))?;
@@ -218,26 +267,7 @@ impl SyncService for SyncServer {
         let req = request.into_inner();
         let id = blob_id(&req.blob_id)?;
         let proto = req.metadata.ok_or_else(|| Status::invalid_argument("metadata is required"))?;
-        let metadata = BlobMetadata::from_proto(&proto).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        metadata.verify_id(&id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let record = self.node.control_plane.blob(&id).await.map_err(|e| Status::unavailable(e.to_string()))?;
-        let record = record.ok_or_else(|| {
-            Status::failed_precondition(format!("blob {id} is not registered; register it before storing"))
-        })?;
-        if record.length != metadata.length {
-            return Err(Status::invalid_argument(format!(
-                "metadata says {} bytes but blob {id} is registered with {}",
-                metadata.length, record.length
-            )));
-        }
-        if let Some(c) = self.node.view().committee()
-            && metadata.n_shards != c.n_shards
-        {
-            return Err(Status::invalid_argument(format!(
-                "metadata is for {} shards; this cluster has {}",
-                metadata.n_shards, c.n_shards
-            )));
-        }
+        let metadata = self.checked_metadata(&id, &proto)?;
         self.node.store.call(move |s| s.put_metadata(&id, &metadata)).await.map_err(internal)?;
         Ok(Response::new(pb::StoreMetadataResponse {}))
     }
@@ -296,13 +326,293 @@ impl SyncService for SyncServer {
             })
             .await
             .map_err(internal)??;
-        let confirmation = complete.then(|| pb::StorageConfirmation {
-            node_id: self.node.id.to_string(),
-            blob_id: id.0.to_vec(),
-            epoch,
-            signature: self.node.key.sign(&crypto::confirmation_message(&self.node.id, &id, epoch)),
-        });
+        let confirmation = complete.then(|| self.confirmation(&id, epoch));
         Ok(Response::new(pb::StoreSliverResponse { confirmation }))
+    }
+
+    async fn store_blobs(
+        &self,
+        request: Request<pb::StoreBlobsRequest>,
+    ) -> Result<Response<pb::StoreBlobsResponse>, Status> {
+        self.authorize(&request, Access::MemberOrClient)?;
+        let request = request.into_inner();
+        let skip_confirmations = request.skip_confirmations;
+        let uploads = request.blobs;
+        if uploads.len() > MAX_STORE_BLOBS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_STORE_BLOBS} blobs per request, got {}",
+                uploads.len()
+            )));
+        }
+        // Everything is checked before anything is written: ids, metadata, shard ownership and
+        // every sliver's digest. A bad blob is answered with its error; the others are stored.
+        let data_guard = self.node.data_write().await;
+        let view = self.node.view();
+        let epoch = view.epoch();
+        let committee = view.committee().ok_or_else(|| Status::unavailable("no committee loaded yet; retry"))?;
+        let owned: Vec<ShardIndex> = view
+            .owned(&self.node.id)
+            .into_iter()
+            .filter(|s| view.shards.get(s).is_some_and(|r| r.status.is_owned()))
+            .collect();
+        let mut answers: Vec<pb::BlobStored> = Vec::with_capacity(uploads.len());
+        let mut accepted: Vec<(usize, BlobId, BlobMetadata, Vec<(ShardIndex, Vec<u8>)>)> = Vec::new();
+        for (i, upload) in uploads.into_iter().enumerate() {
+            let checked = (|| {
+                let id = blob_id(&upload.blob_id)?;
+                let proto = upload.metadata.as_ref().ok_or_else(|| Status::invalid_argument("metadata is required"))?;
+                let metadata = self.checked_metadata(&id, proto)?;
+                let mut slivers = Vec::with_capacity(upload.slivers.len());
+                for sliver in upload.slivers {
+                    let shard = ShardIndex::checked(sliver.shard, committee.n_shards)?;
+                    if !owned.contains(&shard) {
+                        return Err(Status::failed_precondition(format!(
+                            "this node does not hold shard {shard} for writes in epoch {epoch}"
+                        )));
+                    }
+                    metadata.verify_sliver(shard, &sliver.data).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                    slivers.push((shard, sliver.data));
+                }
+                Ok((id, metadata, slivers))
+            })();
+            match checked {
+                Ok((id, metadata, slivers)) => {
+                    answers.push(pb::BlobStored { blob_id: id.0.to_vec(), ..Default::default() });
+                    accepted.push((i, id, metadata, slivers));
+                }
+                Err(status) => answers.push(pb::BlobStored {
+                    blob_id: upload.blob_id.clone(),
+                    confirmation: None,
+                    error: status.message().to_string(),
+                }),
+            }
+        }
+        let owned_for_check = owned.clone();
+        let complete = data_guard
+            .call(move |s| {
+                let mut batch = s.counted()?;
+                for (_, id, metadata, slivers) in &accepted {
+                    batch.put_metadata(id, metadata)?;
+                    for (shard, data) in slivers {
+                        batch.put_sliver(*shard, id, data)?;
+                    }
+                }
+                batch.commit()?;
+                let mut complete = Vec::with_capacity(accepted.len());
+                for (i, id, _, _) in &accepted {
+                    let mut all = true;
+                    for shard in &owned_for_check {
+                        if !s.has_sliver(*shard, id)? {
+                            all = false;
+                            break;
+                        }
+                    }
+                    complete.push((*i, *id, all));
+                }
+                Ok(complete)
+            })
+            .await
+            .map_err(internal)?;
+        for (i, id, all) in complete {
+            if skip_confirmations {
+                continue;
+            }
+            if all {
+                answers[i].confirmation = Some(self.confirmation(&id, epoch));
+            } else {
+                answers[i].error = "this node does not hold every owned shard's sliver of the blob yet".into();
+            }
+        }
+        Ok(Response::new(pb::StoreBlobsResponse { blobs: answers }))
+    }
+
+    async fn certify_blobs(
+        &self,
+        request: Request<pb::CertifyBlobsRequest>,
+    ) -> Result<Response<pb::CertifyBlobsResponse>, Status> {
+        self.authorize(&request, Access::MemberOrClient)?;
+        let blobs = request.into_inner().blobs;
+        if blobs.len() > MAX_CHECK_BLOBS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_CHECK_BLOBS} certificates per request, got {}",
+                blobs.len()
+            )));
+        }
+        let mut errors: Vec<String> = vec![String::new(); blobs.len()];
+        let mut offered = Vec::with_capacity(blobs.len());
+        let mut positions = Vec::with_capacity(blobs.len());
+        for (i, b) in blobs.iter().enumerate() {
+            let parsed = BlobId::from_bytes(&b.blob_id).map_err(|e| e.to_string()).and_then(|blob| {
+                let proto = b.certificate.as_ref().ok_or("a certificate is required")?;
+                let certificate = Certificate::from_proto(proto).map_err(|e| e.to_string())?;
+                Ok(Offered { blob, certificate, metadata: None })
+            });
+            match parsed {
+                Ok(o) => {
+                    offered.push(o);
+                    positions.push(i);
+                }
+                Err(e) => errors[i] = e,
+            }
+        }
+        let outcomes = index::ingest(&self.node, offered).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        for (i, outcome) in positions.into_iter().zip(outcomes) {
+            if let Err(e) = outcome {
+                errors[i] = e;
+            }
+        }
+        Ok(Response::new(pb::CertifyBlobsResponse { errors }))
+    }
+
+    async fn get_certificates(
+        &self,
+        request: Request<pb::GetCertificatesRequest>,
+    ) -> Result<Response<pb::GetCertificatesResponse>, Status> {
+        self.authorize(&request, Access::MemberOrClient)?;
+        let req = request.into_inner();
+        let ids = blob_id_list(&req.blob_ids)?;
+        let include_metadata = req.include_metadata;
+        let blobs = self
+            .node
+            .store
+            .call(move |s| {
+                ids.into_iter()
+                    .map(|id| {
+                        let mut entry = match s.certified(&id)? {
+                            Some(record) => record.to_entry(&id),
+                            None => pb::CertifiedEntry { blob_id: id.0.to_vec(), ..Default::default() },
+                        };
+                        if include_metadata && entry.certificate.is_some() {
+                            entry.metadata = s.metadata(&id)?.map(|m| m.to_proto());
+                        }
+                        Ok(entry)
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()
+            })
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(pb::GetCertificatesResponse { blobs }))
+    }
+
+    async fn list_certified(
+        &self,
+        request: Request<pb::ListCertifiedRequest>,
+    ) -> Result<Response<pb::ListCertifiedResponse>, Status> {
+        self.authorize(&request, Access::MemberOrClient)?;
+        let req = request.into_inner();
+        let start = optional_blob_id(&req.start_blob_id)?;
+        let end = optional_blob_id(&req.end_blob_id)?;
+        let limit = page_limit(req.limit);
+        let (page, complete) =
+            self.node.store.call(move |s| s.list_certified(start, end, limit)).await.map_err(internal)?;
+        let blobs = page
+            .into_iter()
+            .map(|(id, invalid)| pb::CertifiedEntry {
+                blob_id: id.0.to_vec(),
+                invalid: invalid.as_ref().map(InconsistencyProof::to_proto),
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(pb::ListCertifiedResponse { blobs, complete }))
+    }
+
+    async fn get_range_digests(
+        &self,
+        request: Request<pb::GetRangeDigestsRequest>,
+    ) -> Result<Response<pb::GetRangeDigestsResponse>, Status> {
+        self.authorize(&request, Access::MemberOrClient)?;
+        if let Some(delay) = failpoints::delay_for("index-digests", self.node.id.as_str()) {
+            tokio::time::sleep(delay).await; // a slow peer, for tests
+        }
+        let req = request.into_inner();
+        let buckets = match req.level {
+            1 => TOP_BUCKETS,
+            2 => BUCKETS,
+            other => return Err(Status::invalid_argument(format!("level must be 1 or 2, got {other}"))),
+        };
+        let first = req.first as usize;
+        let count = (req.count as usize).min(MAX_PAGE);
+        if first >= buckets {
+            return Err(Status::invalid_argument(format!("first bucket {first} is past the last ({})", buckets - 1)));
+        }
+        let level = req.level;
+        let digests = self.node.store.call(move |s| s.range_digests(level, first, count)).await.map_err(internal)?;
+        Ok(Response::new(pb::GetRangeDigestsResponse {
+            buckets: digests
+                .into_iter()
+                .enumerate()
+                .map(|(i, d)| pb::RangeDigest { bucket: (first + i) as u32, count: d.count, digest: d.xor.to_vec() })
+                .collect(),
+        }))
+    }
+
+    async fn list_pending(
+        &self,
+        request: Request<pb::ListPendingRequest>,
+    ) -> Result<Response<pb::ListPendingResponse>, Status> {
+        self.authorize(&request, Access::SelfOnly)?;
+        let req = request.into_inner();
+        let data_guard = self.node.data_write().await;
+        let view = self.node.view();
+        let shard = self.committee_shard(&view, req.shard)?;
+        if !view.shards.contains_key(&shard) {
+            return Err(Status::not_found(format!("this node holds no storage for shard {shard}")));
+        }
+        let start = optional_blob_id(&req.start_blob_id)?;
+        let limit = page_limit(req.limit);
+        // Entries whose sliver arrived another way (a client's late write, a scan) are dropped
+        // here, so what is listed is what is missing.
+        let ids = data_guard
+            .call(move |s| {
+                let listed = s.pending(shard, start, limit)?;
+                let mut missing = Vec::with_capacity(listed.len());
+                let mut batch = s.counted()?;
+                for id in listed {
+                    if s.has_sliver(shard, &id)? || s.certified(&id)?.is_some_and(|r| r.invalid.is_some()) {
+                        batch.remove_pending(shard, &id)?;
+                    } else {
+                        missing.push(id);
+                    }
+                }
+                batch.commit()?;
+                Ok(missing)
+            })
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(pb::ListPendingResponse { blob_ids: ids.into_iter().map(|id| id.0.to_vec()).collect() }))
+    }
+
+    async fn report_inconsistency(
+        &self,
+        request: Request<pb::ReportInconsistencyRequest>,
+    ) -> Result<Response<pb::ReportInconsistencyResponse>, Status> {
+        self.authorize(&request, Access::MemberOrClient)?;
+        let req = request.into_inner();
+        let id = blob_id(&req.blob_id)?;
+        let view = self.node.view();
+        let n_shards = view.committee().map(|c| c.n_shards).ok_or_else(|| Status::unavailable("no committee yet"))?;
+        let proto = req.proof.ok_or_else(|| Status::invalid_argument("a proof is required"))?;
+        let proof =
+            InconsistencyProof::from_proto(&proto, n_shards).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let shards: Vec<ShardIndex> = view.shards.keys().copied().collect();
+        let recorded = self
+            .node
+            .store
+            .call(move |s| {
+                let mut batch = s.counted()?;
+                let recorded = batch.claim_invalid(&id, &proof)?;
+                for shard in &shards {
+                    batch.remove_pending(*shard, &id)?;
+                }
+                batch.commit()?;
+                Ok(recorded)
+            })
+            .await
+            .map_err(internal)?;
+        if recorded {
+            warn!(blob = %id, "blob recorded as encoded inconsistently");
+        }
+        Ok(Response::new(pb::ReportInconsistencyResponse {}))
     }
 
     async fn get_metadata(
@@ -346,6 +656,44 @@ impl SyncService for SyncServer {
         Ok(Response::new(pb::GetSliverResponse { data }))
     }
 
+    async fn get_slivers(
+        &self,
+        request: Request<pb::GetSliversRequest>,
+    ) -> Result<Response<pb::GetSliversResponse>, Status> {
+        self.authorize(&request, Access::MemberOrClient)?;
+        let req = request.into_inner();
+        let ids = blob_id_list(&req.blob_ids)?;
+        let view = self.node.view();
+        let shard = self.committee_shard(&view, req.shard)?;
+        if !view.shards.contains_key(&shard) {
+            return Err(Status::not_found(format!("this node holds no storage for shard {shard}")));
+        }
+        let slivers = self
+            .node
+            .store
+            .call(move |s| {
+                let mut out = Vec::with_capacity(ids.len());
+                let mut bytes = 0usize;
+                for id in ids {
+                    // Serve only what still verifies, and stop at the size limit (the caller
+                    // asks again for what came back empty).
+                    let sliver = match (bytes < MAX_SLIVERS_BYTES).then(|| s.sliver(shard, &id)).transpose()? {
+                        Some(Some(data)) => match s.metadata(&id)? {
+                            Some(m) if m.verify_sliver(shard, &data).is_ok() => data,
+                            _ => Vec::new(),
+                        },
+                        _ => Vec::new(),
+                    };
+                    bytes += sliver.len();
+                    out.push(sliver);
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(pb::GetSliversResponse { slivers }))
+    }
+
     type StreamShardStream = BoxStream<pb::ShardItem>;
 
     async fn stream_shard(
@@ -379,6 +727,7 @@ impl SyncService for SyncServer {
         let (tx, rx) = mpsc::channel(cfg.channel_capacity);
         let store = self.node.store.clone();
         let include_metadata = req.include_metadata;
+        let include_certificates = req.include_certificates;
         let requester = req.requester.clone();
         let mut shutdown = self.shutdown.clone();
         info!(shard = shard.0, %requester, start = ?start, "serving shard stream");
@@ -404,7 +753,18 @@ impl SyncService for SyncServer {
                             .into_iter()
                             .map(|(id, data)| {
                                 let metadata = if include_metadata { s.metadata(&id)?.map(|m| m.to_proto()) } else { None };
-                                Ok(pb::ShardItem { blob_id: id.0.to_vec(), data, metadata, ..Default::default() })
+                                let certificate = if include_certificates {
+                                    s.certified(&id)?.map(|r| r.certificate.to_proto())
+                                } else {
+                                    None
+                                };
+                                Ok(pb::ShardItem {
+                                    blob_id: id.0.to_vec(),
+                                    data,
+                                    metadata,
+                                    certificate,
+                                    ..Default::default()
+                                })
                             })
                             .collect::<Result<Vec<_>, StoreError>>()
                     })
@@ -516,22 +876,8 @@ impl SyncService for SyncServer {
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
         let view = self.node.view();
         let (status, recovery_epoch) = view.status().to_proto();
-        let counts = self
-            .node
-            .store
-            .call({
-                let shards: Vec<ShardIndex> = view.shards.keys().copied().collect();
-                move |s| {
-                    let mut counts = HashMap::new();
-                    for shard in shards {
-                        counts.insert(shard, s.for_each_blob_in_shard(shard, |_| {})?);
-                    }
-                    Ok((counts, s.metadata_count()?))
-                }
-            })
-            .await
-            .map_err(internal)?;
-        let (counts, metadata_count) = counts;
+        // Counts kept with the data they count: O(shards), whatever the number of blobs.
+        let counts = self.node.store.call(|s| s.counts()).await.map_err(internal)?;
         let shards = view
             .shards
             .iter()
@@ -540,7 +886,9 @@ impl SyncService for SyncServer {
                 pb::ShardReport {
                     shard: shard.0,
                     status: record.status.to_proto() as i32,
-                    sliver_count: counts.get(shard).copied().unwrap_or(0),
+                    sliver_count: counts.slivers.get(shard).map(|d| d.count).unwrap_or(0),
+                    sliver_bytes: counts.slivers.get(shard).map(|d| d.bytes).unwrap_or(0),
+                    pending: counts.pending.get(shard).copied().unwrap_or(0),
                     sync: record.sync.as_ref().map(|p| {
                         let rate = live
                             .as_ref()
@@ -573,7 +921,11 @@ impl SyncService for SyncServer {
             recovery_epoch,
             running_syncs: self.node.counter.current(),
             shards,
-            metadata_count,
+            metadata_count: counts.metadata,
+            certified_count: counts.certified.count,
+            index_caught_up: view.index_caught_up,
+            index_learned: self.node.metrics.index_learned.get(),
+            pending_count: counts.pending.values().sum(),
         }))
     }
 
@@ -706,7 +1058,9 @@ impl SyncService for SyncServer {
         self.authorize(&request, Access::SelfOnly)?;
         let view = self.node.view();
         let evidence = attestation::evidence(&self.node, &view).await.map_err(internal)?;
-        let evidence = evidence.ok_or_else(|| Status::failed_precondition("not every owned shard is ACTIVE yet"))?;
+        let evidence = evidence.ok_or_else(|| {
+            Status::failed_precondition("the certified index has not caught up with the peers, or an owned shard is not ACTIVE or has pending repairs")
+        })?;
         Ok(Response::new(pb::GetShardEvidenceResponse {
             epoch: view.epoch(),
             evidence: evidence
@@ -786,6 +1140,8 @@ fn sync_state(node: &Node, view: &NodeView) -> pb::SyncState {
         owned_shards: owned.iter().map(|s| s.0).collect(),
         syncing_shards: owned.iter().filter(|s| status_of(s) == Some(ShardStatus::ActiveSync)).map(|s| s.0).collect(),
         recovering,
+        index_caught_up: view.index_caught_up,
+        repair_generation: view.repair_generation,
     }
 }
 

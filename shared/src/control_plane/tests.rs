@@ -16,16 +16,7 @@ pub(crate) struct Fixture {
 pub(crate) async fn fixture(nodes: usize, shards: u32) -> Fixture {
     let cp = ControlPlane::in_memory("test");
     let keys: Vec<_> = (0..nodes).map(|i| (NodeId::new(format!("n{i}")).unwrap(), NodeKeypair::generate())).collect();
-    let members = keys
-        .iter()
-        .map(|(id, k)| Member {
-            node_id: id.clone(),
-            public_key: k.public_hex(),
-            sync_address: String::new(),
-            recovery_address: String::new(),
-            weight: 1,
-        })
-        .collect();
+    let members = keys.iter().map(|(id, k)| Member::for_key(id.clone(), k, "", "", 1)).collect();
     let c0 = Committee::genesis(shards, members).unwrap();
     cp.propose_epoch(&c0).await.unwrap();
     Fixture { cp, keys, c0 }
@@ -95,50 +86,23 @@ async fn forged_and_foreign_attestations_are_refused() {
 }
 
 #[tokio::test]
-async fn blobs_register_once_certify_once_and_list_in_order() {
-    let f = fixture(4, 4).await;
-    let mut ids: Vec<BlobId> = (0..10u8).map(|i| BlobId([i.wrapping_mul(37); 32])).collect();
-    for id in &ids {
-        let r = BlobRecord { blob_id: *id, length: 5, registered_epoch: 0, certificate: None, invalid: None };
-        assert_eq!(f.cp.register_blob(&r).await.unwrap(), r);
-        let again = BlobRecord { length: 6, ..r.clone() };
-        assert_eq!(f.cp.register_blob(&again).await.unwrap().length, 5, "registration is create-if-absent");
+async fn listings_are_read_a_page_at_a_time_and_miss_nothing() {
+    // More attesters than a page holds: every one of them is listed, once, in node order.
+    let f = fixture(3 * LIST_PAGE + 5, 64).await;
+    let c1 = f.next_committee();
+    f.cp.propose_epoch(&c1).await.unwrap();
+    for i in 0..f.keys.len() {
+        f.cp.attest(&f.attestation(i, 1)).await.unwrap();
+        let record =
+            NodeRecord { node_id: f.keys[i].0.clone(), status: NodeStatus::Active, epoch: 1, updated_at_ms: 0 };
+        f.cp.put_node(&record).await.unwrap();
     }
-    ids.sort();
-    let listed: Vec<BlobId> = f.cp.list_blobs(None, 100).await.unwrap().into_iter().map(|b| b.blob_id).collect();
-    assert_eq!(listed, ids);
-    let page: Vec<BlobId> = f.cp.list_blobs(Some(ids[3]), 4).await.unwrap().into_iter().map(|b| b.blob_id).collect();
-    assert_eq!(page, ids[3..7].to_vec());
-
-    let cert = Certificate { epoch: 0, confirmations: Vec::new() };
-    let rec = f.cp.certify_blob(&ids[0], cert.clone()).await.unwrap();
-    assert_eq!(rec.certified_epoch(), Some(0));
-    let other = Certificate { epoch: 5, confirmations: Vec::new() };
-    assert_eq!(f.cp.certify_blob(&ids[0], other).await.unwrap().certificate, Some(cert));
-    assert!(matches!(
-        f.cp.certify_blob(&BlobId([0xee; 32]), Certificate { epoch: 0, confirmations: vec![] }).await,
-        Err(ControlPlaneError::UnknownBlob(_))
-    ));
-}
-
-#[tokio::test]
-async fn certificates_need_valid_signatures_from_a_quorum() {
-    let f = fixture(4, 4).await;
-    let blob = BlobId([3; 32]);
-    let confirm = |i: usize| {
-        let (id, key) = &f.keys[i];
-        Confirmation {
-            node_id: id.clone(),
-            signature: hex::encode(key.sign(&crypto::confirmation_message(id, &blob, 0))),
-        }
-    };
-    let two = Certificate { epoch: 0, confirmations: vec![confirm(0), confirm(1)] };
-    assert!(matches!(two.verify(&blob, &f.c0), Err(CertificateError::NoQuorum { have: 2, need: 3 })));
-    let three = Certificate { epoch: 0, confirmations: vec![confirm(0), confirm(1), confirm(2)] };
-    three.verify(&blob, &f.c0).unwrap();
-    assert!(three.verify(&BlobId([4; 32]), &f.c0).is_err(), "signatures bind the blob id");
-    let dup = Certificate { epoch: 0, confirmations: vec![confirm(0), confirm(0), confirm(0)] };
-    assert!(dup.verify(&blob, &f.c0).is_err(), "a node counts once");
+    let mut expected: Vec<NodeId> = f.keys.iter().map(|(id, _)| id.clone()).collect();
+    expected.sort();
+    let attesters: Vec<NodeId> = f.cp.attestations(1).await.unwrap().into_iter().map(|a| a.node_id).collect();
+    assert_eq!(attesters, expected);
+    let nodes: Vec<NodeId> = f.cp.nodes().await.unwrap().into_iter().map(|n| n.node_id).collect();
+    assert_eq!(nodes, expected);
 }
 
 #[tokio::test]

@@ -17,28 +17,29 @@ use tracing::{info, warn};
 
 use super::{Node, NodeError, NodeView};
 
-/// Per-shard evidence for the owned shards of the view's epoch, or `None` unless every owned
-/// shard is `Active`.
+/// Per-shard evidence for the owned shards of the view's epoch, or `None` unless the certified
+/// index has caught up with the peers since the start (rule 9) and every owned shard is `Active`
+/// and lacks no certified blob the node knows of (no pending repairs, rule 6).
 pub async fn evidence(node: &Node, view: &NodeView) -> Result<Option<Vec<ShardEvidence>>, NodeError> {
+    if !view.index_caught_up {
+        return Ok(None);
+    }
     let owned = view.owned(&node.id);
     if owned.iter().any(|s| view.shards.get(s).map(|r| r.status) != Some(ShardStatus::Active)) {
         return Ok(None);
     }
-    let evidence = node
-        .store
-        .call(move |s| {
-            owned
-                .into_iter()
-                .map(|shard: ShardIndex| {
-                    let mut hasher = blake3::Hasher::new();
-                    let blob_count = s.for_each_blob_in_shard(shard, |id| {
-                        hasher.update(id.as_bytes());
-                    })?;
-                    Ok(ShardEvidence { shard, blob_count, blob_ids_digest: hasher.finalize().to_hex().to_string() })
-                })
-                .collect::<Result<Vec<_>, _>>()
+    // The counts and digests kept with every write: O(shards), whatever the number of blobs.
+    let counts = node.store.call(|s| s.counts()).await?;
+    if owned.iter().any(|s| counts.pending.get(s).is_some_and(|n| *n > 0)) {
+        return Ok(None);
+    }
+    let evidence = owned
+        .into_iter()
+        .map(|shard: ShardIndex| {
+            let held = counts.slivers.get(&shard).copied().unwrap_or_default();
+            ShardEvidence { shard, blob_count: held.count, blob_ids_digest: hex::encode(held.xor) }
         })
-        .await?;
+        .collect();
     Ok(Some(evidence))
 }
 

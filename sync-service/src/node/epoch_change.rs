@@ -50,8 +50,8 @@ pub async fn startup(node: &Arc<Node>) -> Result<(), NodeError> {
         };
         if lagging {
             let empty = node.store.call(|s| s.is_empty()).await?;
-            let registry_empty = node.control_plane.list_blobs(None, 1).await?.is_empty();
-            let previous = if state.is_none() && empty && registry_empty && current.epoch == 0 {
+            let fresh = state.is_none() && empty && current.epoch == 0;
+            let previous = if fresh && !super::index::peers_hold_blobs(node, &current).await {
                 PreviousAssignment::Genesis
             } else {
                 PreviousAssignment::Unknown

@@ -20,14 +20,16 @@ use std::{
 use ferry_proto::v1::{self as pb, sync_service_client::SyncServiceClient};
 use ferry_shared::{
     backoff::Backoff,
+    certificate::Certificate,
     crypto::{self, StreamShardIntent},
     erasure::BlobMetadata,
     grpc,
+    registry::CertifiedRecord,
     types::{BlobId, NodeId, ShardIndex, ShardStatus},
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Code;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{
     LiveSync, Node, NodeError,
@@ -341,16 +343,29 @@ async fn fail_for_good(node: &Arc<Node>, shard: ShardIndex, msg: &str) {
     node.mirror_status().await;
 }
 
+/// What one batch of a sync writes, atomically with its progress.
+#[derive(Default)]
+struct SyncBatch {
+    /// Verified slivers (with metadata the node lacked).
+    items: Vec<SliverWrite>,
+    /// Certificates the node lacked, verified, that came with the items.
+    certified: Vec<(BlobId, CertifiedRecord)>,
+    /// Certified blobs the source did not send (or sent bad): pending unless the shard holds
+    /// them by now.
+    missing: Vec<BlobId>,
+}
+
 /// Writes a batch under the transition lock, after checking the shard is still ours to sync.
-/// With `finish`, the batch also completes the sync (`SyncCompleted`).
+/// With `finish`, the sync completes: `Active`, or `ActiveRecover` if the shard has pending
+/// blobs.
 async fn write_batch(
     node: &Arc<Node>,
     shard: ShardIndex,
-    items: Vec<SliverWrite>,
-    pending: Vec<BlobId>,
+    batch: SyncBatch,
     progress: SyncProgress,
-    finish: Option<ShardEvent>,
+    finish: bool,
 ) -> Result<(), AttemptError> {
+    let SyncBatch { items, certified, missing } = batch;
     let guard = node.transition().await;
     let n = items.len() as u64;
     let bytes: u64 = items.iter().map(|i| i.data.len() as u64).sum();
@@ -363,13 +378,17 @@ async fn write_batch(
                 return Ok(Ok(false));
             }
             let mut record = ShardRecord { sync: Some(progress), ..current };
-            if let Some(event) = &finish {
-                record = match shard_state::apply(Some(&record), event) {
+            if finish {
+                let pending = s.pending_count(shard)?;
+                if let Some(p) = record.sync.as_mut() {
+                    p.pending = pending;
+                }
+                record = match shard_state::apply(Some(&record), &ShardEvent::SyncCompleted { pending: pending > 0 }) {
                     Ok(r) => r,
                     Err(e) => return Ok(Err(e)),
                 };
             }
-            s.write_sync_batch(shard, &items, &pending, &record)?;
+            s.write_sync_batch(shard, &items, &certified, &missing, &record)?;
             Ok(Ok(true))
         })
         .await?
@@ -456,6 +475,7 @@ async fn attempt(
             timestamp_ms: crypto::now_ms(),
             include_metadata: true,
             limit: 0,
+            include_certificates: true,
         }
         .sign(&node.key);
         let stream = match tokio::time::timeout(cfg.item_timeout(), client.stream_shard(request)).await {
@@ -536,8 +556,9 @@ async fn receive(
     Ok(end)
 }
 
-/// Checks an item against the metadata this node holds (or the metadata sent with it, which
-/// must hash to the blob id). `Some(metadata to store with it, if new)`, or `None` if it is bad.
+/// Checks an item's sliver against the metadata this node holds (or the metadata sent with it,
+/// which must hash to the blob id). `Some(metadata to store with it, if new)`, or `None` if it
+/// is bad.
 fn verify_item(
     shard: ShardIndex,
     blob_id: &BlobId,
@@ -553,8 +574,23 @@ fn verify_item(
     Some(if is_new { Some(metadata) } else { None })
 }
 
-/// Verifies the items received so far and writes them with the progress in one atomic batch;
-/// items that fail verification go to pending (blob recovery) instead.
+/// What the blocking check of a received batch found for one item.
+enum Checked {
+    /// Certified here already; the sliver verifies.
+    Good(SliverWrite),
+    /// Not certified here; the sliver verifies; the certificate that came with it is to be
+    /// verified before the item counts.
+    NeedsCertificate(SliverWrite, Certificate),
+    /// Certified here, but the sliver does not verify (or lacks metadata): blob recovery.
+    Bad(BlobId),
+    /// Not certified here and no valid certificate came with it: not stored (a blob that is
+    /// certified later is recovered then).
+    Uncertified(BlobId),
+}
+
+/// Verifies the items received so far and writes them with the progress in one atomic batch:
+/// good slivers, certificates learned with them, and the certified blobs in the range the batch
+/// covers that the source did not send (the diff against the index, made while streaming).
 async fn verify_and_write(
     node: &Arc<Node>,
     shard: ShardIndex,
@@ -563,84 +599,169 @@ async fn verify_and_write(
     incoming: &mut Vec<(BlobId, pb::ShardItem)>,
     clock: &ProgressClock,
 ) -> Result<(), AttemptError> {
-    if incoming.is_empty() {
-        return Ok(());
-    }
+    let Some(last) = incoming.last().map(|(id, _)| *id) else { return Ok(()) };
     let batch = std::mem::take(incoming);
     let checked = node
         .store
         .call(move |s| {
             let mut out = Vec::with_capacity(batch.len());
             for (id, item) in batch {
+                let certified = s.is_certified(&id)?;
+                let certificate = item.certificate.as_ref().and_then(|c| Certificate::from_proto(c).ok());
                 let verdict = verify_item(shard, &id, &item, s.metadata(&id)?);
-                out.push((id, item.data, verdict));
+                out.push(match (verdict, certified, certificate) {
+                    (Some(metadata), true, _) => Checked::Good(SliverWrite { blob_id: id, data: item.data, metadata }),
+                    (Some(metadata), false, Some(c)) => {
+                        Checked::NeedsCertificate(SliverWrite { blob_id: id, data: item.data, metadata }, c)
+                    }
+                    (None, true, _) => Checked::Bad(id),
+                    (_, false, _) => Checked::Uncertified(id),
+                });
             }
             Ok(out)
         })
         .await?;
+    // Certificates that came with items for blobs this node did not know: verified as a batch.
+    let offered: Vec<(BlobId, Certificate)> = checked
+        .iter()
+        .filter_map(|c| match c {
+            Checked::NeedsCertificate(w, cert) => Some((w.blob_id, cert.clone())),
+            _ => None,
+        })
+        .collect();
+    let verified = verify_certificates(node, offered).await?;
     let mut next = progress.clone();
-    let mut items = Vec::with_capacity(checked.len());
-    let mut pending = Vec::new();
-    for (blob_id, data, verdict) in checked {
-        match verdict {
-            Some(metadata) => {
+    let mut batch = SyncBatch::default();
+    let mut sent = std::collections::BTreeSet::new();
+    let mut uncertified = 0u64;
+    for c in checked {
+        match c {
+            Checked::Good(w) => {
+                sent.insert(w.blob_id);
                 next.blobs_done += 1;
-                next.bytes_done += data.len() as u64;
-                items.push(SliverWrite { blob_id, data, metadata });
+                next.bytes_done += w.data.len() as u64;
+                batch.items.push(w);
             }
-            None => {
-                warn!(blob = %blob_id, "sliver from {source} failed verification; handing it to blob recovery");
-                pending.push(blob_id);
-                next.pending += 1;
+            Checked::NeedsCertificate(w, certificate) if verified.contains(&w.blob_id) => {
+                sent.insert(w.blob_id);
+                next.blobs_done += 1;
+                next.bytes_done += w.data.len() as u64;
+                batch.certified.push((w.blob_id, CertifiedRecord { certificate, invalid: None }));
+                batch.items.push(w);
+            }
+            Checked::NeedsCertificate(w, _) => {
+                uncertified += 1;
+                sent.insert(w.blob_id);
+            }
+            Checked::Bad(id) => {
+                warn!(blob = %id, "sliver from {source} failed verification; handing it to blob recovery");
+            }
+            Checked::Uncertified(id) => {
+                uncertified += 1;
+                sent.insert(id);
             }
         }
-        next.cursor = Some(blob_id);
     }
+    if uncertified > 0 {
+        debug!(uncertified, "items of blobs this node holds no valid certificate of were not stored");
+    }
+    // The diff against the index over the range this batch covers: what the source skipped.
+    let from = match progress.cursor {
+        Some(c) => c.successor(),
+        None => Some(BlobId::MIN),
+    };
+    let missing = diff_against_index(node, shard, from, last.successor(), &sent, progress).await?;
+    batch.missing = missing;
+    next.cursor = Some(last);
     next.last_error = None;
-    write_batch(node, shard, items, pending, next.clone(), None).await?;
+    write_batch(node, shard, batch, next.clone(), false).await?;
     *progress = next;
     clock.advanced();
     Ok(())
 }
 
-/// The stream ended: every certified blob the source did not send goes to pending, then the
-/// shard becomes `Active` (or `ActiveRecover` if anything is pending) with the cursor cleared
-/// in the same batch.
-async fn complete(node: &Arc<Node>, shard: ShardIndex, mut progress: SyncProgress) -> Result<(), AttemptError> {
-    let mut missing = Vec::new();
-    let mut after = None;
-    loop {
-        let page = node.control_plane.list_blobs(after, 512).await.map_err(|e| AttemptError::Local(e.into()))?;
-        let Some(last) = page.last().map(|b| b.blob_id) else { break };
-        let ids: Vec<BlobId> =
-            page.iter().filter(|b| b.certificate.is_some() && b.invalid.is_none()).map(|b| b.blob_id).collect();
-        let absent = node
-            .store
-            .call(move |s| {
-                let mut absent = Vec::new();
-                for id in ids {
-                    if !s.has_sliver(shard, &id)? {
-                        absent.push(id);
-                    }
-                }
-                Ok(absent)
-            })
-            .await?;
-        missing.extend(absent);
-        match last.successor() {
-            Some(next) => after = Some(next),
-            None => break,
+/// The certificates among `offered` that verify against the committee of their epoch.
+async fn verify_certificates(
+    node: &Arc<Node>,
+    offered: Vec<(BlobId, Certificate)>,
+) -> Result<std::collections::BTreeSet<BlobId>, AttemptError> {
+    if offered.is_empty() {
+        return Ok(Default::default());
+    }
+    let mut keys = std::collections::BTreeMap::new();
+    for (_, c) in &offered {
+        if let std::collections::btree_map::Entry::Vacant(e) = keys.entry(c.epoch)
+            && let Some(k) = node.committees.get(c.epoch).await.map_err(|e| AttemptError::Local(e.into()))?
+        {
+            e.insert(k);
         }
     }
-    let already_pending = node.store.call(move |s| s.pending(shard, usize::MAX)).await?;
-    progress.pending = (missing.len() + already_pending.len()) as u64;
+    let cluster = node.cluster().to_string();
+    let verdicts = tokio::task::spawn_blocking(move || {
+        let items: Vec<(BlobId, &Certificate, &ferry_shared::certificate::CommitteeKeys)> =
+            offered.iter().filter_map(|(b, c)| keys.get(&c.epoch).map(|k| (*b, c, k.as_ref()))).collect();
+        let results = ferry_shared::certificate::verify_batch(&cluster, &items);
+        items.iter().zip(results).filter(|(_, r)| r.is_ok()).map(|((b, _, _), _)| *b).collect()
+    })
+    .await
+    .map_err(|e| AttemptError::Local(crate::store::StoreError::Task(e.to_string()).into()))?;
+    Ok(verdicts)
+}
+
+/// The certified blobs (not claimed invalid) in `[from, upto)` that are not in `sent`, a page at
+/// a time: every page but the last is written at once (as pending, the progress unchanged), the
+/// last is returned to go with the batch that covers the range.
+async fn diff_against_index(
+    node: &Arc<Node>,
+    shard: ShardIndex,
+    from: Option<BlobId>,
+    upto: Option<BlobId>,
+    sent: &std::collections::BTreeSet<BlobId>,
+    progress: &SyncProgress,
+) -> Result<Vec<BlobId>, AttemptError> {
+    const PAGE: usize = 4096;
+    let Some(mut at) = from else { return Ok(Vec::new()) };
+    loop {
+        let (page, done) = node.store.call(move |s| s.list_certified(Some(at), upto, PAGE)).await?;
+        let missing: Vec<BlobId> =
+            page.iter().filter(|(id, invalid)| invalid.is_none() && !sent.contains(id)).map(|(id, _)| *id).collect();
+        let next = page.last().and_then(|(id, _)| id.successor());
+        match next {
+            Some(n) if !done => {
+                let batch = SyncBatch { missing, ..SyncBatch::default() };
+                write_batch(node, shard, batch, progress.clone(), false).await?;
+                at = n;
+            }
+            _ => return Ok(missing),
+        }
+    }
+}
+
+/// The stream ended: the rest of the index after the cursor is diffed, the node waits until
+/// its index has caught up with its peers (so nothing certified elsewhere is overlooked), then
+/// the shard becomes `Active`, or `ActiveRecover` if any certified blob is pending, with the
+/// cursor cleared in the same batch.
+async fn complete(node: &Arc<Node>, shard: ShardIndex, mut progress: SyncProgress) -> Result<(), AttemptError> {
+    let from = match progress.cursor {
+        Some(c) => c.successor(),
+        None => Some(BlobId::MIN),
+    };
+    let missing = diff_against_index(node, shard, from, None, &Default::default(), &progress).await?;
+    if !missing.is_empty() {
+        write_batch(node, shard, SyncBatch { missing, ..SyncBatch::default() }, progress.clone(), false).await?;
+    }
+    let mut views = node.subscribe();
+    if !views.borrow().index_caught_up {
+        info!("the stream is complete; waiting for the certified index to catch up before the shard counts as filled");
+        views.wait_for(|v| v.index_caught_up).await.map_err(|_| AttemptError::Superseded)?;
+    }
     progress.finished = true;
     progress.finished_at_ms = crypto::now_ms();
     progress.cursor = None;
-    let pending = progress.pending > 0;
-    info!(blobs = progress.blobs_done, bytes = progress.bytes_done, pending = progress.pending, "shard sync finished");
+    write_batch(node, shard, SyncBatch::default(), progress.clone(), true).await?;
+    let pending = node.store.call(move |s| s.pending_count(shard)).await?;
+    info!(blobs = progress.blobs_done, bytes = progress.bytes_done, pending, "shard sync finished");
     node.metrics.sync_completed.inc();
-    write_batch(node, shard, Vec::new(), missing, progress, Some(ShardEvent::SyncCompleted { pending })).await?;
     node.mirror_status().await;
     super::attestation::attest_if_ready(node).await;
     Ok(())

@@ -119,6 +119,7 @@ mod tests {
         Member {
             node_id: id(name),
             public_key: String::new(),
+            bls_key: String::new(),
             sync_address: String::new(),
             recovery_address: String::new(),
             weight: 1,
@@ -144,7 +145,7 @@ mod tests {
         NodeView {
             state: Some(NodeState { status, epoch: c.epoch, committee: c.clone(), last_revision: 1 }),
             shards,
-            running_syncs: 0,
+            ..NodeView::default()
         }
     }
 
