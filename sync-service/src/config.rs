@@ -95,6 +95,9 @@ pub struct StoreConfig {
     pub block_cache_mib: usize,
     /// Memtable size per column family (MiB). Default 16.
     pub write_buffer_mib: usize,
+    /// Memtables of all column families together (MiB); with `block_cache_mib` this bounds the
+    /// store's memory whatever the number of blobs and shards. Default 128.
+    pub memtable_budget_mib: usize,
     /// Open file limit (-1 = unlimited). Default 512.
     pub max_open_files: i32,
     /// Background flush and compaction threads. Default 2.
@@ -107,6 +110,7 @@ impl Default for StoreConfig {
             path: PathBuf::from("data/sync"),
             block_cache_mib: 64,
             write_buffer_mib: 16,
+            memtable_budget_mib: 128,
             max_open_files: 512,
             max_background_jobs: 2,
         }
@@ -235,12 +239,16 @@ impl Validate for SyncConfig {
             ("stream.read_batch_items", self.stream.read_batch_items as u64),
             ("store.block_cache_mib", self.store.block_cache_mib as u64),
             ("store.write_buffer_mib", self.store.write_buffer_mib as u64),
+            ("store.memtable_budget_mib", self.store.memtable_budget_mib as u64),
             ("index.anti_entropy_interval_ms", self.index.anti_entropy_interval_ms),
             ("index.page", self.index.page as u64),
         ] {
             if value == 0 {
                 return Err(invalid(field, "must be at least 1"));
             }
+        }
+        if self.store.memtable_budget_mib < self.store.write_buffer_mib {
+            return Err(invalid("store.memtable_budget_mib", "must be at least `store.write_buffer_mib`"));
         }
         if s.initial_backoff_ms > s.max_backoff_ms {
             return Err(invalid("shard_sync.initial_backoff_ms", "must not exceed shard_sync.max_backoff_ms"));

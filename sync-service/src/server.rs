@@ -196,6 +196,16 @@ impl SyncServer {
         Ok(ShardIndex::checked(raw, committee.n_shards)?)
     }
 
+    /// A shard of the committee that this node holds storage for.
+    fn stored_shard(&self, raw: u32) -> Result<ShardIndex, Status> {
+        let view = self.node.view();
+        let shard = self.committee_shard(&view, raw)?;
+        if !view.shards.contains_key(&shard) {
+            return Err(Status::not_found(format!("this node holds no storage for shard {shard}")));
+        }
+        Ok(shard)
+    }
+
     /// Checks a `StreamShard` request: epoch, signature, freshness, ownership, our status.
     fn authorize_stream(&self, req: &pb::StreamShardRequest) -> Result<(ShardIndex, Option<BlobId>), Status> {
         let view = self.node.view();
@@ -553,11 +563,7 @@ impl SyncService for SyncServer {
         self.authorize(&request, Access::SelfOnly)?;
         let req = request.into_inner();
         let data_guard = self.node.data_write().await;
-        let view = self.node.view();
-        let shard = self.committee_shard(&view, req.shard)?;
-        if !view.shards.contains_key(&shard) {
-            return Err(Status::not_found(format!("this node holds no storage for shard {shard}")));
-        }
+        let shard = self.stored_shard(req.shard)?;
         let start = optional_blob_id(&req.start_blob_id)?;
         let limit = page_limit(req.limit);
         // Entries whose sliver arrived another way (a client's late write, a scan) are dropped
@@ -632,24 +638,8 @@ impl SyncService for SyncServer {
         self.authorize(&request, Access::MemberOrClient)?;
         let req = request.into_inner();
         let id = blob_id(&req.blob_id)?;
-        let view = self.node.view();
-        let shard = self.committee_shard(&view, req.shard)?;
-        if !view.shards.contains_key(&shard) {
-            return Err(Status::not_found(format!("this node holds no storage for shard {shard}")));
-        }
-        let data = self
-            .node
-            .store
-            .call(move |s| {
-                let Some(data) = s.sliver(shard, &id)? else { return Ok(None) };
-                // Serve only what still verifies: a rotted sliver is not served as good.
-                match s.metadata(&id)? {
-                    Some(m) if m.verify_sliver(shard, &data).is_ok() => Ok(Some(data)),
-                    _ => Ok(None),
-                }
-            })
-            .await
-            .map_err(internal)?;
+        let shard = self.stored_shard(req.shard)?;
+        let data = self.node.store.call(move |s| s.verified_sliver(shard, &id)).await.map_err(internal)?;
         let data = data.ok_or_else(|| {
             Status::not_found(format!("no verified sliver of blob {id} in shard {shard} on this node"))
         })?;
@@ -663,11 +653,7 @@ impl SyncService for SyncServer {
         self.authorize(&request, Access::MemberOrClient)?;
         let req = request.into_inner();
         let ids = blob_id_list(&req.blob_ids)?;
-        let view = self.node.view();
-        let shard = self.committee_shard(&view, req.shard)?;
-        if !view.shards.contains_key(&shard) {
-            return Err(Status::not_found(format!("this node holds no storage for shard {shard}")));
-        }
+        let shard = self.stored_shard(req.shard)?;
         let slivers = self
             .node
             .store
@@ -677,11 +663,8 @@ impl SyncService for SyncServer {
                 for id in ids {
                     // Serve only what still verifies, and stop at the size limit (the caller
                     // asks again for what came back empty).
-                    let sliver = match (bytes < MAX_SLIVERS_BYTES).then(|| s.sliver(shard, &id)).transpose()? {
-                        Some(Some(data)) => match s.metadata(&id)? {
-                            Some(m) if m.verify_sliver(shard, &data).is_ok() => data,
-                            _ => Vec::new(),
-                        },
+                    let sliver = match (bytes < MAX_SLIVERS_BYTES).then(|| s.verified_sliver(shard, &id)).transpose()? {
+                        Some(Some(data)) => data,
                         _ => Vec::new(),
                     };
                     bytes += sliver.len();

@@ -310,9 +310,16 @@ impl ShardStore {
         opts.set_max_background_jobs(config.max_background_jobs);
         opts.set_write_buffer_size(config.write_buffer_mib * 1024 * 1024);
         opts.set_max_write_buffer_number(2);
+        // Memory must not grow with blobs or shards: every column family's memtables share one
+        // budget (a full budget flushes the largest), and table index and filter blocks live in
+        // the block cache instead of beside it.
+        let memtables = rocksdb::WriteBufferManager::new_write_buffer_manager(config.memtable_budget_mib * 1024 * 1024, false);
+        opts.set_write_buffer_manager(&memtables);
         let cache = rocksdb::Cache::new_lru_cache(config.block_cache_mib * 1024 * 1024);
         let mut table = rocksdb::BlockBasedOptions::default();
         table.set_block_cache(&cache);
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
         opts.set_block_based_table_factory(&table);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         std::fs::create_dir_all(&path)
@@ -586,6 +593,16 @@ impl ShardStore {
     /// A stored sliver.
     pub fn sliver(&self, shard: ShardIndex, id: &BlobId) -> Result<Option<Vec<u8>>> {
         self.inner.get_cf(&self.shard_cf(shard)?, id.as_bytes()).map_err(|e| self.rocks(e))
+    }
+
+    /// The sliver of `id` in `shard` if it still verifies against the blob's metadata: a rotted
+    /// sliver is never served as good.
+    pub fn verified_sliver(&self, shard: ShardIndex, id: &BlobId) -> Result<Option<Vec<u8>>> {
+        let Some(data) = self.sliver(shard, id)? else { return Ok(None) };
+        Ok(match self.metadata(id)? {
+            Some(m) if m.verify_sliver(shard, &data).is_ok() => Some(data),
+            _ => None,
+        })
     }
 
     /// Whether a sliver is stored (no value copy).

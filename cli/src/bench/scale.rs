@@ -232,16 +232,7 @@ async fn measure(cluster: &mut LocalCluster, options: &ScaleOptions, started: In
         if since_sample >= options.sample_every || (in_flight.is_empty() && next >= options.blobs) {
             let rate = since_sample as f64 / sample_started.elapsed().as_secs_f64().max(1e-9);
             let s = sample(cluster, report.stored, rate).await?;
-            say(format!(
-                "{} blobs ({:.0}/s): etcd {} keys {} bytes (db file {} KiB), status {:.0} ms, sync RSS {:?} MiB",
-                s.blobs,
-                s.blobs_per_sec,
-                s.etcd_keys,
-                s.etcd_bytes,
-                s.etcd_db_bytes >> 10,
-                s.status_ms,
-                s.sync_rss_bytes.iter().map(|b| b >> 20).collect::<Vec<_>>()
-            ));
+            say(row(&s));
             report.samples.push(s);
             report.store_secs = fill_started.elapsed().as_secs_f64();
             report.save(json)?;
@@ -324,6 +315,22 @@ async fn measure(cluster: &mut LocalCluster, options: &ScaleOptions, started: In
     Ok(report)
 }
 
+/// A sample as a row of the report's table.
+fn row(s: &ScaleSample) -> String {
+    let mib = |v: &[u64]| v.iter().map(|b| (b >> 20).to_string()).collect::<Vec<_>>().join("/");
+    format!(
+        "{:>9} {:>8.0} {:>6} {:>9} {:>9} {:>9.0} {:>22} {:>14}",
+        s.blobs,
+        s.blobs_per_sec,
+        s.etcd_keys,
+        s.etcd_bytes,
+        s.etcd_db_bytes >> 10,
+        s.status_ms,
+        mib(&s.sync_rss_bytes),
+        mib(&s.sync_store_bytes)
+    )
+}
+
 /// The report as text.
 pub fn render(report: &ScaleReport) -> String {
     let mut out = format!("machine: {}\nparameters: {}\n\n", report.machine, report.parameters);
@@ -332,18 +339,8 @@ pub fn render(report: &ScaleReport) -> String {
         "blobs", "blobs/s", "keys", "etcd B", "db KiB", "status ms", "sync RSS MiB", "store MiB"
     ));
     for s in &report.samples {
-        let mib = |v: &[u64]| v.iter().map(|b| (b >> 20).to_string()).collect::<Vec<_>>().join("/");
-        out.push_str(&format!(
-            "{:>9} {:>8.0} {:>6} {:>9} {:>9} {:>9.0} {:>22} {:>14}\n",
-            s.blobs,
-            s.blobs_per_sec,
-            s.etcd_keys,
-            s.etcd_bytes,
-            s.etcd_db_bytes >> 10,
-            s.status_ms,
-            mib(&s.sync_rss_bytes),
-            mib(&s.sync_store_bytes)
-        ));
+        out.push_str(&row(s));
+        out.push('\n');
     }
     out.push_str(&format!(
         "\nstored {} ({} failed) in {:.0} s: {:.0} blobs/s; peak RSS sync-service {} MiB, recovery-service {} MiB\n",
