@@ -281,6 +281,14 @@ mod tests {
     }
 
     #[test]
+    fn a_memtable_budget_below_one_memtable_is_refused() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sync-service.example.toml");
+        let env = vec![("FERRY_SYNC__STORE__MEMTABLE_BUDGET_MIB".to_string(), "8".to_string())];
+        let err = ferry_shared::config::load_from::<SyncConfig>(Some(&path), ENV_PREFIX, env).unwrap_err();
+        assert!(err.to_string().contains("store.memtable_budget_mib"), "{err}");
+    }
+
+    #[test]
     fn a_missing_node_id_is_named() {
         let err = ferry_shared::config::load_from::<SyncConfig>(None, ENV_PREFIX, Vec::new()).unwrap_err();
         assert!(err.to_string().contains("node_id"), "{err}");

@@ -311,9 +311,10 @@ impl ShardStore {
         opts.set_write_buffer_size(config.write_buffer_mib * 1024 * 1024);
         opts.set_max_write_buffer_number(2);
         // Memory must not grow with blobs or shards: every column family's memtables share one
-        // budget (a full budget flushes the largest), and table index and filter blocks live in
+        // budget (a full budget flushes the oldest memtable), and table index and filter blocks live in
         // the block cache instead of beside it.
-        let memtables = rocksdb::WriteBufferManager::new_write_buffer_manager(config.memtable_budget_mib * 1024 * 1024, false);
+        let memtables =
+            rocksdb::WriteBufferManager::new_write_buffer_manager(config.memtable_budget_mib * 1024 * 1024, false);
         opts.set_write_buffer_manager(&memtables);
         let cache = rocksdb::Cache::new_lru_cache(config.block_cache_mib * 1024 * 1024);
         let mut table = rocksdb::BlockBasedOptions::default();
