@@ -581,6 +581,8 @@ async fn pull_shard(
     let connector = node_connector(cluster, i)?;
     let epoch = cluster.control_plane().await?.current_committee().await?.context("no committee")?.epoch;
     let request = StreamShardIntent {
+        cluster: &cluster.name,
+        server: &node.id,
         shard,
         epoch,
         start: None,

@@ -75,6 +75,8 @@ pub struct LocalCluster {
 
 /// The client identity `ferryctl` uses towards a local cluster.
 pub const CLIENT_NAME: &str = "ferryctl";
+/// The application-client certificate the local cluster also issues (store and read only).
+pub const APP_CLIENT_NAME: &str = "app";
 
 /// Options of [`LocalCluster::up`].
 #[derive(Debug, Clone)]
@@ -277,7 +279,7 @@ impl LocalCluster {
         let cp = self.wait_for_etcd().await?;
         if self.tls {
             let ids: Vec<NodeId> = self.nodes.iter().map(|n| n.id.clone()).collect();
-            tls::write_dev_pki(&self.tls_dir(), &ids, CLIENT_NAME)?;
+            tls::write_dev_pki(&self.tls_dir(), &ids, CLIENT_NAME, APP_CLIENT_NAME)?;
         }
         let mut members = Vec::new();
         for i in 0..self.nodes.len() {

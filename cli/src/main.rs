@@ -59,7 +59,7 @@ enum Command {
     },
     /// Writes a cluster CA and certificates for nodes and clients (PEM files in --out).
     #[command(
-        after_help = "A node certificate names <node>.node.ferry, which peers verify; a client certificate\nnames <name>.client.ferry. An existing ca.pem/ca.key in --out is reused, so nodes can\nbe added later. Keep ca.key out of the cluster.\n\nExample:\n  ferryctl certs --out secrets --node ferry-0 --node ferry-1 --san '*.ferry-peers.ferry.svc.cluster.local' --client ferryctl"
+        after_help = "A node certificate names <node>.node.ferry, which peers verify. A client certificate\nnames <name>.client.ferry and may store and read blobs; an operator certificate names\n<name>.operator.ferry and may also pause and resume recovery, retry shard syncs and set\nthe sync concurrency. An existing ca.pem/ca.key in --out is reused, so nodes can be added\nlater. Keep ca.key and the operator key out of the cluster.\n\nExample:\n  ferryctl certs --out secrets --node ferry-0 --node ferry-1 --san '*.ferry-peers.ferry.svc.cluster.local' --operator ferryctl --client app"
     )]
     Certs {
         /// Output directory.
@@ -72,9 +72,12 @@ enum Command {
         /// by address, such as grpcurl without -servername).
         #[arg(long)]
         san: Vec<String>,
-        /// Client names to issue certificates for.
+        /// Application-client names to issue certificates for (store and read).
         #[arg(long)]
         client: Vec<String>,
+        /// Operator names to issue certificates for (what a client may do, and operate nodes).
+        #[arg(long)]
+        operator: Vec<String>,
     },
     /// Stores files as blobs and prints each one's id once certified. Directories are walked;
     /// many files are stored in batches, several at once, with a throughput summary.
@@ -541,7 +544,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cp.propose_epoch(&genesis).await?;
             println!("epoch 0 published: {} shards over {} nodes", genesis.n_shards, genesis.members.len());
         }
-        Command::Certs { out, node, san, client } => {
+        Command::Certs { out, node, san, client, operator } => {
             if node.is_empty() && client.is_empty() {
                 bail!("nothing to issue: pass --node and/or --client");
             }
@@ -565,12 +568,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ca.issue_node(&id, san)?.write(out, id.as_str())?;
                 println!("wrote {id}.pem and {id}.key (names {})", ferry_shared::tls::node_server_name(&id));
             }
-            for c in client {
-                if out.join(format!("{c}.pem")).exists() {
-                    bail!("{} exists; refusing to overwrite a certificate", out.join(format!("{c}.pem")).display());
+            let people = client
+                .iter()
+                .map(|c| (c, ferry_shared::tls::CLIENT_SUFFIX))
+                .chain(operator.iter().map(|o| (o, ferry_shared::tls::OPERATOR_SUFFIX)));
+            for (name, suffix) in people {
+                if out.join(format!("{name}.pem")).exists() {
+                    bail!("{} exists; refusing to overwrite a certificate", out.join(format!("{name}.pem")).display());
                 }
-                ca.issue_client(c)?.write(out, c)?;
-                println!("wrote {c}.pem and {c}.key (names {c}{})", ferry_shared::tls::CLIENT_SUFFIX);
+                let issued = if suffix == ferry_shared::tls::OPERATOR_SUFFIX {
+                    ca.issue_operator(name)?
+                } else {
+                    ca.issue_client(name)?
+                };
+                issued.write(out, name)?;
+                println!("wrote {name}.pem and {name}.key (names {name}{suffix})");
             }
         }
         Command::Attestations { epoch } => {

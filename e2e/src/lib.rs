@@ -93,13 +93,15 @@ pub struct Cluster {
     pub tweak_sync: Box<dyn Fn(&mut SyncConfig) + Send + Sync>,
     /// Adjusts every recovery-service config before start.
     pub tweak_recovery: Box<dyn Fn(&mut RecoveryConfig) + Send + Sync>,
-    /// Mutual TLS (default true); certificates for every node and for [`CLIENT`] are in
-    /// [`Cluster::tls_dir`].
+    /// Mutual TLS (default true); certificates for every node, for [`CLIENT`] and for [`APP`]
+    /// are in [`Cluster::tls_dir`].
     pub tls: bool,
 }
 
-/// The client identity tests use for data-plane and operator calls.
+/// The identity tests use for data-plane and operator calls: an operator, as `ferryctl` is.
 pub const CLIENT: &str = "ferryctl";
+/// An application client: may store and read, not operate the node.
+pub const APP: &str = "app";
 
 impl Cluster {
     /// Starts etcd and prepares `n_nodes` nodes (keys, ports, directories); starts nothing else.
@@ -132,7 +134,7 @@ impl Cluster {
             });
         }
         let ids: Vec<NodeId> = nodes.iter().map(|n| n.id.clone()).collect();
-        tls::write_dev_pki(&dir.path().join("tls"), &ids, CLIENT)?;
+        tls::write_dev_pki(&dir.path().join("tls"), &ids, CLIENT, APP)?;
         Ok(Cluster {
             etcd,
             control_plane,

@@ -3,7 +3,7 @@
 //! the node the committee names.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use ferry_e2e::{CLIENT, Cluster};
+use ferry_e2e::{APP, CLIENT, Cluster};
 use ferry_proto::v1::{
     self as pb, recovery_service_client::RecoveryServiceClient, sync_service_client::SyncServiceClient,
 };
@@ -15,8 +15,16 @@ use ferry_shared::{
 };
 use tonic::Code;
 
-fn stream_request(key: &NodeKeypair, requester: &NodeId, shard: ShardIndex) -> pb::StreamShardRequest {
+/// A `StreamShard` request to node 1 (the server of these tests), signed with `key`.
+fn stream_request(
+    cluster: &Cluster,
+    key: &NodeKeypair,
+    requester: &NodeId,
+    shard: ShardIndex,
+) -> pb::StreamShardRequest {
     StreamShardIntent {
+        cluster: &cluster.name,
+        server: &cluster.nodes[1].id,
         shard,
         epoch: 0,
         start: None,
@@ -66,20 +74,20 @@ async fn only_the_shard_owner_with_its_own_certificate_may_stream_it() {
         .await
         .unwrap();
     let mut anon = SyncServiceClient::new(anon_channel);
-    let err = anon.stream_shard(stream_request(&owner_key, &owner, shard)).await.unwrap_err();
+    let err = anon.stream_shard(stream_request(&cluster, &owner_key, &owner, shard)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    // Public calls need no certificate.
-    let status = anon.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
-    assert_eq!(status.node_id, owner.as_str());
+    // Nor does any other call but health and reflection.
+    let err = anon.get_status(pb::GetStatusRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
 
     // A certificate from another CA, for the very same node id: the handshake fails.
     let foreign = tempfile::tempdir().unwrap();
-    tls::write_dev_pki(foreign.path(), std::slice::from_ref(&owner), CLIENT).unwrap();
+    tls::write_dev_pki(foreign.path(), std::slice::from_ref(&owner), CLIENT, APP).unwrap();
     let mut foreign_cfg = TlsConfig::from_dir(foreign.path(), owner.as_str());
     foreign_cfg.ca_file = cluster.tls_dir().join("ca.pem"); // trusts the real server
     let foreign_connector = Connector::new(foreign_cfg.load(None).unwrap());
     let mut foreign_client = SyncServiceClient::new(foreign_connector.channel(&addr, &owner, None).unwrap());
-    let err = foreign_client.stream_shard(stream_request(&owner_key, &owner, shard)).await.unwrap_err();
+    let err = foreign_client.stream_shard(stream_request(&cluster, &owner_key, &owner, shard)).await.unwrap_err();
     assert!(
         matches!(err.code(), Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled),
         "a foreign CA's certificate must not get through: {err:?}"
@@ -89,21 +97,21 @@ async fn only_the_shard_owner_with_its_own_certificate_may_stream_it() {
     let other = cluster.nodes[2].id.clone();
     let other_key = NodeKeypair::load(&cluster.nodes[2].key_file).unwrap();
     let mut non_owner = cluster.sync_client_as(1, other.as_str()).await.unwrap();
-    let err = count_items(&mut non_owner, stream_request(&other_key, &other, shard)).await.unwrap_err();
+    let err = count_items(&mut non_owner, stream_request(&cluster, &other_key, &other, shard)).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("does not own shard"), "{}", err.message());
     // The non-owner replaying the owner's signed request: the certificate does not match.
-    let err = count_items(&mut non_owner, stream_request(&owner_key, &owner, shard)).await.unwrap_err();
+    let err = count_items(&mut non_owner, stream_request(&cluster, &owner_key, &owner, shard)).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("on behalf of"), "{}", err.message());
     // A client certificate is no node certificate.
     let mut as_client = cluster.sync_client_as(1, CLIENT).await.unwrap();
-    let err = count_items(&mut as_client, stream_request(&owner_key, &owner, shard)).await.unwrap_err();
+    let err = count_items(&mut as_client, stream_request(&cluster, &owner_key, &owner, shard)).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
 
     // The owner, with its own certificate and key, gets the whole shard.
     let mut owner_client = cluster.sync_client_as(1, owner.as_str()).await.unwrap();
-    assert_eq!(count_items(&mut owner_client, stream_request(&owner_key, &owner, shard)).await.unwrap(), 6);
+    assert_eq!(count_items(&mut owner_client, stream_request(&cluster, &owner_key, &owner, shard)).await.unwrap(), 6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -144,6 +152,25 @@ async fn sliver_reads_sync_state_and_operator_calls_follow_the_committee() {
         .unwrap();
     assert!(!first.owned_shards.is_empty());
 
+    // An application client reads and stores, but does not operate the node: pausing or
+    // resuming recovery, retrying a sync and setting the sync concurrency are refused, and
+    // the persisted pause flag stays as it was.
+    let mut app = cluster.sync_client_as(0, APP).await.unwrap();
+    app.get_sliver(pb::GetSliverRequest { blob_id: blobs[0].0.0.to_vec(), shard: shard.0 }).await.unwrap();
+    let mut app_recovery = RecoveryServiceClient::new(cluster.recovery_channel_as(0, APP).unwrap());
+    let err = app_recovery.pause_recovery(pb::PauseRecoveryRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("client app"), "{}", err.message());
+    let err = app_recovery.resume_recovery(pb::ResumeRecoveryRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(!app_recovery.get_recovery_status(pb::GetRecoveryStatusRequest {}).await.unwrap().into_inner().paused);
+    let mut app_admin = pb::sync_admin_client::SyncAdminClient::new(cluster.sync_channel_as(0, APP).unwrap());
+    let err = app_admin.retry_shard_sync(pb::RetryShardSyncRequest { shard: shard.0 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err =
+        app_admin.set_sync_concurrency(pb::SetSyncConcurrencyRequest { max_concurrent_syncs: 1 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
     // Pausing recovery: another node may not, an operator may.
     let mut as_peer = RecoveryServiceClient::new(cluster.recovery_channel_as(0, "node-1").unwrap());
     let err = as_peer.pause_recovery(pb::PauseRecoveryRequest {}).await.unwrap_err();
@@ -151,6 +178,8 @@ async fn sliver_reads_sync_state_and_operator_calls_follow_the_committee() {
     let mut as_operator = RecoveryServiceClient::new(cluster.recovery_channel_as(0, CLIENT).unwrap());
     as_operator.pause_recovery(pb::PauseRecoveryRequest {}).await.unwrap();
     assert!(as_operator.get_recovery_status(pb::GetRecoveryStatusRequest {}).await.unwrap().into_inner().paused);
+    let mut operator_admin = pb::sync_admin_client::SyncAdminClient::new(cluster.sync_channel_as(0, CLIENT).unwrap());
+    operator_admin.set_sync_concurrency(pb::SetSyncConcurrencyRequest { max_concurrent_syncs: 3 }).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -175,4 +204,132 @@ async fn a_node_refuses_to_start_with_another_nodes_certificate() {
     cluster.control_plane.propose_epoch(&genesis).await.unwrap();
     let err = format!("{:#}", cluster.start_sync(0).await.unwrap_err());
     assert!(err.contains("FERRY-TLS-002") && err.contains("node-0.node.ferry"), "{err}");
+}
+
+/// A channel to node 0's sync-service over TLS that presents no client certificate.
+async fn anonymous_channel(cluster: &Cluster) -> tonic::transport::Channel {
+    let ca = std::fs::read(cluster.tls_dir().join("ca.pem")).unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .domain_name(tls::node_server_name(&cluster.nodes[0].id));
+    tonic::transport::Channel::from_shared(format!("https://127.0.0.1:{}", cluster.nodes[0].sync_port))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// Sends `message` to `path`, whatever request type the method declares.
+async fn call_raw<T, M>(channel: T, path: &'static str, message: M) -> Result<(), tonic::Status>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+    M: prost::Message + Send + Sync + 'static,
+{
+    let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(usize::MAX);
+    grpc.ready().await.map_err(|e| tonic::Status::unavailable(e.into().to_string()))?;
+    // The reply is decoded as an empty message: only the status matters here.
+    let codec = tonic_prost::ProstCodec::<M, pb::GetStatusRequest>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+    grpc.unary(tonic::Request::new(message), path, codec).await.map(|_| ())
+}
+
+/// Bytes that are no valid `StoreBlobsRequest`: field 1 holds a `BlobUpload` that does not parse.
+fn undecodable_store_request(len: usize) -> pb::GetSliverRequest {
+    pb::GetSliverRequest { blob_id: vec![0xff; len], shard: 0 }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn callers_are_checked_and_bodies_bounded_before_anything_is_decoded() {
+    let mut cluster = Cluster::new(4, 4).await.unwrap();
+    cluster.start_genesis().await.unwrap();
+    let store_blobs = "/ferry.v1.SyncService/StoreBlobs";
+
+    // A member's garbage reaches the decoder, which refuses it: the body is decoded only ...
+    let err = call_raw(cluster.sync_channel_as(0, "node-1").unwrap(), store_blobs, undecodable_store_request(64))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "a member's undecodable request fails in the decoder: {err:?}");
+    // ... after the caller is known: without a certificate the same bytes never get there,
+    // not even 8 MiB of them.
+    let anonymous = anonymous_channel(&cluster).await;
+    for len in [64, 8 << 20] {
+        let err = call_raw(anonymous.clone(), store_blobs, undecodable_store_request(len)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{len} bytes without a certificate: {err:?}");
+    }
+    // Unknown methods are refused before their body too, for everyone.
+    let err =
+        call_raw(anonymous.clone(), "/ferry.v1.SyncService/NoSuchMethod", pb::GetStatusRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+    // Status needs an identity of the cluster too.
+    let err = call_raw(anonymous, "/ferry.v1.SyncService/GetStatus", pb::GetStatusRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+
+    // Each method has its own size limit: 2 MiB of (empty) ids is far more than the 1,024 ids
+    // a CheckBlobs may carry, and is cut off while it is read, before the handler's count check.
+    let check = pb::CheckBlobsRequest { blob_ids: vec![Vec::new(); 1 << 20] };
+    let err = call_raw(cluster.sync_channel_as(0, CLIENT).unwrap(), "/ferry.v1.SyncService/CheckBlobs", check)
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("length limit exceeded"), "the body limit, not the handler: {err:?}");
+    // Within the limit the handler's own check answers.
+    let check = pb::CheckBlobsRequest { blob_ids: vec![Vec::new(); 2000] };
+    let err = call_raw(cluster.sync_channel_as(0, CLIENT).unwrap(), "/ferry.v1.SyncService/CheckBlobs", check)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn open_connections_are_capped_and_stalled_handshakes_closed() {
+    use tokio::io::AsyncReadExt;
+    const CAP: usize = 16;
+    let mut cluster = Cluster::new(4, 4).await.unwrap();
+    cluster.tweak_sync = Box::new(|c| {
+        c.server.max_connections = CAP;
+        // Longer than opening the connections below takes, so none is closed by it before the
+        // cap is reached.
+        c.server.tls_handshake_timeout_ms = 5_000;
+    });
+    cluster.start_genesis().await.unwrap();
+    let addr = format!("127.0.0.1:{}", cluster.nodes[0].sync_port);
+    let refused = || cluster.nodes[0].node().unwrap().metrics.rpc.refused_connections.get();
+    let refused_before = refused();
+
+    // Connections that never start a TLS handshake: the peers may hold a few connections of
+    // their own, so at the latest the (CAP + 1)-th of ours is closed at once.
+    let mut held = Vec::new();
+    let mut closed_at_once = None;
+    for i in 0..=CAP {
+        let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(std::time::Duration::from_millis(100), socket.read(&mut byte)).await {
+            Ok(Ok(0) | Err(_)) => {
+                closed_at_once = Some(i);
+                break;
+            }
+            Ok(Ok(_)) => panic!("the server sent data before any handshake"),
+            Err(_) => held.push(socket),
+        }
+    }
+    let closed_at = closed_at_once.expect("a connection beyond server.max_connections must be closed at once");
+    assert!(!held.is_empty(), "connections up to the limit are accepted (closed at #{closed_at})");
+    assert!(refused() > refused_before, "the refusal is counted");
+
+    // The held connections never handshake, so each is closed after the handshake timeout.
+    for (i, socket) in held.iter_mut().enumerate() {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), socket.read(&mut byte)).await;
+        assert!(
+            matches!(read, Ok(Ok(0) | Err(_))),
+            "connection {i} without a handshake must be closed after server.tls_handshake_timeout_ms: {read:?}"
+        );
+    }
+    // With the stalled connections gone, calls get through again.
+    let mut client = cluster.sync_client(0).await.unwrap();
+    assert_eq!(client.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner().node_id, "node-0");
 }

@@ -209,6 +209,49 @@ async fn a_follower_that_cannot_go_on_stops_the_service_visibly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poisoned_control_plane_values_are_counted_and_skipped_not_followed_forever() {
+    let mut cluster = Cluster::new(4, 4).await.unwrap();
+    let c0 = cluster.start_genesis().await.unwrap();
+    // Values a broken writer (or someone with etcd access) could leave: not JSON under
+    // `epochs/`, a committee stored under another epoch's key, an invalid committee, a phase
+    // that does not parse. Written straight into the real etcd.
+    let mut etcd = etcd_client::Client::connect([cluster.etcd.endpoint.as_str()], None).await.unwrap();
+    let key = |rest: &str| format!("/ferry/{}/{rest}", cluster.name);
+    let mut misfiled = c0.clone();
+    misfiled.epoch = 7;
+    let mut invalid = c0.clone();
+    invalid.epoch = 1;
+    invalid.assignment.push(cluster.nodes[0].id.clone()); // longer than the shard count
+    let poison: Vec<(String, Vec<u8>)> = vec![
+        (key("epochs/00000000000000000001"), b"not json".to_vec()),
+        (key("epochs/00000000000000000002"), serde_json::to_vec(&misfiled).unwrap()),
+        (key("epochs/00000000000000000003"), serde_json::to_vec(&invalid).unwrap()),
+        (key("current"), b"{\"phase\":".to_vec()),
+    ];
+    let current = etcd.get(key("current"), None).await.unwrap().kvs()[0].value().to_vec();
+    for (k, v) in poison {
+        etcd.put(k, v, None).await.unwrap();
+    }
+    let node = cluster.nodes[0].node().unwrap().clone();
+    ferry_e2e::wait_until("four poisoned values counted", || {
+        let n = node.metrics.control_plane_poisoned.get();
+        async move { Ok(n >= 4) }
+    })
+    .await
+    .unwrap();
+    // The follower is not wedged: a valid epoch written after the poison is applied. (The
+    // epoch number must follow the last valid one, so the garbage is cleaned up first, as an
+    // operator would after the alert.)
+    for epoch in 1..=3 {
+        etcd.delete(key(&format!("epochs/{epoch:020}")), None).await.unwrap();
+    }
+    etcd.put(key("current"), current, None).await.unwrap();
+    cluster.next_epoch(cluster.nodes.iter().map(|n| n.member(1)).collect()).await.unwrap();
+    cluster.wait_all_active(0, 1).await.unwrap();
+    assert_eq!(node.metrics.control_plane_poisoned.get(), 4, "valid values are not counted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn grpcurl_lists_describes_and_calls_the_service_through_reflection() {
     let Ok(grpcurl) = which("grpcurl") else { panic!("grpcurl is not installed (scripts/setup installs it)") };
     let mut cluster = Cluster::new(4, 4).await.unwrap();
@@ -240,10 +283,13 @@ async fn grpcurl_lists_describes_and_calls_the_service_through_reflection() {
     assert!(ok && describe.contains("Streams a whole shard"), "doc comments reach grpcurl: {describe}");
     let (ok, status) = with(&as_client, &[&addr, "ferry.v1.SyncService/GetStatus"]);
     assert!(ok && status.contains("\"nodeId\": \"node-0\"") && status.contains("NODE_STATUS_ACTIVE"), "{status}");
-    // GetStatus is public: TLS without a client certificate is enough.
-    let (ok, status) =
-        run(&["-cacert", &ca, "-servername", "node-0.node.ferry", &addr, "ferry.v1.SyncService/GetStatus"]);
-    assert!(ok && status.contains("node-0"), "{status}");
+    // Reflection is public, status is not: TLS without a client certificate lists the
+    // services but may not read the node's status.
+    let anonymous = ["-cacert", &ca, "-servername", "node-0.node.ferry"];
+    let (ok, list) = with(&anonymous, &[&addr, "list"]);
+    assert!(ok && list.contains("ferry.v1.SyncService"), "{list}");
+    let (ok, status) = with(&anonymous, &[&addr, "ferry.v1.SyncService/GetStatus"]);
+    assert!(!ok && status.contains("Unauthenticated"), "{status}");
     // The sync-state stream is for the node itself: a client certificate is refused ...
     let (ok, refused) = with(&as_client, &["-max-time", "5", &addr, "ferry.v1.SyncService/WatchSyncState"]);
     assert!(!ok && refused.contains("PermissionDenied"), "{refused}");
@@ -275,8 +321,18 @@ fn which(name: &str) -> Result<std::path::PathBuf, ()> {
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.exists()).ok_or(())
 }
 
-fn signed_request(key: &NodeKeypair, requester: &NodeId, shard: u32, epoch: u64) -> pb::StreamShardRequest {
+/// A `StreamShard` request to node `server`, signed with `key`.
+fn signed_request(
+    cluster: &Cluster,
+    server: usize,
+    key: &NodeKeypair,
+    requester: &NodeId,
+    shard: u32,
+    epoch: u64,
+) -> pb::StreamShardRequest {
     StreamShardIntent {
+        cluster: &cluster.name,
+        server: &cluster.nodes[server].id,
         shard: ShardIndex(shard),
         epoch,
         start: None,
@@ -302,15 +358,20 @@ async fn stream_shard_refuses_non_owners_forgeries_replays_and_bad_input() {
     let mut owner_client = cluster.sync_client_as(1, cluster.nodes[1].id.as_str()).await.unwrap();
 
     // Node 2 does not own node 1's shard.
-    let err = client.stream_shard(signed_request(&key2, &id2, server_shard.0, 0)).await.unwrap_err();
+    let err = client.stream_shard(signed_request(&cluster, 1, &key2, &id2, server_shard.0, 0)).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("does not own shard"), "{}", err.message());
     // A forged signature (another key) is refused.
-    let err = client.stream_shard(signed_request(&NodeKeypair::generate(), &id2, server_shard.0, 0)).await.unwrap_err();
+    let err = client
+        .stream_shard(signed_request(&cluster, 1, &NodeKeypair::generate(), &id2, server_shard.0, 0))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("does not verify"));
     // The owner's request works once; its replay is refused.
     let owner_req = signed_request(
+        &cluster,
+        1,
         &NodeKeypair::load(&cluster.nodes[1].key_file).unwrap(),
         &cluster.nodes[1].id,
         server_shard.0,
@@ -328,14 +389,20 @@ async fn stream_shard_refuses_non_owners_forgeries_replays_and_bad_input() {
     }
     assert_eq!(n, 5);
     assert!(ended, "a complete stream ends with the end marker");
-    let err = owner_client.stream_shard(owner_req).await.unwrap_err();
+    let err = owner_client.stream_shard(owner_req.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("replayed"));
+    // The signed message names the server and the cluster: the same request taken to another
+    // node (over the owner's own certificate) does not verify there.
+    let mut at_node_2 = cluster.sync_client_as(2, cluster.nodes[1].id.as_str()).await.unwrap();
+    let err = at_node_2.stream_shard(owner_req).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("does not verify"), "{}", err.message());
     // A future epoch: the server has not processed it.
-    let err = client.stream_shard(signed_request(&key2, &id2, server_shard.0, 5)).await.unwrap_err();
+    let err = client.stream_shard(signed_request(&cluster, 1, &key2, &id2, server_shard.0, 5)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     // Out-of-range shard and malformed ids.
-    let err = client.stream_shard(signed_request(&key2, &id2, 99, 0)).await.unwrap_err();
+    let err = client.stream_shard(signed_request(&cluster, 1, &key2, &id2, 99, 0)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = client.get_metadata(pb::GetMetadataRequest { blob_id: vec![1, 2, 3] }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -436,8 +503,11 @@ async fn a_reader_that_stops_reading_does_not_grow_server_memory() {
     let owner_key = NodeKeypair::load(&cluster.nodes[1].key_file).unwrap();
     let mut grpc = cluster.sync_client_as(1, cluster.nodes[1].id.as_str()).await.unwrap();
     let rss_before = rss_bytes();
-    let mut stream =
-        grpc.stream_shard(signed_request(&owner_key, &cluster.nodes[1].id, shard.0, 0)).await.unwrap().into_inner();
+    let mut stream = grpc
+        .stream_shard(signed_request(&cluster, 1, &owner_key, &cluster.nodes[1].id, shard.0, 0))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(stream.message().await.unwrap().is_some());
     // Stop reading; let the producer run into backpressure, then measure.
     let status_before = status(&mut grpc).await.unwrap();

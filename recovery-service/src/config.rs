@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use ferry_shared::{
     config::{ConfigError, ControlPlaneConfig, Validate, invalid},
+    serving::ServerConfig,
     telemetry::LogFormat,
     tls::TlsConfig,
     types::NodeId,
@@ -31,6 +32,8 @@ pub struct RecoveryConfig {
     /// Mutual TLS on `listen`, towards this node's sync-service and towards peers (on by
     /// default; the node's certificate, as sync-service uses).
     pub tls: TlsConfig,
+    /// Connection limits of the gRPC port (and of the health port).
+    pub server: ServerConfig,
     /// Address of this node's own sync-service.
     pub sync_service: String,
     /// Log format.
@@ -90,6 +93,7 @@ impl Default for RecoveryConfig {
             health_listen: SocketAddr::from(([127, 0, 0, 1], 7411)),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 7412)),
             tls: TlsConfig::default(),
+            server: ServerConfig::default(),
             sync_service: "127.0.0.1:7400".into(),
             log_format: LogFormat::Text,
             control_plane: ControlPlaneConfig::default(),
@@ -112,7 +116,8 @@ impl Validate for RecoveryConfig {
         if self.metrics_listen == self.listen || self.metrics_listen == self.health_listen {
             return Err(invalid("metrics_listen", "must differ from `listen` and `health_listen`"));
         }
-        self.tls.validate("tls")?;
+        self.tls.validate("tls", &[self.listen])?;
+        self.server.validate("server")?;
         let r = &self.recovery;
         for (field, value) in [
             ("recovery.max_concurrent_blobs", r.max_concurrent_blobs as u64),

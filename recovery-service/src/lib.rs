@@ -16,6 +16,7 @@ use std::{future::Future, net::SocketAddr, path::Path, sync::Arc};
 use anyhow::Context;
 use ferry_proto::v1::recovery_service_server::RecoveryServiceServer;
 use ferry_shared::{
+    authz::{AuthzLayer, NoCommittee},
     config_watch,
     control_plane::ControlPlane,
     crypto::NodeKeypair,
@@ -25,7 +26,6 @@ use ferry_shared::{
     types::NodeId,
 };
 use tokio::{sync::watch, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 use crate::{
@@ -113,28 +113,35 @@ pub async fn start_with(config: RecoveryConfig, control_plane: ControlPlane) -> 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<RecoveryServiceServer<RecoveryServer>>().await;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let health_server = serving::spawn_health_server(health_listener, health_service.clone(), shutdown_rx.clone())?;
+    let health_server = serving::spawn_health_server(
+        health_listener,
+        health_service.clone(),
+        &config.server,
+        me.clone(),
+        shutdown_rx.clone(),
+    )?;
     let (metrics_addr, metrics_server) =
         start_metrics_server(config.metrics_listen, metrics.registry.clone(), shutdown_rx.clone())
             .await
             .with_context(|| format!("bind {}", config.metrics_listen))?;
-    let mut builder = tonic::transport::Server::builder();
-    match &tls {
-        Some(tls) => builder = builder.tls_config(tls.server_config()).context("TLS server configuration")?,
-        None => warn!(
-            "TLS is disabled (tls.enabled = false): callers are not authenticated and anyone who can reach this port can pause recovery"
-        ),
-    }
+    let limits = &config.server;
+    let (builder, authentication) = limits.secured_builder(tls.as_deref()).context("TLS server configuration")?;
+    let methods = Arc::new(server::method_table());
     let main_server = {
         let mut shutdown = shutdown_rx.clone();
+        let refused = metrics.rpc.refused_connections.clone();
         builder
             .trace_fn(telemetry::grpc_server_span("recovery-service", me.to_string()))
-            .layer(RpcMetricsLayer::new(metrics.rpc.clone()))
+            .layer(RpcMetricsLayer::new(metrics.rpc.clone(), methods.clone()))
+            .layer(AuthzLayer::new(methods.clone(), Arc::new(NoCommittee(me.clone())), authentication))
             .add_service(health_service)
             .add_service(serving::reflection_v1()?)
             .add_service(serving::reflection_v1alpha()?)
-            .add_service(RecoveryServiceServer::new(RecoveryServer::new(recovery.clone(), me.clone(), tls.is_some())))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            .add_service(
+                RecoveryServiceServer::new(RecoveryServer::new(recovery.clone()))
+                    .max_decoding_message_size(methods.max_request_bytes()),
+            )
+            .serve_with_incoming_shutdown(limits.incoming(listener, move || refused.inc()), async move {
                 let _ = shutdown.wait_for(|s| *s).await;
             })
     };

@@ -1,14 +1,12 @@
 //! recovery-service's gRPC API: status, a progress stream, the attestation log, and
-//! pause/resume. With TLS on, pause and resume need this node's certificate or an operator's
-//! client certificate; the read-only calls are open to any TLS client.
+//! pause/resume. Who may call what is [`method_table`], enforced by `ferry_shared::authz`
+//! before a request is decoded: pause and resume need this node's certificate or an
+//! operator's; the read-only calls any identity of the cluster.
 
 use std::{pin::Pin, sync::Arc};
 
 use ferry_proto::v1::{self as pb, recovery_service_server::RecoveryService};
-use ferry_shared::{
-    tls::{self, PeerIdentity},
-    types::NodeId,
-};
+use ferry_shared::authz::{Access, MethodRule, MethodTable, SMALL_REQUEST_BYTES, internal_error};
 use futures::Stream;
 use tokio_stream::{StreamExt, wrappers::WatchStream};
 use tonic::{Request, Response, Status};
@@ -19,30 +17,25 @@ use crate::node_recovery::Recovery;
 #[derive(Clone)]
 pub struct RecoveryServer {
     recovery: Arc<Recovery>,
-    me: NodeId,
-    tls: bool,
 }
 
 impl RecoveryServer {
-    /// Serves `recovery` for node `me`; `tls` says whether callers are authenticated.
-    pub fn new(recovery: Arc<Recovery>, me: NodeId, tls: bool) -> Self {
-        RecoveryServer { recovery, me, tls }
+    /// Serves `recovery`.
+    pub fn new(recovery: Arc<Recovery>) -> Self {
+        RecoveryServer { recovery }
     }
+}
 
-    /// Operator calls: this node itself or a client certificate.
-    fn authorize_operator<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        if !self.tls {
-            return Ok(());
-        }
-        match tls::caller(request)? {
-            Some(PeerIdentity::Client(_)) => Ok(()),
-            Some(PeerIdentity::Node(id)) if id == self.me => Ok(()),
-            Some(other) => {
-                Err(Status::permission_denied(format!("{other} may not pause or resume recovery on node {}", self.me)))
-            }
-            None => Err(Status::unauthenticated("this call needs a client certificate issued by the cluster CA")),
-        }
-    }
+/// Every method of the recovery-service port: who may call it and its largest request.
+pub fn method_table() -> MethodTable {
+    let rule = |path, access| MethodRule { path, access, max_request_bytes: SMALL_REQUEST_BYTES };
+    MethodTable::new([
+        rule("/ferry.v1.RecoveryService/GetRecoveryStatus", Access::Authenticated),
+        rule("/ferry.v1.RecoveryService/WatchRecovery", Access::Authenticated),
+        rule("/ferry.v1.RecoveryService/ListAttestations", Access::Authenticated),
+        rule("/ferry.v1.RecoveryService/PauseRecovery", Access::SelfOrOperator),
+        rule("/ferry.v1.RecoveryService/ResumeRecovery", Access::SelfOrOperator),
+    ])
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -69,7 +62,7 @@ impl RecoveryService for RecoveryServer {
         &self,
         _request: Request<pb::ListAttestationsRequest>,
     ) -> Result<Response<pb::ListAttestationsResponse>, Status> {
-        let records = self.recovery.attestations().await.map_err(|e| Status::internal(e.to_string()))?;
+        let records = self.recovery.attestations().await.map_err(internal_error)?;
         let attestations = records
             .into_iter()
             .map(|a| pb::Attestation {
@@ -94,19 +87,29 @@ impl RecoveryService for RecoveryServer {
 
     async fn pause_recovery(
         &self,
-        request: Request<pb::PauseRecoveryRequest>,
+        _request: Request<pb::PauseRecoveryRequest>,
     ) -> Result<Response<pb::PauseRecoveryResponse>, Status> {
-        self.authorize_operator(&request)?;
-        self.recovery.set_paused(true).await.map_err(|e| Status::internal(e.to_string()))?;
+        self.recovery.set_paused(true).await.map_err(internal_error)?;
         Ok(Response::new(pb::PauseRecoveryResponse {}))
     }
 
     async fn resume_recovery(
         &self,
-        request: Request<pb::ResumeRecoveryRequest>,
+        _request: Request<pb::ResumeRecoveryRequest>,
     ) -> Result<Response<pb::ResumeRecoveryResponse>, Status> {
-        self.authorize_operator(&request)?;
-        self.recovery.set_paused(false).await.map_err(|e| Status::internal(e.to_string()))?;
+        self.recovery.set_paused(false).await.map_err(internal_error)?;
         Ok(Response::new(pb::ResumeRecoveryResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    #[test]
+    fn every_method_has_exactly_one_rule() {
+        let mismatches =
+            super::method_table().mismatches(ferry_proto::FILE_DESCRIPTOR_SET, &["ferry.v1.RecoveryService"]).unwrap();
+        assert!(mismatches.is_empty(), "{mismatches:#?}");
     }
 }

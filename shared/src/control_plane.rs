@@ -288,6 +288,15 @@ pub enum EpochEvent {
         /// The attesting node.
         node: NodeId,
     },
+    /// A committee or phase that does not decode or is not valid (someone wrote the control
+    /// plane by hand, or a writer is broken): to be alarmed on and skipped, never applied, and
+    /// never a reason to stop following.
+    Poisoned {
+        /// The key.
+        key: String,
+        /// What is wrong with its value.
+        reason: String,
+    },
 }
 
 /// An epoch event with its revision, the cursor a follower persists.
@@ -645,16 +654,23 @@ impl ControlPlane {
                     Ok(ev) => ev,
                     Err(e) => return Some(Err(e)),
                 };
-                let event = if ev.key.starts_with(&epochs_prefix) {
+                let poisoned = |reason: String| EpochEvent::Poisoned { key: ev.key.clone(), reason };
+                let event = if let Some(epoch) = ev.key.strip_prefix(&epochs_prefix) {
                     match Self::decode::<Committee>(&ev.key, &ev.value) {
-                        Ok(c) => EpochEvent::Started(c),
-                        Err(e) => return Some(Err(e)),
+                        Err(e) => poisoned(e.to_string()),
+                        Ok(c) => match c.validate() {
+                            Err(e) => poisoned(format!("invalid committee: {e}")),
+                            Ok(()) if epoch.parse::<Epoch>().ok() != Some(c.epoch) => {
+                                poisoned(format!("the committee of epoch {} is stored under another epoch", c.epoch))
+                            }
+                            Ok(()) => EpochEvent::Started(c),
+                        },
                     }
                 } else if ev.key == current_key {
                     match Self::decode::<CurrentRecord>(&ev.key, &ev.value) {
                         Ok(CurrentRecord { phase: EpochPhase::Done(e) }) => EpochEvent::Done(e),
                         Ok(_) => return None,
-                        Err(e) => return Some(Err(e)),
+                        Err(e) => poisoned(e.to_string()),
                     }
                 } else if let Some(rest) = ev.key.strip_prefix(&attestations_prefix) {
                     // `<epoch:020>/<node>`; the value is not needed to act on it.

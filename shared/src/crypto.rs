@@ -108,14 +108,8 @@ impl NodeKeypair {
 
     /// Writes the seed to a new key file readable only by its owner.
     pub fn save(&self, path: &Path) -> Result<(), CryptoError> {
-        let io = |source| CryptoError::KeyFile { path: path.display().to_string(), source };
-        std::fs::write(path, hex::encode(self.signing.to_bytes())).map_err(io)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-        }
-        Ok(())
+        write_new_file(path, hex::encode(self.signing.to_bytes()).as_bytes(), true)
+            .map_err(|source| CryptoError::KeyFile { path: path.display().to_string(), source })
     }
 
     /// Hex of the public key, as listed in the committee.
@@ -178,6 +172,10 @@ pub fn confirmation_message(cluster: &str, blob: &BlobId, epoch: Epoch) -> Vec<u
 /// The signed fields of a `StreamShard` request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamShardIntent<'a> {
+    /// The cluster (`control_plane.cluster`): a request for one cluster is void in another.
+    pub cluster: &'a str,
+    /// The node asked to serve: a request captured on its way to one node is void at another.
+    pub server: &'a NodeId,
     /// Shard to stream.
     pub shard: ShardIndex,
     /// Epoch in which the requester owns it.
@@ -199,7 +197,9 @@ pub struct StreamShardIntent<'a> {
 impl StreamShardIntent<'_> {
     /// Bytes the request signs.
     pub fn message(&self) -> Vec<u8> {
-        let mut out = b"ferry/stream-shard/v2".to_vec();
+        let mut out = b"ferry/stream-shard/v3".to_vec();
+        put_str(&mut out, self.cluster);
+        put_str(&mut out, self.server.as_str());
         out.extend_from_slice(&self.shard.0.to_be_bytes());
         out.extend_from_slice(&self.epoch.to_be_bytes());
         match &self.start {
@@ -270,6 +270,23 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// Writes `bytes` to `path`. A `secret` file is created new with mode 0600, so the key is
+/// never readable by others, not even between a write and a chmod, and an existing key is
+/// never overwritten; other files are replaced.
+pub fn write_new_file(path: &std::path::Path, bytes: &[u8], secret: bool) -> std::io::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true);
+    if secret {
+        options.create_new(true).mode(0o600);
+    } else {
+        options.create(true).truncate(true).mode(0o644);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -293,6 +310,14 @@ mod tests {
         let path = dir.path().join("node.key");
         let key = NodeKeypair::generate();
         key.save(&path).unwrap();
+        assert_eq!(NodeKeypair::load(&path).unwrap().public_hex(), key.public_hex());
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "a key file must be readable by its owner only");
+        }
+        let overwrite = NodeKeypair::generate().save(&path);
+        assert!(overwrite.is_err(), "an existing key must not be overwritten");
         assert_eq!(NodeKeypair::load(&path).unwrap().public_hex(), key.public_hex());
         std::fs::write(&path, "nothex").unwrap();
         assert!(matches!(NodeKeypair::load(&path), Err(CryptoError::KeyFormat(_))));

@@ -4,6 +4,7 @@
 //! configuration loading and its live reload, mutual TLS, telemetry and metrics set-up and the
 //! control-plane client.
 
+pub mod authz;
 pub mod backoff;
 pub mod certificate;
 pub mod client;

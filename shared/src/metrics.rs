@@ -10,8 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::authz::MethodTable;
 use http_body::{Body, Frame, SizeHint};
-use prometheus::{Encoder, HistogramOpts, HistogramVec, Registry, TextEncoder};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounter, Registry, TextEncoder};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -163,6 +164,9 @@ pub fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
 #[derive(Clone)]
 pub struct RpcMetrics {
     latency: HistogramVec,
+    /// `ferry_refused_connections_total`: connections closed because the port was at its
+    /// connection limit.
+    pub refused_connections: IntCounter,
 }
 
 impl RpcMetrics {
@@ -177,7 +181,11 @@ impl RpcMetrics {
         )
         .buckets(buckets);
         let latency = HistogramVec::new(opts, &["method", "code"])?;
-        Ok(RpcMetrics { latency: register(registry, latency) })
+        let refused = IntCounter::new(
+            "ferry_refused_connections_total",
+            "Connections closed at once because the gRPC port had its maximum open (server.max_connections).",
+        )?;
+        Ok(RpcMetrics { latency: register(registry, latency), refused_connections: register(registry, refused) })
     }
 
     fn observe(&self, method: &str, code: &str, elapsed: Duration) {
@@ -189,19 +197,21 @@ impl RpcMetrics {
 #[derive(Clone)]
 pub struct RpcMetricsLayer {
     metrics: RpcMetrics,
+    methods: Arc<MethodTable>,
 }
 
 impl RpcMetricsLayer {
-    /// Records into `metrics`.
-    pub fn new(metrics: RpcMetrics) -> Self {
-        RpcMetricsLayer { metrics }
+    /// Records into `metrics`, labelled by the methods of `methods` (any other path is
+    /// `unknown`, so that callers cannot grow the registry).
+    pub fn new(metrics: RpcMetrics, methods: Arc<MethodTable>) -> Self {
+        RpcMetricsLayer { metrics, methods }
     }
 }
 
 impl<S> tower::Layer<S> for RpcMetricsLayer {
     type Service = RpcMetricsService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        RpcMetricsService { inner, metrics: self.metrics.clone() }
+        RpcMetricsService { inner, metrics: self.metrics.clone(), methods: self.methods.clone() }
     }
 }
 
@@ -210,6 +220,7 @@ impl<S> tower::Layer<S> for RpcMetricsLayer {
 pub struct RpcMetricsService<S> {
     inner: S,
     metrics: RpcMetrics,
+    methods: Arc<MethodTable>,
 }
 
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for RpcMetricsService<S>
@@ -228,7 +239,7 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let started = Instant::now();
-        let method: Arc<str> = Arc::from(request.uri().path());
+        let method = self.methods.label(request.uri().path());
         let metrics = self.metrics.clone();
         let future = self.inner.call(request);
         Box::pin(async move {
@@ -245,7 +256,7 @@ where
 
 struct Record {
     metrics: RpcMetrics,
-    method: Arc<str>,
+    method: &'static str,
     started: Instant,
     code: Option<&'static str>,
 }
@@ -260,7 +271,7 @@ impl<B> MeteredBody<B> {
     fn finish(&mut self) {
         if let Some(r) = self.record.take() {
             // Dropped before any status: the client went away.
-            r.metrics.observe(&r.method, r.code.unwrap_or("CANCELLED"), r.started.elapsed());
+            r.metrics.observe(r.method, r.code.unwrap_or("CANCELLED"), r.started.elapsed());
         }
     }
 }

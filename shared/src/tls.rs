@@ -30,6 +30,8 @@ use crate::{
 pub const NODE_SUFFIX: &str = ".node.ferry";
 /// DNS suffix of client identities.
 pub const CLIENT_SUFFIX: &str = ".client.ferry";
+/// DNS-name suffix of an operator certificate: `<name>.operator.ferry`.
+pub const OPERATOR_SUFFIX: &str = ".operator.ferry";
 /// Common name of the CA `ferryctl certs` creates.
 const CA_COMMON_NAME: &str = "Ferry cluster CA";
 
@@ -87,6 +89,10 @@ pub struct TlsConfig {
     pub cert_file: PathBuf,
     /// The certificate's private key (PEM). Default `tls/node.key`.
     pub key_file: PathBuf,
+    /// With `enabled = false` the service listens only on loopback addresses unless this is
+    /// set: plaintext authenticates nobody, so every method (storing, pausing recovery,
+    /// streaming shards) is open to anyone who can reach the port. Default false.
+    pub insecure_plaintext_beyond_loopback: bool,
 }
 
 impl Default for TlsConfig {
@@ -96,6 +102,7 @@ impl Default for TlsConfig {
             ca_file: "tls/ca.pem".into(),
             cert_file: "tls/node.pem".into(),
             key_file: "tls/node.key".into(),
+            insecure_plaintext_beyond_loopback: false,
         }
     }
 }
@@ -113,11 +120,26 @@ impl TlsConfig {
             ca_file: dir.join("ca.pem"),
             cert_file: dir.join(format!("{name}.pem")),
             key_file: dir.join(format!("{name}.key")),
+            insecure_plaintext_beyond_loopback: false,
         }
     }
 
-    /// Checks the paths are set when TLS is on.
-    pub fn validate(&self, section: &str) -> Result<(), ConfigError> {
+    /// Checks the paths are set when TLS is on, and that plaintext stays on loopback `listen`
+    /// addresses unless the insecure setting says otherwise.
+    pub fn validate(&self, section: &str, listen: &[std::net::SocketAddr]) -> Result<(), ConfigError> {
+        if !self.enabled
+            && !self.insecure_plaintext_beyond_loopback
+            && let Some(open) = listen.iter().find(|a| !a.ip().is_loopback())
+        {
+            return Err(invalid(
+                &format!("{section}.enabled"),
+                format!(
+                    "plaintext on {open}, which is not a loopback address, would let anyone who can reach it \
+                     call every method; enable TLS, listen on loopback, or set \
+                     {section}.insecure_plaintext_beyond_loopback = true to accept that risk"
+                ),
+            ));
+        }
         if self.enabled {
             for (field, path) in
                 [("ca_file", &self.ca_file), ("cert_file", &self.cert_file), ("key_file", &self.key_file)]
@@ -222,8 +244,11 @@ impl TlsMaterial {
 pub enum PeerIdentity {
     /// A storage node (`<id>.node.ferry`).
     Node(NodeId),
-    /// An operator or application client (`<name>.client.ferry`).
+    /// An application client (`<name>.client.ferry`): stores and reads blobs.
     Client(String),
+    /// An operator (`<name>.operator.ferry`): what a client may do, plus pausing recovery,
+    /// retrying syncs and tuning the node.
+    Operator(String),
 }
 
 impl std::fmt::Display for PeerIdentity {
@@ -231,6 +256,7 @@ impl std::fmt::Display for PeerIdentity {
         match self {
             PeerIdentity::Node(id) => write!(f, "node {id}"),
             PeerIdentity::Client(name) => write!(f, "client {name}"),
+            PeerIdentity::Operator(name) => write!(f, "operator {name}"),
         }
     }
 }
@@ -251,12 +277,18 @@ pub fn identity_of(der: &[u8]) -> Result<PeerIdentity, String> {
                 && NodeId::new(client).is_ok()
             {
                 found.push(PeerIdentity::Client(client.to_string()));
+            } else if let Some(operator) = dns.strip_suffix(OPERATOR_SUFFIX)
+                && NodeId::new(operator).is_ok()
+            {
+                found.push(PeerIdentity::Operator(operator.to_string()));
             }
         }
     }
     match found.len() {
         1 => Ok(found.remove(0)),
-        0 => Err(format!("names no Ferry identity (<node>{NODE_SUFFIX} or <name>{CLIENT_SUFFIX})")),
+        0 => Err(format!(
+            "names no Ferry identity (<node>{NODE_SUFFIX}, <name>{CLIENT_SUFFIX} or <name>{OPERATOR_SUFFIX})"
+        )),
         _ => Err("names more than one Ferry identity".into()),
     }
 }
@@ -352,6 +384,12 @@ impl ClusterCa {
         self.issue(name, vec![format!("{name}{CLIENT_SUFFIX}")], vec![ExtendedKeyUsagePurpose::ClientAuth])
     }
 
+    /// An operator certificate naming `<name>.operator.ferry`.
+    pub fn issue_operator(&self, name: &str) -> Result<IssuedCert, TlsError> {
+        NodeId::new(name).map_err(|e| TlsError::Generate(format!("operator name: {e}")))?;
+        self.issue(name, vec![format!("{name}{OPERATOR_SUFFIX}")], vec![ExtendedKeyUsagePurpose::ClientAuth])
+    }
+
     fn issue(
         &self,
         common_name: &str,
@@ -390,12 +428,7 @@ fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), TlsError> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(err)?;
     }
-    fs::write(path, bytes).map_err(err)?;
-    if secret {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(err)?;
-    }
-    Ok(())
+    crate::crypto::write_new_file(path, bytes, secret).map_err(err)
 }
 
 /// Installs ring as the process's rustls provider. Every binary calls this first; a second
@@ -404,15 +437,16 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// A CA plus certificates for `nodes` and one client, written under `dir` (test harnesses
-/// and the local cluster).
-pub fn write_dev_pki(dir: &Path, nodes: &[NodeId], client: &str) -> Result<(), TlsError> {
+/// A CA plus certificates for `nodes`, one operator and one application client, written under
+/// `dir` (test harnesses and the local cluster).
+pub fn write_dev_pki(dir: &Path, nodes: &[NodeId], operator: &str, client: &str) -> Result<(), TlsError> {
     let ca = ClusterCa::generate()?;
     ca.write(dir)?;
     let loopback = ["localhost".to_string(), "127.0.0.1".to_string()];
     for node in nodes {
         ca.issue_node(node, &loopback)?.write(dir, node.as_str())?;
     }
+    ca.issue_operator(operator)?.write(dir, operator)?;
     ca.issue_client(client)?.write(dir, client)
 }
 
@@ -446,7 +480,7 @@ mod tests {
     fn load_checks_the_certificate_names_this_node() {
         let dir = tempfile::tempdir().unwrap();
         let nodes = [NodeId::new("node-0").unwrap(), NodeId::new("node-1").unwrap()];
-        write_dev_pki(dir.path(), &nodes, "ferryctl").unwrap();
+        write_dev_pki(dir.path(), &nodes, "ferryctl", "app").unwrap();
         let config = TlsConfig::from_dir(dir.path(), "node-0");
         assert!(config.load(Some(&nodes[0])).unwrap().is_some());
         let err = config.load(Some(&nodes[1])).unwrap_err().to_string();

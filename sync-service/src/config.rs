@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use ferry_shared::{
     config::{ConfigError, ControlPlaneConfig, Validate, invalid},
+    serving::ServerConfig,
     telemetry::LogFormat,
     tls::TlsConfig,
     types::NodeId,
@@ -30,6 +31,8 @@ pub struct SyncConfig {
     pub metrics_listen: SocketAddr,
     /// Mutual TLS on `listen` and towards peers (on by default).
     pub tls: TlsConfig,
+    /// Connection limits of the gRPC port (and of the health port).
+    pub server: ServerConfig,
     /// Log format.
     pub log_format: LogFormat,
     /// Control plane.
@@ -53,6 +56,7 @@ impl Default for SyncConfig {
             health_listen: SocketAddr::from(([127, 0, 0, 1], 7401)),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 7402)),
             tls: TlsConfig::default(),
+            server: ServerConfig::default(),
             log_format: LogFormat::Text,
             control_plane: ControlPlaneConfig::default(),
             store: StoreConfig::default(),
@@ -227,7 +231,8 @@ impl Validate for SyncConfig {
         if self.metrics_listen == self.listen || self.metrics_listen == self.health_listen {
             return Err(invalid("metrics_listen", "must differ from `listen` and `health_listen`"));
         }
-        self.tls.validate("tls")?;
+        self.tls.validate("tls", &[self.listen])?;
+        self.server.validate("server")?;
         let s = &self.shard_sync;
         for (field, value) in [
             ("shard_sync.max_concurrent_syncs", s.max_concurrent_syncs as u64),
@@ -286,6 +291,31 @@ mod tests {
         let env = vec![("FERRY_SYNC__STORE__MEMTABLE_BUDGET_MIB".to_string(), "8".to_string())];
         let err = ferry_shared::config::load_from::<SyncConfig>(Some(&path), ENV_PREFIX, env).unwrap_err();
         assert!(err.to_string().contains("store.memtable_budget_mib"), "{err}");
+    }
+
+    #[test]
+    fn plaintext_beyond_loopback_needs_the_insecure_setting() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sync-service.example.toml");
+        let load = |pairs: &[(&str, &str)]| {
+            let env: Vec<(String, String)> =
+                pairs.iter().map(|(k, v)| (format!("FERRY_SYNC__{k}"), v.to_string())).collect();
+            ferry_shared::config::load_from::<SyncConfig>(Some(&path), ENV_PREFIX, env)
+        };
+        // Plaintext on loopback (tests, a single machine) is allowed.
+        load(&[("TLS__ENABLED", "false"), ("LISTEN", "127.0.0.1:7400")]).unwrap();
+        // Plaintext on a routable address needs the setting that names the risk.
+        let err = load(&[("TLS__ENABLED", "false"), ("LISTEN", "0.0.0.0:7400")]).unwrap_err();
+        assert!(err.to_string().contains("tls.insecure_plaintext_beyond_loopback"), "{err}");
+        load(&[
+            ("TLS__ENABLED", "false"),
+            ("LISTEN", "0.0.0.0:7400"),
+            ("TLS__INSECURE_PLAINTEXT_BEYOND_LOOPBACK", "true"),
+        ])
+        .unwrap();
+        // TLS on any address is fine.
+        load(&[("LISTEN", "0.0.0.0:7400")]).unwrap();
+        let err = load(&[("SERVER__MAX_CONNECTIONS", "0")]).unwrap_err();
+        assert!(err.to_string().contains("server.max_connections"), "{err}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::{
 use anyhow::Context;
 use ferry_proto::v1::{sync_admin_server::SyncAdminServer, sync_service_server::SyncServiceServer};
 use ferry_shared::{
+    authz::AuthzLayer,
     config_watch,
     control_plane::ControlPlane,
     grpc::MAX_MESSAGE_BYTES,
@@ -26,7 +27,6 @@ use ferry_shared::{
     serving, telemetry,
 };
 use tokio::{sync::watch, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 
 use crate::{
@@ -98,7 +98,13 @@ pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyh
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<SyncServiceServer<SyncServer>>().await;
-    let health_server = serving::spawn_health_server(health_listener, health_service.clone(), shutdown_rx.clone())?;
+    let health_server = serving::spawn_health_server(
+        health_listener,
+        health_service.clone(),
+        &node.config.server,
+        node.id.clone(),
+        shutdown_rx.clone(),
+    )?;
     let (metrics_addr, metrics_server) =
         start_metrics_server(node.config.metrics_listen, node.metrics.registry.clone(), shutdown_rx.clone())
             .await
@@ -119,28 +125,26 @@ pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyh
 
     epoch_change::startup(&node).await.context("start-up reconciliation")?;
     let server = SyncServer::new(node.clone(), shutdown_rx.clone());
-    let mut builder = tonic::transport::Server::builder();
-    match &node.tls {
-        Some(tls) => builder = builder.tls_config(tls.server_config()).context("TLS server configuration")?,
-        None => warn!(
-            "TLS is disabled (tls.enabled = false): peers are not authenticated and anyone who can reach this port can call every method"
-        ),
-    }
+    let limits = &node.config.server;
+    let (builder, authentication) = limits.secured_builder(node.tls.as_deref()).context("TLS server configuration")?;
+    let methods = Arc::new(server::method_table());
     let main_server = {
         let mut shutdown = shutdown_rx.clone();
+        let refused = node.metrics.rpc.refused_connections.clone();
         builder
             .trace_fn(telemetry::grpc_server_span("sync-service", node.id.to_string()))
-            .layer(RpcMetricsLayer::new(node.metrics.rpc.clone()))
+            .layer(RpcMetricsLayer::new(node.metrics.rpc.clone(), methods.clone()))
+            .layer(AuthzLayer::new(methods.clone(), Arc::new(server::NodeMembership(node.clone())), authentication))
             .add_service(health_service)
             .add_service(serving::reflection_v1()?)
             .add_service(serving::reflection_v1alpha()?)
             .add_service(
                 SyncServiceServer::new(server.clone())
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_decoding_message_size(methods.max_request_bytes())
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
-            .add_service(SyncAdminServer::new(server))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            .add_service(SyncAdminServer::new(server).max_decoding_message_size(methods.max_request_bytes()))
+            .serve_with_incoming_shutdown(limits.incoming(listener, move || refused.inc()), async move {
                 let _ = shutdown.wait_for(|s| *s).await;
             })
     };

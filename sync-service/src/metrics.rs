@@ -28,6 +28,9 @@ pub struct SyncMetrics {
     pub attestations: IntCounter,
     /// `ferry_index_learned_total`: certified blobs that entered the index from any source.
     pub index_learned: IntCounter,
+    /// `ferry_control_plane_poisoned_total`: committees or phases read from the control plane
+    /// that did not decode or were not valid, and were skipped. Alert on any increase.
+    pub control_plane_poisoned: IntCounter,
     /// `ferry_rpc_duration_seconds{method, code}`.
     pub rpc: RpcMetrics,
 }
@@ -79,6 +82,13 @@ impl SyncMetrics {
                 IntCounter::new(
                     "ferry_index_learned_total",
                     "Certified blobs that entered this node's index (clients, shard streams, peers).",
+                )?,
+            ),
+            control_plane_poisoned: register(
+                &registry,
+                IntCounter::new(
+                    "ferry_control_plane_poisoned_total",
+                    "Committees or phases from the control plane that did not decode or were invalid, and were skipped.",
                 )?,
             ),
             rpc: RpcMetrics::new(&registry)?,

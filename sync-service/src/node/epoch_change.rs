@@ -24,7 +24,7 @@ use ferry_shared::{
     types::{Epoch, ShardIndex, ShardStatus},
 };
 use futures::StreamExt;
-use tracing::{Instrument as _, debug, info, info_span, warn};
+use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use super::{Node, NodeError, attestation, shard_sync};
 use crate::store::NodeState;
@@ -172,9 +172,24 @@ async fn resync(node: &Arc<Node>) -> Result<(), NodeError> {
 
 async fn apply_event(node: &Arc<Node>, event: WatchedEpochEvent) -> Result<(), NodeError> {
     match event.event {
+        EpochEvent::Poisoned { key, reason } => {
+            poisoned(node, &key, &reason);
+            Ok(())
+        }
         EpochEvent::Started(committee) => {
             debug!(epoch = committee.epoch, revision = event.revision, "epoch event received");
             let state = node.view().state;
+            if let Some(s) = &state
+                && committee.epoch > s.epoch
+                && committee.n_shards != s.committee.n_shards
+            {
+                let reason = format!(
+                    "epoch {} has {} shards, the cluster {}; the shard count never changes",
+                    committee.epoch, committee.n_shards, s.committee.n_shards
+                );
+                poisoned(node, &format!("epochs/{}", committee.epoch), &reason);
+                return Ok(());
+            }
             let previous = match &state {
                 Some(s) if committee.epoch <= s.epoch => return Ok(()), // applied already
                 Some(s) if committee.epoch == s.epoch + 1 => PreviousAssignment::Known(&s.committee),
@@ -209,6 +224,12 @@ async fn apply_event(node: &Arc<Node>, event: WatchedEpochEvent) -> Result<(), N
             Ok(())
         }
     }
+}
+
+/// A control-plane value this node will not apply: logged, counted for alerting, skipped.
+fn poisoned(node: &Node, key: &str, reason: &str) {
+    node.metrics.control_plane_poisoned.inc();
+    error!(%key, %reason, "FERRY-NODE-004: skipping a control-plane value that is not valid; fix or remove it");
 }
 
 /// Applies the committee of a new epoch (see the module docs for the order of writes).

@@ -468,6 +468,8 @@ async fn attempt(
             None => None,
         };
         let request = StreamShardIntent {
+            cluster: node.cluster(),
+            server: &source,
             shard,
             epoch: current.epoch,
             start: resume_from,
@@ -513,7 +515,22 @@ async fn receive(
     let mut incoming_bytes = 0usize;
     let mut last = progress.cursor;
     let end = loop {
-        let next = match tokio::time::timeout(cfg.item_timeout(), stream.message()).await {
+        // The no-progress deadline holds inside a stream too: a source that trickles items
+        // just inside the item timeout, or sends only what settles nothing, cannot keep the
+        // sync (and the count that holds blob recovery back) alive.
+        let stalled = clock.stalled_for();
+        if stalled >= cfg.give_up_after() {
+            verify_and_write(node, shard, source, progress, &mut incoming, clock).await?;
+            if clock.stalled_for() >= cfg.give_up_after() {
+                return Err(AttemptError::Fatal(format!(
+                    "no certified blob settled from {source}'s stream for {stalled:?} (shard_sync.give_up_after_ms)"
+                )));
+            }
+            incoming_bytes = 0;
+        }
+        let wait = cfg.item_timeout().min(cfg.give_up_after().saturating_sub(stalled)).max(Duration::from_millis(1));
+        let next = match tokio::time::timeout(wait, stream.message()).await {
+            Err(_) if clock.stalled_for() >= cfg.give_up_after() => continue,
             Err(_) => {
                 Err(tonic::Status::deadline_exceeded(format!("no item from {source} for {:?}", cfg.item_timeout())))
             }
@@ -671,12 +688,18 @@ async fn verify_and_write(
         None => Some(BlobId::MIN),
     };
     let missing = diff_against_index(node, shard, from, last.successor(), &sent, progress).await?;
+    // Progress is a certified blob settled: its sliver stored, or found missing and left to
+    // blob recovery. Both are bounded by what the index holds, so a source that streams
+    // uncertified ids (however many) or nothing keeps the clock still and is given up on.
+    let useful = !batch.items.is_empty() || !missing.is_empty();
     batch.missing = missing;
     next.cursor = Some(last);
     next.last_error = None;
     write_batch(node, shard, batch, next.clone(), false).await?;
     *progress = next;
-    clock.advanced();
+    if useful {
+        clock.advanced();
+    }
     Ok(())
 }
 
