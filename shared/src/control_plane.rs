@@ -426,9 +426,18 @@ impl ControlPlane {
         Ok(self.get_json::<CurrentRecord>(&self.key("current")).await?.map(|(c, _)| c.phase))
     }
 
-    /// The committee of an epoch.
+    /// The committee of an epoch. One that is not valid (shard count, one owner per shard,
+    /// keys) or is stored under another epoch is an error, never handed to a caller that would
+    /// index shards by it.
     pub async fn committee(&self, epoch: Epoch) -> Result<Option<Committee>> {
-        Ok(self.get_json(&self.epoch_key(epoch)).await?.map(|(c, _)| c))
+        let key = self.epoch_key(epoch);
+        let Some((committee, _)) = self.get_json::<Committee>(&key).await? else { return Ok(None) };
+        let corrupt = |message: String| ControlPlaneError::Corrupt { key: key.clone(), message };
+        committee.validate().map_err(|e| corrupt(format!("invalid committee: {e}")))?;
+        if committee.epoch != epoch {
+            return Err(corrupt(format!("holds the committee of epoch {}", committee.epoch)));
+        }
+        Ok(Some(committee))
     }
 
     /// The committee of the current epoch.

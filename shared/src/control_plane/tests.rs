@@ -149,3 +149,25 @@ async fn watch_replays_history_after_a_revision_then_follows_live() {
         assert!(!c1.is_quorum(before[..before.len() - 1].iter()), "the flip follows the first quorum: {events:?}");
     }
 }
+
+#[tokio::test]
+async fn a_committee_that_is_not_valid_or_misfiled_is_an_error_not_a_committee() {
+    let f = fixture(4, 8).await;
+    // Longer than its shard count: a reader indexing slivers by it would go out of bounds.
+    let mut long = f.c0.clone();
+    long.assignment.push(f.keys[0].0.clone());
+    let key = f.cp.epoch_key(0);
+    f.cp.kv.txn(Vec::new(), vec![(key.clone(), serde_json::to_vec(&long).unwrap())]).await.unwrap();
+    let err = f.cp.committee(0).await.unwrap_err();
+    assert!(
+        matches!(&err, ControlPlaneError::Corrupt { message, .. } if message.contains("invalid committee")),
+        "{err}"
+    );
+    assert!(f.cp.current_committee().await.is_err(), "the current committee is read the same way");
+    // A valid committee under another epoch's key.
+    let mut misfiled = f.c0.clone();
+    misfiled.epoch = 5;
+    f.cp.kv.txn(Vec::new(), vec![(key, serde_json::to_vec(&misfiled).unwrap())]).await.unwrap();
+    let err = f.cp.committee(0).await.unwrap_err();
+    assert!(err.to_string().contains("epoch 5"), "{err}");
+}
