@@ -133,9 +133,33 @@ pub fn stop_pid(pid: u32, grace: Duration) -> anyhow::Result<()> {
     kill_pid(pid)
 }
 
+/// The processes this process started and has not reaped yet. A long-lived caller (`chaos`,
+/// the benches) kills and restarts services many times; without a wait each dead one would
+/// stay a zombie until the caller exits. `cluster up` exits at once and leaves its services to
+/// init, so it never needs this.
+static SPAWNED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<u32, std::process::Child>>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn remember(child: std::process::Child) -> u32 {
+    let pid = child.id();
+    SPAWNED.lock().unwrap_or_else(|p| p.into_inner()).insert(pid, child);
+    pid
+}
+
+/// Reaps `pid` if this process started it and it has exited.
+fn reap(pid: u32) {
+    let mut spawned = SPAWNED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(child) = spawned.get_mut(&pid)
+        && matches!(child.try_wait(), Ok(Some(_)) | Err(_))
+    {
+        spawned.remove(&pid);
+    }
+}
+
 /// SIGKILLs a process and waits (bounded) until it is gone.
 pub fn kill_pid(pid: u32) -> anyhow::Result<()> {
     if !pid_alive(pid) {
+        reap(pid);
         return Ok(());
     }
     signal(pid, "KILL");
@@ -146,6 +170,7 @@ pub fn kill_pid(pid: u32) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    reap(pid);
     Ok(())
 }
 
@@ -333,7 +358,7 @@ impl LocalCluster {
             .stderr(log)
             .spawn()
             .context("start etcd (install Debian's etcd-server: scripts/setup)")?;
-        self.etcd_pid = Some(child.id());
+        self.etcd_pid = Some(remember(child));
         Ok(())
     }
 
@@ -409,7 +434,7 @@ impl LocalCluster {
             .stderr(log)
             .spawn()
             .with_context(|| format!("start {service} of {}", n.id))?;
-        Ok(child.id())
+        Ok(remember(child))
     }
 
     /// Starts node `i`'s services (those not running).
