@@ -367,6 +367,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// Every node as a member of weight 1, except node `heavy` with `weight`.
+    pub fn weighted(&self, heavy: usize, weight: u64) -> Vec<Member> {
+        self.nodes.iter().enumerate().map(|(i, n)| n.member(if i == heavy { weight } else { 1 })).collect()
+    }
+
     /// The current committee.
     pub async fn committee(&self) -> anyhow::Result<Committee> {
         self.control_plane.current_committee().await?.ok_or_else(|| anyhow!("no committee"))

@@ -86,7 +86,7 @@ async fn a_source_streaming_only_uncertified_junk_is_given_up_on_and_nothing_of_
     let c0 = cluster.start_genesis().await.unwrap();
     cluster.store_random_blobs(20, 1000, 3).await.unwrap();
     let me = cluster.nodes[0].id.clone();
-    let members: Vec<_> = cluster.nodes.iter().enumerate().map(|(i, n)| n.member(if i == 0 { 3 } else { 1 })).collect();
+    let members = cluster.weighted(0, 3);
     let plan = ferry_shared::committee::rebalance(&c0, members.clone()).unwrap();
     let shard = *plan.shards_of(&me).iter().find(|s| c0.owner(**s) != Some(&me)).unwrap();
     let source = cluster.nodes.iter().position(|n| Some(&n.id) == c0.owner(shard)).unwrap();

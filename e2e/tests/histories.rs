@@ -14,7 +14,6 @@ use std::{
 use ferry_e2e::{Cluster, WAIT, cluster_with_blobs};
 use ferry_proto::v1 as pb;
 use ferry_shared::{
-    Member,
     certificate::CommitteeKeys,
     client::ClientError,
     committee::rebalance,
@@ -22,10 +21,6 @@ use ferry_shared::{
     failpoints::fail,
     types::{NodeStatus, ShardStatus},
 };
-
-fn weighted(cluster: &Cluster, heavy: usize, weight: u64) -> Vec<Member> {
-    cluster.nodes.iter().enumerate().map(|(i, n)| n.member(if i == heavy { weight } else { 1 })).collect()
-}
 
 /// Waits until node `i` has attested `epoch`, and checks the evidence covers `blobs` blobs in
 /// every shard.
@@ -54,7 +49,7 @@ async fn a_node_down_across_one_epoch_recovers_what_it_missed_before_it_attests(
     let (mut cluster, mut blobs) = cluster_with_blobs(30, |_| {}).await.unwrap();
     cluster.stop_node(3).await.unwrap(); // down, not wiped
     blobs.extend(cluster.store_random_blobs(20, 2000, 71).await.unwrap());
-    cluster.next_epoch(weighted(&cluster, 0, 2)).await.unwrap();
+    cluster.next_epoch(cluster.weighted(0, 2)).await.unwrap();
     for i in 0..3 {
         cluster.wait_all_active(i, 1).await.unwrap();
     }
@@ -110,7 +105,7 @@ async fn a_recovered_node_that_crashes_across_two_epochs_comes_back_whole() {
     wipe_and_recover(&mut cluster, 3, 0).await;
     cluster.stop_node(3).await.unwrap();
     for (epoch, weight) in [(1u64, 2u64), (2, 3)] {
-        cluster.next_epoch(weighted(&cluster, 0, weight)).await.unwrap();
+        cluster.next_epoch(cluster.weighted(0, weight)).await.unwrap();
         for i in 0..3 {
             cluster.wait_all_active(i, epoch).await.unwrap();
         }
@@ -168,7 +163,7 @@ async fn a_sync_from_a_source_that_restarts_several_times_completes_by_shard_syn
     .await
     .unwrap();
     let c0 = cluster.committee().await.unwrap();
-    let c1 = cluster.next_epoch(weighted(&cluster, 0, 2)).await.unwrap();
+    let c1 = cluster.next_epoch(cluster.weighted(0, 2)).await.unwrap();
     let me = cluster.nodes[0].id.clone();
     let shard = *c1.shards_of(&me).iter().find(|s| c0.owner(**s) != Some(&me)).unwrap();
     let source = cluster.nodes.iter().position(|n| Some(&n.id) == c0.owner(shard)).unwrap();
@@ -269,7 +264,7 @@ async fn a_shard_sync_task_that_panics_is_restarted_and_a_failed_status_write_is
     let (mut cluster, blobs) = cluster_with_blobs(40, |c| c.shard_sync.batch_items = 8).await.unwrap();
     let c0 = cluster.committee().await.unwrap();
     fail::cfg("sync-after-batch", "1*panic(the sync task dies after a batch)").unwrap();
-    let c1 = cluster.next_epoch(weighted(&cluster, 0, 2)).await.unwrap();
+    let c1 = cluster.next_epoch(cluster.weighted(0, 2)).await.unwrap();
     cluster.wait_all_active(0, 1).await.unwrap();
     fail::remove("sync-after-batch");
     let me = cluster.nodes[0].id.clone();
@@ -291,7 +286,7 @@ async fn a_shard_sync_task_that_panics_is_restarted_and_a_failed_status_write_is
     // retried, so the shard reaches ActiveRecover (and blob recovery) instead of staying
     // ActiveSync with nobody filling it.
     let one = cluster.nodes[1].id.clone();
-    let c2 = rebalance(&c1, weighted(&cluster, 1, 3)).unwrap();
+    let c2 = rebalance(&c1, cluster.weighted(1, 3)).unwrap();
     let gained = *c2.shards_of(&one).iter().find(|s| c1.owner(**s) != Some(&one)).unwrap();
     let source = cluster.nodes.iter().position(|n| Some(&n.id) == c1.owner(gained)).unwrap();
     cluster.stop_node(source).await.unwrap();
@@ -315,7 +310,7 @@ async fn a_locked_shard_is_kept_until_its_new_owner_holds_it() {
     let (cluster, blobs) = cluster_with_blobs(60, |c| c.stream.max_bytes_per_sec = 4_000).await.unwrap();
     let c0 = cluster.committee().await.unwrap();
     let me = cluster.nodes[0].id.clone();
-    let c1 = rebalance(&c0, weighted(&cluster, 0, 2)).unwrap();
+    let c1 = rebalance(&c0, cluster.weighted(0, 2)).unwrap();
     let shard = *c1.shards_of(&me).iter().find(|s| c0.owner(**s) != Some(&me)).unwrap();
     let source = cluster.nodes.iter().position(|n| Some(&n.id) == c0.owner(shard)).unwrap();
 
@@ -368,7 +363,7 @@ async fn a_locked_shard_is_kept_until_its_new_owner_holds_it() {
 async fn a_stream_cut_at_the_servers_item_limit_is_resumed_not_taken_as_the_end() {
     let (cluster, blobs) = cluster_with_blobs(50, |c| c.stream.max_items = 7).await.unwrap();
     let c0 = cluster.committee().await.unwrap();
-    let c1 = cluster.next_epoch(weighted(&cluster, 0, 2)).await.unwrap();
+    let c1 = cluster.next_epoch(cluster.weighted(0, 2)).await.unwrap();
     cluster.wait_all_active(0, 1).await.unwrap();
     let me = cluster.nodes[0].id.clone();
     for shard in c1.shards_of(&me).into_iter().filter(|s| c0.owner(*s) != Some(&me)) {

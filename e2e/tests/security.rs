@@ -60,20 +60,7 @@ async fn only_the_shard_owner_with_its_own_certificate_may_stream_it() {
     let addr = format!("127.0.0.1:{}", cluster.nodes[1].sync_port);
 
     // No client certificate: TLS works, the call does not.
-    let anon_channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(
-                    std::fs::read(cluster.tls_dir().join("ca.pem")).unwrap(),
-                ))
-                .domain_name(tls::node_server_name(&owner)),
-        )
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut anon = SyncServiceClient::new(anon_channel);
+    let mut anon = SyncServiceClient::new(anonymous_channel(&cluster, 1).await);
     let err = anon.stream_shard(stream_request(&cluster, &owner_key, &owner, shard)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     // Nor does any other call but health and reflection.
@@ -206,13 +193,13 @@ async fn a_node_refuses_to_start_with_another_nodes_certificate() {
     assert!(err.contains("FERRY-TLS-002") && err.contains("node-0.node.ferry"), "{err}");
 }
 
-/// A channel to node 0's sync-service over TLS that presents no client certificate.
-async fn anonymous_channel(cluster: &Cluster) -> tonic::transport::Channel {
+/// A channel to node `i`'s sync-service over TLS that presents no client certificate.
+async fn anonymous_channel(cluster: &Cluster, i: usize) -> tonic::transport::Channel {
     let ca = std::fs::read(cluster.tls_dir().join("ca.pem")).unwrap();
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-        .domain_name(tls::node_server_name(&cluster.nodes[0].id));
-    tonic::transport::Channel::from_shared(format!("https://127.0.0.1:{}", cluster.nodes[0].sync_port))
+        .domain_name(tls::node_server_name(&cluster.nodes[i].id));
+    tonic::transport::Channel::from_shared(format!("https://127.0.0.1:{}", cluster.nodes[i].sync_port))
         .unwrap()
         .tls_config(tls)
         .unwrap()
@@ -256,7 +243,7 @@ async fn callers_are_checked_and_bodies_bounded_before_anything_is_decoded() {
     assert_eq!(err.code(), Code::Internal, "a member's undecodable request fails in the decoder: {err:?}");
     // ... after the caller is known: without a certificate the same bytes never get there,
     // not even 8 MiB of them.
-    let anonymous = anonymous_channel(&cluster).await;
+    let anonymous = anonymous_channel(&cluster, 0).await;
     for len in [64, 8 << 20] {
         let err = call_raw(anonymous.clone(), store_blobs, undecodable_store_request(len)).await.unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated, "{len} bytes without a certificate: {err:?}");

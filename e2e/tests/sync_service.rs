@@ -14,11 +14,6 @@ use ferry_shared::{
 };
 use tonic::Code;
 
-/// Members with node `heavy` weighing `weight` and the others 1.
-fn weighted(cluster: &Cluster, heavy: usize, weight: u64) -> Vec<ferry_shared::Member> {
-    cluster.nodes.iter().enumerate().map(|(i, n)| n.member(if i == heavy { weight } else { 1 })).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn committee_change_moves_shards_by_shard_sync_and_attests_once() {
     let mut cluster = Cluster::new(4, 8).await.unwrap();
@@ -26,7 +21,7 @@ async fn committee_change_moves_shards_by_shard_sync_and_attests_once() {
     let blobs = cluster.store_random_blobs(200, 3000, 1).await.unwrap();
 
     // Node 0 doubles its weight: it gains shards from the others.
-    let c1 = cluster.next_epoch(weighted(&cluster, 0, 3)).await.unwrap();
+    let c1 = cluster.next_epoch(cluster.weighted(0, 3)).await.unwrap();
     let me = cluster.nodes[0].id.clone();
     let gained: Vec<ShardIndex> = c1.shards_of(&me).into_iter().filter(|s| c0.owner(*s) != Some(&me)).collect();
     assert!(!gained.is_empty(), "the new committee must move shards to node 0");
@@ -95,7 +90,7 @@ async fn sync_resumes_from_its_cursor_after_the_previous_owner_dies_mid_stream()
     });
     let c0 = cluster.start_genesis().await.unwrap();
     let blobs = cluster.store_random_blobs(60, 4000, 2).await.unwrap();
-    let c1 = cluster.next_epoch(weighted(&cluster, 0, 3)).await.unwrap();
+    let c1 = cluster.next_epoch(cluster.weighted(0, 3)).await.unwrap();
     let me = cluster.nodes[0].id.clone();
     let shard = *c1.shards_of(&me).iter().find(|s| c0.owner(**s) != Some(&me)).unwrap();
     let source = cluster.nodes.iter().position(|n| Some(&n.id) == c0.owner(shard)).unwrap();
@@ -140,7 +135,7 @@ async fn a_previous_owner_gone_for_good_leaves_the_shard_to_blob_recovery() {
     cluster.store_random_blobs(20, 1000, 3).await.unwrap();
     let me = cluster.nodes[0].id.clone();
     // Stop the node that will lose a shard to node 0 before the change.
-    let members = weighted(&cluster, 0, 3);
+    let members = cluster.weighted(0, 3);
     let c1_plan = ferry_shared::committee::rebalance(&c0, members.clone()).unwrap();
     let shard = *c1_plan.shards_of(&me).iter().find(|s| c0.owner(**s) != Some(&me)).unwrap();
     let source = cluster.nodes.iter().position(|n| Some(&n.id) == c0.owner(shard)).unwrap();

@@ -293,14 +293,6 @@ pub fn identity_of(der: &[u8]) -> Result<PeerIdentity, String> {
     }
 }
 
-/// The identity of the caller of `request`: `Ok(None)` without a client certificate (or on
-/// a plaintext server), an error if the certificate names no usable identity.
-pub fn caller<T>(request: &tonic::Request<T>) -> Result<Option<PeerIdentity>, tonic::Status> {
-    let Some(certs) = request.peer_certs() else { return Ok(None) };
-    let Some(leaf) = certs.first() else { return Ok(None) };
-    identity_of(leaf.as_ref()).map(Some).map_err(|e| tonic::Status::unauthenticated(format!("client certificate {e}")))
-}
-
 fn first_pem_der(pem: &[u8]) -> Option<Vec<u8>> {
     use rustls::pki_types::{CertificateDer, pem::PemObject};
     CertificateDer::pem_slice_iter(pem).next()?.ok().map(|c| c.as_ref().to_vec())
