@@ -826,7 +826,21 @@ def secret_mount(fc: FerryContainer, path: str) -> tuple[dict | None, str | None
     return volume, None
 
 
-@rule("tls", "[tls] is enabled and its CA, certificate and key files come from a mounted Secret")
+CSI_DRIVER = "csi.cert-manager.io"
+CSI = "csi.cert-manager.io/"
+POD_NAME_VAR = "${POD_NAME}"
+
+
+def own_volume(fc: FerryContainer, path: str) -> tuple[dict | None, dict | None, str | None]:
+    """The volume and mount holding `path` in `fc`'s container, or a problem."""
+    mount = mount_for(fc.container, path)
+    if mount is None:
+        return None, None, f"{path} is on no volume mount"
+    volume = volume_named(fc.workload, mount.get("name"))
+    return volume, mount, None
+
+
+@rule("tls", "[tls] is enabled; its CA, certificate and key are this pod's own, issued into a CSI volume naming ${POD_NAME}.node.ferry")
 def check_tls(m: Manifests) -> list[str]:
     errors = []
     for fc in m.ferry_containers():
@@ -838,39 +852,79 @@ def check_tls(m: Manifests) -> list[str]:
             shown = str(enabled).lower() if isinstance(enabled, bool) else repr(enabled)
             errors.append(f"{fc.name}: [tls] enabled is {shown}; it must be true, or peers, clients and ferryctl talk in plaintext")
             continue
-        for key in ("ca_file", "cert_file", "key_file"):
+        files = {"ca_file": "ca-file", "cert_file": "certificate-file", "key_file": "privatekey-file"}
+        for key, attribute in files.items():
             path = tls.get(key)
             if not isinstance(path, str):
                 errors.append(f"{fc.name}: tls.{key} is not set")
                 continue
-            _, problem = secret_mount(fc, path)
+            volume, mount, problem = own_volume(fc, path)
             if problem:
                 errors.append(f"{fc.name}: tls.{key}: {problem}")
+                continue
+            csi = (volume or {}).get("csi")
+            if not csi or csi.get("driver") != CSI_DRIVER:
+                errors.append(
+                    f"{fc.name}: tls.{key}: {path} is on volume {mount.get('name')!r}, which is not a {CSI_DRIVER} volume: "
+                    "a Secret shared by the pods would give every pod every node's key"
+                )
+                continue
+            if not mount.get("readOnly") or not csi.get("readOnly"):
+                errors.append(f"{fc.name}: tls.{key}: mount the certificate volume {mount.get('name')!r} readOnly")
+            attrs = csi.get("volumeAttributes") or {}
+            rel = posixpath.relpath(path, mount["mountPath"])
+            if attrs.get(CSI + attribute) != rel:
+                errors.append(f"{fc.name}: tls.{key} is {rel} in the volume, but the driver writes {attrs.get(CSI + attribute)!r} ({CSI}{attribute})")
+            own = f"{POD_NAME_VAR}.node.ferry"
+            names = [n.strip() for n in str(attrs.get(CSI + "dns-names", "")).split(",") if n.strip()]
+            if own not in names or attrs.get(CSI + "common-name") != own:
+                errors.append(f"{fc.name}: the certificate must name {own} as its common name and a DNS name, got {attrs.get(CSI + 'common-name')!r} and {names}")
+            if any(POD_NAME_VAR not in n for n in names):
+                errors.append(f"{fc.name}: every DNS name of the certificate must contain {POD_NAME_VAR} (no name shared between pods): {names}")
+            usages = {u.strip() for u in str(attrs.get(CSI + "key-usages", "")).split(",")}
+            if not {"server auth", "client auth"} <= usages:
+                errors.append(f"{fc.name}: the certificate's key-usages must include server auth and client auth, got {sorted(usages)}")
+            if str(attrs.get(CSI + "fs-group")) != str(IMAGE_ID):
+                errors.append(f"{fc.name}: {CSI}fs-group must be {IMAGE_ID} so the services (group {IMAGE_ID}) read the key")
     return errors
 
 
-@rule("secrets", "the node key comes from a read-only Secret; secret files are not world-readable")
-def check_secrets(m: Manifests) -> list[str]:
+@rule("identity", "each pod's node key is made on its own claim by an init step and read-only to the services; no pod mounts a Secret")
+def check_identity(m: Manifests) -> list[str]:
     errors = []
     for fc in m.ferry_containers():
         if fc.config is None:
             continue
         path = fc.config.get("key_file")
         if not isinstance(path, str) or not path.startswith("/"):
-            errors.append(f"{fc.name}: key_file is {path!r}; it must be an absolute path into the node-key secret")
-        else:
-            _, problem = secret_mount(fc, path)
-            if problem:
-                errors.append(f"{fc.name}: key_file: {problem}")
+            errors.append(f"{fc.name}: key_file is {path!r}; it must be an absolute path on the pod's identity claim")
+            continue
+        _, mount, problem = own_volume(fc, path)
+        if problem:
+            errors.append(f"{fc.name}: key_file: {problem}")
+            continue
+        templates = {meta(t).get("name") for t in (fc.workload.get("spec") or {}).get("volumeClaimTemplates") or []}
+        if mount.get("name") not in templates or volume_named(fc.workload, mount.get("name")) is not None:
+            errors.append(f"{fc.name}: key_file {path} is on {mount.get('name')!r}, not on one of the pod's own claims {sorted(templates)}")
+            continue
+        if not mount.get("readOnly"):
+            errors.append(f"{fc.name}: the identity claim {mount.get('name')!r} must be mounted readOnly in the service")
+        makers = []
+        for init in containers(fc.workload, init=True):
+            init_mount = mount_for(init, path)
+            command = argv(init)
+            if init_mount and init_mount.get("name") == mount.get("name") and "keygen" in command and "--keep-existing" in command and path in command:
+                makers.append(init.get("name"))
+        if not makers:
+            errors.append(f"{fc.name}: no init container makes {path} on claim {mount.get('name')!r} (ferryctl keygen --keep-existing --out {path})")
     for w in m.ferry_workloads():
         for v in pod_spec(w).get("volumes") or []:
-            if "secret" not in v:
-                continue
-            modes = [("defaultMode", v["secret"].get("defaultMode", 0o644))]
-            modes += [(f"items[{i.get('key')}].mode", i["mode"]) for i in v["secret"].get("items") or [] if "mode" in i]
-            for where, mode in modes:
-                if mode & 0o007:
-                    errors.append(f"{ref(w)}: secret volume {v.get('name')} {where} is {mode:04o}; others must get no access (e.g. 0440 with fsGroup)")
+            sources = [v] + [s for s in (v.get("projected") or {}).get("sources") or []]
+            if any("secret" in s for s in sources):
+                errors.append(
+                    f"{ref(w)}: volume {v.get('name')!r} mounts a Secret; a Secret is the same in every pod, so it would give each pod "
+                    "the other nodes' keys (or the operator's certificate)"
+                )
     return errors
 
 
@@ -1123,8 +1177,28 @@ def mutate_hashed_configmap(docs):
             v["configMap"]["name"] = "ferry-config-7h8bf2m5kd"
 
 
-def mutate_secret_mode(docs):
-    next(v for v in ferry_pod(docs)["volumes"] if "secret" in v)["secret"]["defaultMode"] = 0o644
+def tls_volume(docs):
+    return next(v for v in ferry_pod(docs)["volumes"] if v["name"] == "tls")
+
+
+def mutate_shared_tls_secret(docs):
+    volume = tls_volume(docs)
+    del volume["csi"]
+    volume["secret"] = {"secretName": "ferry-tls", "defaultMode": 0o440}
+
+
+def mutate_fixed_certificate_name(docs):
+    attrs = tls_volume(docs)["csi"]["volumeAttributes"]
+    attrs[CSI + "dns-names"] = attrs[CSI + "dns-names"].replace("${POD_NAME}.node.ferry", "ferry-0.node.ferry")
+
+
+def mutate_node_keys_secret(docs):
+    ferry_pod(docs)["volumes"].append({"name": "node-keys", "secret": {"secretName": "ferry-node-keys", "defaultMode": 0o440}})
+    container_named(docs, "sync-service")["volumeMounts"].append({"name": "node-keys", "mountPath": "/etc/ferry/keys", "readOnly": True})
+
+
+def mutate_drop_keygen(docs):
+    del ferry_pod(docs)["initContainers"]
 
 
 def mutate_ordered_ready(docs):
@@ -1164,7 +1238,10 @@ MUTATIONS: list[tuple[str, str, Callable[[list[dict]], None]]] = [
     ("recovery store on the sync-data claim", "storage", mutate_shared_claim),
     ("store.path moved in the config only", "storage", mutate_store_path),
     ("ConfigMap with a hash suffix", "config-volume", mutate_hashed_configmap),
-    ("secret defaultMode 0644", "secrets", mutate_secret_mode),
+    ("TLS from a Secret every pod mounts", "tls", mutate_shared_tls_secret),
+    ("certificate names ferry-0 in every pod", "tls", mutate_fixed_certificate_name),
+    ("node keys from a Secret every pod mounts", "identity", mutate_node_keys_secret),
+    ("no init step makes the node key", "identity", mutate_drop_keygen),
     ("podManagementPolicy OrderedReady", "statefulset", mutate_ordered_ready),
     ("recovery-service node_id fixed", "consistency", mutate_fixed_node_id),
     ("Ferry NetworkPolicy removed", "network-policy", mutate_drop_network_policy),

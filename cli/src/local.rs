@@ -8,6 +8,7 @@
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -15,11 +16,14 @@ use anyhow::{Context, anyhow, bail};
 use ferry_shared::{
     Committee, Member,
     config::ControlPlaneConfig,
-    control_plane::ControlPlane,
+    control_plane::{
+        ControlPlane, access,
+        etcd::{self, EtcdServerTls},
+    },
     crypto::NodeKeypair,
     grpc::Connector,
     testing::free_port,
-    tls::{self, TlsConfig},
+    tls::{self, PeerIdentity, TlsConfig, TlsMaterial},
     types::NodeId,
 };
 use serde::{Deserialize, Serialize};
@@ -192,9 +196,19 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// etcd endpoint.
+    /// etcd endpoint: mutual TLS with etcd's RBAC when the cluster uses TLS.
     pub fn etcd_endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.etcd_port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.etcd_port)
+    }
+
+    /// The operator certificate `ferryctl` uses here (towards nodes and etcd), or `None` for a
+    /// plaintext cluster.
+    pub fn operator_identity(&self) -> anyhow::Result<Option<Arc<TlsMaterial>>> {
+        if !self.tls {
+            return Ok(None);
+        }
+        Ok(TlsConfig::from_dir(&self.tls_dir(), CLIENT_NAME).load(None)?)
     }
 
     /// The directory with the cluster's CA and certificates.
@@ -204,15 +218,13 @@ impl LocalCluster {
 
     /// Client channels as `ferryctl` (its client certificate), or plaintext.
     pub fn connector(&self) -> anyhow::Result<Connector> {
-        if !self.tls {
-            return Ok(Connector::plaintext());
-        }
-        Ok(Connector::new(TlsConfig::from_dir(&self.tls_dir(), CLIENT_NAME).load(None)?))
+        Ok(Connector::new(self.operator_identity()?))
     }
 
-    /// A control-plane client.
+    /// A control-plane client, as the operator.
     pub async fn control_plane(&self) -> anyhow::Result<ControlPlane> {
-        Ok(ControlPlane::connect_etcd(&[self.etcd_endpoint()], &self.name).await?)
+        let identity = self.operator_identity()?;
+        Ok(ControlPlane::connect_etcd(&[self.etcd_endpoint()], &self.name, identity.as_deref()).await?)
     }
 
     /// Index of a node by id.
@@ -299,12 +311,19 @@ impl LocalCluster {
     }
 
     async fn bring_up(&mut self, options: &UpOptions) -> anyhow::Result<()> {
+        let ids: Vec<NodeId> = self.nodes.iter().map(|n| n.id.clone()).collect();
+        if self.tls {
+            tls::write_dev_pki(&self.tls_dir(), &ids, CLIENT_NAME, APP_CLIENT_NAME)?;
+        }
         self.start_etcd()?;
         self.save()?;
         let cp = self.wait_for_etcd().await?;
-        if self.tls {
-            let ids: Vec<NodeId> = self.nodes.iter().map(|n| n.id.clone()).collect();
-            tls::write_dev_pki(&self.tls_dir(), &ids, CLIENT_NAME, APP_CLIENT_NAME)?;
+        if let Some(operator) = self.operator_identity()? {
+            // Each node, the application client and the operator become etcd users holding their
+            // roles, and etcd's authentication goes on before anything is written.
+            let mut parties: Vec<PeerIdentity> = ids.iter().cloned().map(PeerIdentity::Node).collect();
+            parties.push(PeerIdentity::Client(APP_CLIENT_NAME.to_string()));
+            access::apply(&[self.etcd_endpoint()], &operator, &self.name, &parties).await?;
         }
         let mut members = Vec::new();
         for i in 0..self.nodes.len() {
@@ -339,25 +358,24 @@ impl LocalCluster {
 
     fn start_etcd(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("logs/etcd.log"))?;
-
-        let peer = format!("http://127.0.0.1:{}", self.etcd_peer_port);
-        let child = Command::new("etcd")
-            .args(["--name", "local", "--data-dir"])
-            .arg(self.dir.join("etcd"))
-            .args(["--listen-client-urls", &self.etcd_endpoint(), "--advertise-client-urls", &self.etcd_endpoint()])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-                "--initial-cluster",
-                &format!("local={peer}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("start etcd (install Debian's etcd-server: scripts/setup)")?;
+        let tls = self.tls.then(|| EtcdServerTls {
+            ca_file: self.tls_dir().join("ca.pem"),
+            cert_file: self.tls_dir().join("etcd.pem"),
+            key_file: self.tls_dir().join("etcd.key"),
+        });
+        let child = etcd::server_command(
+            Path::new("etcd"),
+            "local",
+            &self.dir.join("etcd"),
+            self.etcd_port,
+            self.etcd_peer_port,
+            tls.as_ref(),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("start etcd (install Debian's etcd-server: scripts/setup)")?;
         self.etcd_pid = Some(remember(child));
         Ok(())
     }
@@ -378,7 +396,11 @@ impl LocalCluster {
     fn write_configs(&self, i: usize, sync_extra: &str, recovery_extra: &str) -> anyhow::Result<()> {
         let n = &self.nodes[i];
         let dir = self.node_dir(i);
-        let cp = ControlPlaneConfig { etcd_endpoints: vec![self.etcd_endpoint()], cluster: self.name.clone() };
+        let cp = ControlPlaneConfig {
+            etcd_endpoints: vec![self.etcd_endpoint()],
+            cluster: self.name.clone(),
+            ..ControlPlaneConfig::default()
+        };
         let cp_toml =
             format!("[control_plane]\netcd_endpoints = [\"{}\"]\ncluster = \"{}\"\n", cp.etcd_endpoints[0], cp.cluster);
         let tls = if self.tls { TlsConfig::from_dir(&self.tls_dir(), n.id.as_str()) } else { TlsConfig::plaintext() };

@@ -12,7 +12,7 @@ use ferry_shared::{
     control_plane::ControlPlane,
     crypto::NodeKeypair,
     grpc::Connector,
-    tls::{ClusterCa, TlsConfig},
+    tls::{ClusterCa, PeerIdentity, TlsConfig, TlsMaterial},
     types::{BlobId, NodeId},
 };
 use ferryctl::{
@@ -50,12 +50,18 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Writes a new node key (ed25519 seed, hex) to a file.
-    #[command(after_help = "Example:\n  ferryctl keygen --out node-4.key")]
+    /// Writes a new node key (ed25519 seed, hex) to a file and prints its public keys.
+    #[command(
+        after_help = "Examples:\n  ferryctl keygen --out node-4.key\n  ferryctl keygen --out /var/lib/ferry/identity/node.key --keep-existing   # a pod's init step"
+    )]
     Keygen {
-        /// Output file (must not exist).
+        /// Output file (must not exist, unless --keep-existing).
         #[arg(long)]
         out: PathBuf,
+        /// If the file exists, keep it and print its public keys: a node generates its key on
+        /// its own volume once, at first start, and it never leaves the node.
+        #[arg(long)]
+        keep_existing: bool,
     },
     /// Writes a cluster CA and certificates for nodes and clients (PEM files in --out).
     #[command(
@@ -76,6 +82,26 @@ enum Command {
         #[arg(long)]
         client: Vec<String>,
         /// Operator names to issue certificates for (what a client may do, and operate nodes).
+        #[arg(long)]
+        operator: Vec<String>,
+        /// DNS names or IP addresses of etcd: issues `etcd.pem`/`etcd.key`, etcd's server
+        /// certificate from the same CA (names no Ferry identity).
+        #[arg(long)]
+        etcd_san: Vec<String>,
+    },
+    /// Sets up etcd's own access control for the cluster: a user per certificate, holding its
+    /// role, then turns etcd's authentication on. Idempotent: run it again to add parties.
+    #[command(
+        after_help = "etcd must serve https with --client-cert-auth and the cluster CA (see the README,\n\"Control plane\"). Nodes read the cluster's keys and write only attestations, the\nphase flip and their own status record; application clients only read; operators\nread and write the cluster's keys and hold etcd's root role. Run it with an operator\ncertificate (--tls-dir, --tls-name).\n\nExample:\n  ferryctl --etcd https://etcd-0:2379 --tls-dir secrets --tls-name ops etcd-access \\\n    --node ferry-0 --node ferry-1 --node ferry-2 --node ferry-3 --client app --operator ops"
+    )]
+    EtcdAccess {
+        /// Node ids.
+        #[arg(long)]
+        node: Vec<String>,
+        /// Application-client names.
+        #[arg(long)]
+        client: Vec<String>,
+        /// Operator names (the one running this is always included).
         #[arg(long)]
         operator: Vec<String>,
     },
@@ -380,9 +406,26 @@ fn parse_member(spec: &str, flag: &str) -> anyhow::Result<Member> {
 
 async fn control_plane(cli: &Cli) -> anyhow::Result<ControlPlane> {
     match &cli.etcd {
-        Some(e) => Ok(ControlPlane::connect_etcd(std::slice::from_ref(e), &cli.cluster).await?),
+        Some(e) => {
+            let identity = etcd_identity(cli, e)?;
+            Ok(ControlPlane::connect_etcd(std::slice::from_ref(e), &cli.cluster, identity.as_deref()).await?)
+        }
         None => LocalCluster::load(&cli.dir)?.control_plane().await,
     }
+}
+
+/// The certificate `ferryctl` presents to an `https://` etcd: the one in --tls-dir.
+fn etcd_identity(cli: &Cli, endpoint: &str) -> anyhow::Result<Option<std::sync::Arc<TlsMaterial>>> {
+    if !endpoint.starts_with("https://") {
+        return Ok(None);
+    }
+    let dir = cli.tls_dir.as_ref().with_context(|| {
+        format!(
+            "{endpoint} authenticates by certificate: pass --tls-dir with ca.pem and {}.pem/.key (ferryctl certs)",
+            cli.tls_name
+        )
+    })?;
+    Ok(TlsConfig::from_dir(dir, &cli.tls_name).load(None)?)
 }
 
 fn parse_kv<'a>(s: &'a str, what: &str) -> anyhow::Result<(&'a str, &'a str)> {
@@ -408,12 +451,23 @@ async fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Keygen { out } => {
-            if out.exists() {
-                bail!("{} exists; refusing to overwrite a key", out.display());
-            }
-            let key = NodeKeypair::generate();
-            key.save(out)?;
+        Command::Keygen { out, keep_existing } => {
+            let key = if out.exists() {
+                if !*keep_existing {
+                    bail!(
+                        "{} exists; refusing to overwrite a key (--keep-existing prints its public keys)",
+                        out.display()
+                    );
+                }
+                NodeKeypair::load(out)?
+            } else {
+                if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                }
+                let key = NodeKeypair::generate();
+                key.save(out)?;
+                key
+            };
             // What `--member ID=KEYS@...` takes: the ed25519 key, then the BLS key with its
             // proof of possession.
             println!("{}:{}", key.public_hex(), key.bls_key_hex());
@@ -544,9 +598,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cp.propose_epoch(&genesis).await?;
             println!("epoch 0 published: {} shards over {} nodes", genesis.n_shards, genesis.members.len());
         }
-        Command::Certs { out, node, san, client, operator } => {
-            if node.is_empty() && client.is_empty() {
-                bail!("nothing to issue: pass --node and/or --client");
+        Command::Certs { out, node, san, client, operator, etcd_san } => {
+            if node.is_empty() && client.is_empty() && operator.is_empty() && etcd_san.is_empty() {
+                bail!("nothing to issue: pass --node, --client, --operator or --etcd-san");
             }
             let ca = if out.join("ca.key").exists() {
                 ClusterCa::load(out)?
@@ -584,6 +638,48 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 issued.write(out, name)?;
                 println!("wrote {name}.pem and {name}.key (names {name}{suffix})");
             }
+            if !etcd_san.is_empty() {
+                if out.join("etcd.pem").exists() {
+                    bail!("{} exists; refusing to overwrite a certificate", out.join("etcd.pem").display());
+                }
+                ca.issue_etcd_server(etcd_san)?.write(out, "etcd")?;
+                println!("wrote etcd.pem and etcd.key (etcd's server certificate for {})", etcd_san.join(", "));
+            }
+        }
+        Command::EtcdAccess { node, client, operator } => {
+            let (endpoint, cluster, identity) = match &cli.etcd {
+                Some(e) => (e.clone(), cli.cluster.clone(), etcd_identity(&cli, e)?),
+                None => {
+                    let local = LocalCluster::load(&cli.dir)?;
+                    (local.etcd_endpoint(), local.name.clone(), local.operator_identity()?)
+                }
+            };
+            let identity = identity.context("etcd-access needs an https:// etcd and an operator certificate")?;
+            if !matches!(identity.own_identity(), PeerIdentity::Operator(_)) {
+                bail!(
+                    "etcd-access must run with an operator certificate; {} is {}",
+                    cli.tls_name,
+                    identity.own_identity()
+                );
+            }
+            let mut parties = Vec::new();
+            for n in node {
+                parties.push(PeerIdentity::Node(NodeId::new(n.as_str())?));
+            }
+            for c in client {
+                NodeId::new(c.as_str())?;
+                parties.push(PeerIdentity::Client(c.clone()));
+            }
+            for o in operator {
+                NodeId::new(o.as_str())?;
+                parties.push(PeerIdentity::Operator(o.clone()));
+            }
+            let report = ferry_shared::control_plane::access::apply(&[endpoint], &identity, &cluster, &parties).await?;
+            println!(
+                "etcd access for cluster {cluster}: {} parties, {} users created; authentication on",
+                parties.len() + 1,
+                report.users_created.len()
+            );
         }
         Command::Attestations { epoch } => {
             let cp = control_plane(&cli).await?;

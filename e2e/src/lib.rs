@@ -110,7 +110,7 @@ impl Cluster {
         drop(ferry_shared::telemetry::init("ferry-e2e", ferry_shared::telemetry::LogFormat::Text));
         let etcd = EtcdProcess::start().await.context("start etcd")?;
         let name = "test".to_string();
-        let control_plane = ControlPlane::connect_etcd(std::slice::from_ref(&etcd.endpoint), &name).await?;
+        let control_plane = ControlPlane::connect_etcd(std::slice::from_ref(&etcd.endpoint), &name, None).await?;
         let dir = tempfile::Builder::new().prefix("ferry-e2e-").tempdir()?;
         let mut nodes = Vec::new();
         for i in 0..n_nodes {
@@ -172,6 +172,19 @@ impl Cluster {
         )?)
     }
 
+    /// A TLS channel to node `i`'s sync-service that verifies the node but presents no
+    /// certificate: an anonymous caller.
+    pub async fn anonymous_channel(&self, i: usize) -> anyhow::Result<tonic::transport::Channel> {
+        let ca = std::fs::read(self.tls_dir().join("ca.pem"))?;
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .domain_name(ferry_shared::tls::node_server_name(&self.nodes[i].id));
+        Ok(tonic::transport::Channel::from_shared(format!("https://127.0.0.1:{}", self.nodes[i].sync_port))?
+            .tls_config(tls)?
+            .connect()
+            .await?)
+    }
+
     /// A channel to node `i`'s recovery-service, presenting `name`'s certificate.
     pub fn recovery_channel_as(&self, i: usize, name: &str) -> anyhow::Result<TracedChannel> {
         Ok(self.connector_as(name)?.channel(
@@ -209,6 +222,7 @@ impl Cluster {
             control_plane: ControlPlaneConfig {
                 etcd_endpoints: vec![self.etcd.endpoint.clone()],
                 cluster: self.name.clone(),
+                ..ControlPlaneConfig::default()
             },
             ..SyncConfig::default()
         };
@@ -217,6 +231,9 @@ impl Cluster {
         c.shard_sync.max_backoff_ms = 500;
         // Tests with a source down for good should not wait the production deadline (5 min).
         c.shard_sync.give_up_after_ms = 3_000;
+        // The progress quantum shrinks with the window (64 blobs per 5 minutes in production):
+        // tests that throttle a source's stream still make progress.
+        c.shard_sync.progress_blobs = 1;
         // Nor a restarted node for a member that is down (the production deadline is 30 s);
         // and peers compare indexes often, so a missed blob is found within a test's wait.
         c.index.catch_up_deadline_ms = 2_000;
@@ -239,6 +256,7 @@ impl Cluster {
             control_plane: ControlPlaneConfig {
                 etcd_endpoints: vec![self.etcd.endpoint.clone()],
                 cluster: self.name.clone(),
+                ..ControlPlaneConfig::default()
             },
             store_path: n.recovery_dir.clone(),
             ..RecoveryConfig::default()
@@ -503,4 +521,22 @@ where
 /// `GetStatus` of a sync-service.
 pub async fn status(client: &mut SyncServiceClient<TracedChannel>) -> anyhow::Result<pb::GetStatusResponse> {
     Ok(client.get_status(pb::GetStatusRequest {}).await?.into_inner())
+}
+
+/// Sends every span of this process (all in-process services) to an in-memory exporter;
+/// keep the guard for the test's length.
+pub fn trace_to_memory() -> (
+    opentelemetry_sdk::trace::InMemorySpanExporter,
+    opentelemetry_sdk::trace::SdkTracerProvider,
+    ferry_shared::telemetry::TelemetryGuard,
+) {
+    let exporter = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+    let provider =
+        opentelemetry_sdk::trace::SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+    let guard = ferry_shared::telemetry::init_with_provider(
+        "ferry-e2e",
+        ferry_shared::telemetry::LogFormat::Text,
+        Some(provider.clone()),
+    );
+    (exporter, provider, guard)
 }

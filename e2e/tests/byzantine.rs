@@ -129,3 +129,47 @@ async fn a_source_streaming_only_uncertified_junk_is_given_up_on_and_nothing_of_
         .unwrap();
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_source_that_trickles_certified_items_just_inside_the_deadline_is_given_up_on() {
+    const GIVE_UP_MS: u64 = 3_000;
+    let mut cluster = Cluster::new(4, 4).await.unwrap();
+    cluster.tweak_sync = Box::new(|c| {
+        c.shard_sync.give_up_after_ms = GIVE_UP_MS;
+        c.shard_sync.progress_blobs = 8;
+    });
+    let c0 = cluster.start_genesis().await.unwrap();
+    // 1 KB blobs: slivers of about 500 bytes, 300 of them in the shard that moves.
+    cluster.store_random_blobs(300, 1000, 7).await.unwrap();
+    let me = cluster.nodes[0].id.clone();
+    let members = cluster.weighted(0, 3);
+    let plan = ferry_shared::committee::rebalance(&c0, members.clone()).unwrap();
+    let shard = *plan.shards_of(&me).iter().find(|s| c0.owner(**s) != Some(&me)).unwrap();
+    let source = cluster.nodes.iter().position(|n| Some(&n.id) == c0.owner(shard)).unwrap();
+    // The previous owner is honest in what it sends (certified blobs, slivers that verify) but
+    // sends it at 250 bytes/s: an item about every two seconds, inside the three-second deadline,
+    // and fewer than the 8 blobs per window that count as progress. Before the fix every item
+    // that settled restarted the deadline: the sync would have run for ten minutes and held
+    // blob recovery back all along.
+    cluster.nodes[source].node().unwrap().stream_rate.store(250, std::sync::atomic::Ordering::Relaxed);
+
+    let started = std::time::Instant::now();
+    cluster.next_epoch(members).await.unwrap();
+    let view = cluster
+        .wait_view(0, "the trickled shard handed to blob recovery", move |v| {
+            v.shards.get(&shard).map(|r| r.status) == Some(ShardStatus::ActiveRecover)
+        })
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    let sync = view.shards[&shard].sync.clone().unwrap();
+    assert!(sync.last_error.as_ref().is_some_and(|e| e.contains("settled")), "{sync:?}");
+    assert!(sync.blobs_done < 64, "given up on long before the shard's 300 blobs were through: {sync:?}");
+    assert!(took < Duration::from_millis(GIVE_UP_MS) + WAIT, "given up on within the deadline: {took:?}");
+    let node = cluster.nodes[0].node().unwrap();
+    let mut counter = node.counter.subscribe();
+    tokio::time::timeout(WAIT, counter.wait_for(|v| v.running_syncs == 0))
+        .await
+        .expect("the sync count returns to zero, so blob recovery may start")
+        .unwrap();
+}

@@ -5,14 +5,13 @@
 
 use std::{collections::HashMap, net::SocketAddr};
 
-use ferry_e2e::Cluster;
+use ferry_e2e::{Cluster, trace_to_memory};
 use ferry_shared::{
     metrics::{self, sample},
-    telemetry::{self, LogFormat},
     types::NodeStatus,
 };
 use opentelemetry::Value;
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use opentelemetry_sdk::trace::SpanData;
 use tracing::Instrument as _;
 
 fn attr(span: &SpanData, key: &str) -> Option<String> {
@@ -20,14 +19,6 @@ fn attr(span: &SpanData, key: &str) -> Option<String> {
         Value::String(s) => s.as_str().to_string(),
         other => other.to_string(),
     })
-}
-
-/// Spans of this process (all in-process services) go to an in-memory exporter.
-fn trace_to_memory() -> (InMemorySpanExporter, SdkTracerProvider, telemetry::TelemetryGuard) {
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
-    let guard = telemetry::init_with_provider("ferry-e2e", LogFormat::Text, Some(provider.clone()));
-    (exporter, provider, guard)
 }
 
 fn trace_id(span: &tracing::Span) -> opentelemetry::trace::TraceId {
@@ -258,4 +249,47 @@ async fn metrics_count_shard_sync_streaming_recovery_and_rpcs() {
     // Shard sync filled the gained shards, so blob recovery had nothing to do.
     let recovery0 = scrape(cluster.nodes[0].recovery.as_ref().unwrap().metrics_addr).await;
     assert!(recovery0.contains("ferry_recovery_blobs_recovered_total 0"), "{recovery0}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_a_caller_with_a_certificate_continues_a_trace() {
+    let (exporter, provider, _telemetry) = trace_to_memory();
+    let mut cluster = Cluster::new(4, 4).await.unwrap();
+    cluster.start_genesis().await.unwrap();
+    let status_on = |trace: opentelemetry::trace::TraceId| {
+        exporter
+            .get_finished_spans()
+            .unwrap()
+            .into_iter()
+            .filter(|s| {
+                s.name == "/ferry.v1.SyncService/GetStatus" && attr(s, "ferry.node").as_deref() == Some("node-0")
+            })
+            .filter(|s| s.span_context.trace_id() == trace)
+            .count()
+    };
+    // An anonymous caller sends a sampled trace context of its own making.
+    let forged = opentelemetry::trace::TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap();
+    let mut request = tonic::Request::new(ferry_proto::v1::GetStatusRequest::default());
+    request
+        .metadata_mut()
+        .insert("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".parse().unwrap());
+    let mut anonymous =
+        ferry_proto::v1::sync_service_client::SyncServiceClient::new(cluster.anonymous_channel(0).await.unwrap());
+    let refused = anonymous.get_status(request).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    // A caller with a certificate: its trace goes on.
+    let span = tracing::info_span!("operator", command = "status");
+    let verified = trace_id(&span);
+    let mut client = cluster.sync_client_as(0, ferry_e2e::CLIENT).await.unwrap();
+    ferry_e2e::status(&mut client).instrument(span).await.unwrap();
+    provider.force_flush().unwrap();
+    assert_eq!(status_on(verified), 1, "the operator's trace continues on node-0");
+    assert_eq!(status_on(forged), 0, "an anonymous caller's trace context is not continued");
+    let anonymous_spans = exporter
+        .get_finished_spans()
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.name == "/ferry.v1.SyncService/GetStatus" && s.span_context.trace_id() != verified)
+        .count();
+    assert!(anonymous_spans >= 1, "the anonymous call has a span of its own, in a new trace");
 }

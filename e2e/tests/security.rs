@@ -60,7 +60,7 @@ async fn only_the_shard_owner_with_its_own_certificate_may_stream_it() {
     let addr = format!("127.0.0.1:{}", cluster.nodes[1].sync_port);
 
     // No client certificate: TLS works, the call does not.
-    let mut anon = SyncServiceClient::new(anonymous_channel(&cluster, 1).await);
+    let mut anon = SyncServiceClient::new(cluster.anonymous_channel(1).await.unwrap());
     let err = anon.stream_shard(stream_request(&cluster, &owner_key, &owner, shard)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     // Nor does any other call but health and reflection.
@@ -194,20 +194,6 @@ async fn a_node_refuses_to_start_with_another_nodes_certificate() {
 }
 
 /// A channel to node `i`'s sync-service over TLS that presents no client certificate.
-async fn anonymous_channel(cluster: &Cluster, i: usize) -> tonic::transport::Channel {
-    let ca = std::fs::read(cluster.tls_dir().join("ca.pem")).unwrap();
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-        .domain_name(tls::node_server_name(&cluster.nodes[i].id));
-    tonic::transport::Channel::from_shared(format!("https://127.0.0.1:{}", cluster.nodes[i].sync_port))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
 /// Sends `message` to `path`, whatever request type the method declares.
 async fn call_raw<T, M>(channel: T, path: &'static str, message: M) -> Result<(), tonic::Status>
 where
@@ -243,7 +229,7 @@ async fn callers_are_checked_and_bodies_bounded_before_anything_is_decoded() {
     assert_eq!(err.code(), Code::Internal, "a member's undecodable request fails in the decoder: {err:?}");
     // ... after the caller is known: without a certificate the same bytes never get there,
     // not even 8 MiB of them.
-    let anonymous = anonymous_channel(&cluster, 0).await;
+    let anonymous = cluster.anonymous_channel(0).await.unwrap();
     for len in [64, 8 << 20] {
         let err = call_raw(anonymous.clone(), store_blobs, undecodable_store_request(len)).await.unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated, "{len} bytes without a certificate: {err:?}");
@@ -319,4 +305,38 @@ async fn open_connections_are_capped_and_stalled_handshakes_closed() {
     // With the stalled connections gone, calls get through again.
     let mut client = cluster.sync_client(0).await.unwrap();
     assert_eq!(client.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner().node_id, "node-0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removed_member_loses_access_as_soon_as_a_node_reads_the_new_committee() {
+    let mut cluster = Cluster::new(4, 4).await.unwrap();
+    let c0 = cluster.start_genesis().await.unwrap();
+    let blobs = cluster.store_random_blobs(2, 300, 9).await.unwrap();
+    let shard = c0.shards_of(&cluster.nodes[0].id)[0];
+    let get = pb::GetSliverRequest { blob_id: blobs[0].0.0.to_vec(), shard: shard.0 };
+    let mut removed = cluster.sync_client_as(0, "node-3").await.unwrap();
+    removed.get_sliver(get.clone()).await.unwrap();
+
+    // Node 0 reads epoch 1, which removes node-3, and is slow to apply it: it lags.
+    ferry_shared::failpoints::fail::cfg("epoch-before-apply", "return(node-0:8000)").unwrap();
+    let members = c0.members.iter().filter(|m| m.node_id.as_str() != "node-3").cloned().collect();
+    cluster.next_epoch(members).await.unwrap();
+    let node0 = cluster.nodes[0].node().unwrap().clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    loop {
+        match removed.get_sliver(get.clone()).await {
+            Err(e) if e.code() == Code::PermissionDenied => break,
+            _ => {}
+        }
+        assert!(std::time::Instant::now() < deadline, "node-0 still serves the removed node-3 after 6 s");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        node0.view().committee().map(|c| c.epoch),
+        Some(0),
+        "node-0 refused node-3 before applying epoch 1, from the committee it read"
+    );
+    // The remaining members keep access throughout.
+    cluster.sync_client_as(0, "node-2").await.unwrap().get_sliver(get).await.unwrap();
+    ferry_shared::failpoints::fail::remove("epoch-before-apply");
 }

@@ -128,6 +128,20 @@ fn spread_offset(blob: &BlobId, n: usize) -> usize {
     }
 }
 
+/// Framing and fields besides the payload in a response: the decode limit of each call is
+/// what an honest peer sends plus this, so a peer cannot make this node hold more.
+const RESPONSE_OVERHEAD: usize = 4096;
+
+/// The largest honest `GetMetadata` answer for `n_shards`: a 32-byte digest per shard.
+fn metadata_response_limit(n_shards: u32) -> usize {
+    n_shards as usize * 40 + RESPONSE_OVERHEAD
+}
+
+/// The largest honest answer carrying slivers of `sliver_lens` bytes.
+fn slivers_response_limit(sliver_lens: impl Iterator<Item = usize>) -> usize {
+    sliver_lens.map(|len| len + 8).sum::<usize>() + RESPONSE_OVERHEAD
+}
+
 /// Fetches verified metadata: this node first, then the owners of every shard.
 pub async fn fetch_metadata(
     peers: &Peers,
@@ -141,7 +155,8 @@ pub async fn fetch_metadata(
     owners.rotate_left(offset);
     candidates.extend(owners);
     for node in candidates {
-        let Some(mut client) = peers.client(committee, &node) else { continue };
+        let Some(client) = peers.client(committee, &node) else { continue };
+        let mut client = client.max_decoding_message_size(metadata_response_limit(committee.n_shards));
         let Ok(Ok(response)) = tokio::time::timeout(
             peers.timeout,
             client.get_metadata(pb::GetMetadataRequest { blob_id: blob.0.to_vec() }),
@@ -189,10 +204,12 @@ pub async fn recover_blob(
         while got.len() + in_flight.len() < k {
             let Some(shard) = sources.next() else { break };
             let Some(owner) = committee.owner(shard).cloned() else { continue };
-            let Some(mut client) = peers.client(committee, &owner) else {
+            let Some(client) = peers.client(committee, &owner) else {
                 errors.push(format!("no address for {owner}"));
                 continue;
             };
+            let mut client =
+                client.max_decoding_message_size(slivers_response_limit(metadata.sliver_len().into_iter()));
             let timeout = peers.timeout;
             in_flight.push(async move {
                 let r = tokio::time::timeout(
@@ -368,6 +385,8 @@ async fn recover_sub_batch(
     let offset = spread_offset(&batch[0].0.blob, sources.len());
     sources.rotate_left(offset);
     let ids: Vec<Vec<u8>> = batch.iter().map(|(w, _)| w.blob.0.to_vec()).collect();
+    // At most k answers of this size are held at once, whatever the peers send.
+    let answer_limit = slivers_response_limit(batch.iter().map(|(_, m)| m.sliver_len().unwrap_or(0)));
     // Verified slivers per blob, filled source shard by source shard until each has k.
     let mut got: Vec<Slivers> = vec![Vec::new(); batch.len()];
     let mut fetched = vec![0u64; batch.len()];
@@ -386,7 +405,8 @@ async fn recover_sub_batch(
         let mut calls = FuturesUnordered::new();
         for shard in round {
             let Some(owner) = committee.owner(shard).cloned() else { continue };
-            let Some(mut client) = peers.client(committee, &owner) else { continue };
+            let Some(client) = peers.client(committee, &owner) else { continue };
+            let mut client = client.max_decoding_message_size(answer_limit);
             let request = pb::GetSliversRequest { shard: shard.0, blob_ids: ids.clone() };
             let timeout = peers.timeout;
             calls.push(async move { (shard, tokio::time::timeout(timeout, client.get_slivers(request)).await) });

@@ -107,6 +107,7 @@ impl Validate for RecoveryConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         NodeId::new(self.node_id.clone()).map_err(|e| invalid("node_id", e.to_string()))?;
         self.control_plane.validate()?;
+        self.control_plane.check_identity(self.tls.enabled)?;
         if self.sync_service.is_empty() {
             return Err(invalid("sync_service", "the address of this node's sync-service is needed"));
         }

@@ -66,9 +66,12 @@ impl RecoveryServiceHandle {
 
 /// Starts recovery-service.
 pub async fn start(config: RecoveryConfig) -> anyhow::Result<RecoveryServiceHandle> {
+    // The node's own certificate is also its etcd identity (etcd's RBAC user is its name).
+    let identity = config.tls.load(Some(&NodeId::new(config.node_id.as_str())?))?;
     let control_plane = ControlPlane::connect_etcd_with_retry(
         &config.control_plane.etcd_endpoints,
         &config.control_plane.cluster,
+        identity.as_deref(),
         CONNECT_ATTEMPTS,
     )
     .await?;

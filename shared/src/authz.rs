@@ -249,10 +249,21 @@ impl<S> AuthzService<S> {
 }
 
 /// The identity in the caller's verified client certificate, if it sent one.
-fn peer_identity(request: &http::Request<Body>) -> Result<Option<PeerIdentity>, Status> {
+pub(crate) fn peer_identity<B>(request: &http::Request<B>) -> Result<Option<PeerIdentity>, Status> {
     let certs = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|info| info.peer_certs());
     let Some(leaf) = certs.as_ref().and_then(|c| c.first().cloned()) else { return Ok(None) };
     tls::identity_of(leaf.as_ref()).map(Some).map_err(|e| Status::unauthenticated(format!("client certificate {e}")))
+}
+
+/// Whether a request's own trace context may be continued: on a TLS connection only when the
+/// caller proved a Ferry identity with its certificate, so an anonymous caller cannot attach
+/// its spans to a node's traces or make the node's spans look sampled. A plaintext server
+/// (loopback only, unless the operator accepted the risk) trusts every caller alike.
+pub(crate) fn may_continue_trace<B>(request: &http::Request<B>) -> bool {
+    if request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().is_none() {
+        return true;
+    }
+    matches!(peer_identity(request), Ok(Some(_)))
 }
 
 impl<S, ResBody> tower::Service<http::Request<Body>> for AuthzService<S>

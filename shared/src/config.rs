@@ -44,15 +44,42 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ControlPlaneConfig {
-    /// etcd endpoints (`http://host:port`).
+    /// etcd endpoints: `https://host:port` (mutual TLS with this party's certificate, whose
+    /// common name etcd takes as the user for its RBAC) or `http://host:port`.
     pub etcd_endpoints: Vec<String>,
     /// Cluster name: keys live under `/ferry/<cluster>/`.
     pub cluster: String,
+    /// `http://` endpoints are allowed only on loopback unless this is set: plaintext etcd
+    /// authenticates nobody, so anyone who reaches it can rewrite committees and phases.
+    /// Default false.
+    pub insecure_plaintext_beyond_loopback: bool,
 }
 
 impl Default for ControlPlaneConfig {
     fn default() -> Self {
-        ControlPlaneConfig { etcd_endpoints: vec!["http://127.0.0.1:2379".into()], cluster: "ferry".into() }
+        ControlPlaneConfig {
+            etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
+            cluster: "ferry".into(),
+            insecure_plaintext_beyond_loopback: false,
+        }
+    }
+}
+
+impl ControlPlaneConfig {
+    /// Whether the endpoints use TLS (all `https://`); mixed schemes fail validation.
+    pub fn uses_tls(&self) -> bool {
+        self.etcd_endpoints.iter().all(|e| e.starts_with("https://"))
+    }
+
+    /// `https://` endpoints need a certificate to present: refused when this party has none.
+    pub fn check_identity(&self, has_certificate: bool) -> Result<(), ConfigError> {
+        if self.uses_tls() && !has_certificate {
+            return Err(invalid(
+                "control_plane.etcd_endpoints",
+                "https:// etcd authenticates this node by its certificate, but tls.enabled = false",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -64,8 +91,46 @@ impl Validate for ControlPlaneConfig {
         if self.cluster.is_empty() || self.cluster.contains('/') {
             return Err(invalid("control_plane.cluster", "must be non-empty and contain no '/'"));
         }
+        let mut schemes = std::collections::BTreeSet::new();
+        for endpoint in &self.etcd_endpoints {
+            let uri: http::Uri = endpoint
+                .parse()
+                .map_err(|e| invalid("control_plane.etcd_endpoints", format!("{endpoint:?} is not a URL: {e}")))?;
+            let scheme = uri.scheme_str().unwrap_or_default();
+            let host = uri.host().unwrap_or_default();
+            match scheme {
+                "https" => {}
+                "http" if is_loopback_host(host) || self.insecure_plaintext_beyond_loopback => {}
+                "http" => {
+                    return Err(invalid(
+                        "control_plane.etcd_endpoints",
+                        format!(
+                            "{endpoint} is plaintext beyond loopback: anyone who reaches it could rewrite committees \
+                             and phases; use https://, or set control_plane.insecure_plaintext_beyond_loopback = true \
+                             to accept that risk"
+                        ),
+                    ));
+                }
+                _ => {
+                    return Err(invalid(
+                        "control_plane.etcd_endpoints",
+                        format!("{endpoint:?} must start with https:// or http://"),
+                    ));
+                }
+            }
+            schemes.insert(scheme.to_string());
+        }
+        if schemes.len() > 1 {
+            return Err(invalid("control_plane.etcd_endpoints", "mixes https:// and http:// endpoints"));
+        }
         Ok(())
     }
+}
+
+/// `localhost` or a loopback address (brackets of an IPv6 host included).
+fn is_loopback_host(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare == "localhost" || bare.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Checks of a configuration beyond its types.
@@ -224,5 +289,32 @@ mod tests {
         assert!(err.contains("inner.workers"), "{err}");
         let err = load_from::<Top>(Some(&dir.path().join("missing.toml")), "T", Vec::new()).unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }));
+    }
+
+    #[test]
+    fn etcd_plaintext_stays_on_loopback_unless_the_risk_is_named() {
+        let config = |endpoints: &[&str], insecure: bool| ControlPlaneConfig {
+            etcd_endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            insecure_plaintext_beyond_loopback: insecure,
+            ..ControlPlaneConfig::default()
+        };
+        for ok in [
+            &["http://127.0.0.1:2379"][..],
+            &["http://localhost:2379"],
+            &["http://[::1]:2379"],
+            &["https://etcd-0.example:2379", "https://10.0.0.2:2379"],
+        ] {
+            config(ok, false).validate().unwrap();
+        }
+        let err = config(&["http://etcd:2379"], false).validate().unwrap_err().to_string();
+        assert!(
+            err.contains("control_plane.etcd_endpoints") && err.contains("insecure_plaintext_beyond_loopback"),
+            "{err}"
+        );
+        config(&["http://etcd:2379"], true).validate().unwrap();
+        let err = config(&["https://a:2379", "http://127.0.0.1:2379"], false).validate().unwrap_err().to_string();
+        assert!(err.contains("mixes"), "{err}");
+        assert!(config(&["etcd:2379"], false).validate().is_err());
+        assert!(config(&["https://a:2379"], false).uses_tls() && !config(&["http://127.0.0.1:1"], false).uses_tls());
     }
 }

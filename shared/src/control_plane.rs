@@ -8,6 +8,7 @@
 //! trait, [`Kv`], so the same logic runs against etcd ([`etcd::EtcdKv`]) in production and
 //! integration tests and against [`memory::MemoryKv`] in unit tests.
 
+pub mod access;
 pub mod etcd;
 pub mod memory;
 
@@ -21,6 +22,7 @@ use thiserror::Error;
 use crate::{
     committee::{Committee, CommitteeError},
     crypto::{self, ShardEvidence},
+    tls::TlsMaterial,
     types::{Epoch, NodeId, NodeStatus},
 };
 
@@ -68,6 +70,17 @@ pub enum ControlPlaneError {
     /// A concurrent writer won too many times in a row.
     #[error("FERRY-CP-008: too much contention updating {0}; retry")]
     Contention(String),
+    /// etcd's RBAC refused the request to this party's user (the common name of its
+    /// certificate): the role it holds does not cover the key. Not retried.
+    #[error("FERRY-CP-009: etcd at {endpoints} refused {what}: {message}")]
+    Denied {
+        /// Endpoints asked.
+        endpoints: String,
+        /// The request.
+        what: String,
+        /// etcd's answer.
+        message: String,
+    },
 }
 
 /// Result of control-plane calls.
@@ -338,7 +351,11 @@ const LIST_PAGE: usize = 16;
 impl ControlPlane {
     /// A control plane for `cluster` over `kv`.
     pub fn new(kv: Arc<dyn Kv>, cluster: &str) -> Self {
-        ControlPlane { kv, cluster: cluster.to_string(), prefix: format!("/ferry/{cluster}/") }
+        ControlPlane { kv, cluster: cluster.to_string(), prefix: Self::cluster_prefix(cluster) }
+    }
+
+    fn cluster_prefix(cluster: &str) -> String {
+        format!("/ferry/{cluster}/")
     }
 
     /// The cluster's name: its keys' prefix, and part of every storage confirmation.
@@ -348,13 +365,24 @@ impl ControlPlane {
 
     /// [`ControlPlane::connect_etcd`], retried with backoff (200 ms doubling to 5 s) for up to
     /// `attempts` tries, so a service that starts before etcd waits for it instead of exiting.
-    pub async fn connect_etcd_with_retry(endpoints: &[String], cluster: &str, attempts: u32) -> Result<Self> {
+    /// A refusal by etcd's RBAC is not retried: waiting does not grant a role.
+    pub async fn connect_etcd_with_retry(
+        endpoints: &[String],
+        cluster: &str,
+        identity: Option<&TlsMaterial>,
+        attempts: u32,
+    ) -> Result<Self> {
+        if identity.is_none() && endpoints.iter().any(|e| e.starts_with("https://")) {
+            // Retrying cannot produce a certificate.
+            return Self::connect_etcd(endpoints, cluster, identity).await;
+        }
         let mut backoff = std::time::Duration::from_millis(200);
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match Self::connect_etcd(endpoints, cluster).await {
+            match Self::connect_etcd(endpoints, cluster, identity).await {
                 Ok(cp) => return Ok(cp),
+                Err(e @ ControlPlaneError::Denied { .. }) => return Err(e),
                 Err(e) if attempt < attempts => {
                     tracing::warn!(error = %e, attempt, "control plane unreachable; retrying");
                     tokio::time::sleep(backoff).await;
@@ -365,10 +393,18 @@ impl ControlPlane {
         }
     }
 
-    /// Connects to etcd at `endpoints`; keys live under `/ferry/<cluster>/`.
-    pub async fn connect_etcd(endpoints: &[String], cluster: &str) -> Result<Self> {
-        let kv = etcd::EtcdKv::connect(endpoints).await?;
+    /// Connects to etcd at `endpoints`; keys live under `/ferry/<cluster>/`. `https://`
+    /// endpoints need `identity`: its certificate authenticates this party, and etcd's RBAC
+    /// allows its user (the certificate's common name) what [`access`] granted to its role.
+    pub async fn connect_etcd(endpoints: &[String], cluster: &str, identity: Option<&TlsMaterial>) -> Result<Self> {
+        let prefix = Self::cluster_prefix(cluster);
+        let kv = etcd::EtcdKv::connect(endpoints, identity, &prefix).await?;
         Ok(Self::new(Arc::new(kv), cluster))
+    }
+
+    /// The key prefix of this cluster, `/ferry/<cluster>/`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// An in-memory control plane for unit tests.

@@ -8,7 +8,8 @@
 //! flip), `sync-after-batch` (a shard-sync task after a written batch), `sync-mark-failed`
 //! (writing a failed sync's status), `sync-state-stream` (the `WatchSyncState` stream),
 //! `store-sliver-write` (a `StoreSliver` write, in the store call), `recover-blob` (a blob
-//! recovery task) and `index-digests` (a node answering `GetRangeDigests`: delays it).
+//! recovery task), `index-digests` (a node answering `GetRangeDigests`: delays it) and
+//! `epoch-before-apply` (a node that has read a new committee and not applied it: delays it).
 
 pub use fail;
 pub use fail::fail_point;

@@ -170,7 +170,9 @@ impl Extractor for HeaderExtractor<'_> {
 }
 
 /// For `tonic::transport::Server::trace_fn`: one span per call, named after the method,
-/// continuing the caller's trace when the request carries W3C trace context.
+/// continuing the caller's trace when the request carries W3C trace context and the caller
+/// proved who it is (a verified certificate; see [`crate::authz`]); anyone else's starts a
+/// new trace.
 pub fn grpc_server_span(
     service: &'static str,
     node: String,
@@ -178,9 +180,12 @@ pub fn grpc_server_span(
     move |request: &http::Request<()>| {
         let method = request.uri().path().to_string();
         let span = tracing::info_span!("grpc.server", otel.name = %method, otel.kind = "server", rpc.method = %method, ferry.service = service, ferry.node = %node);
-        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
-        // No subscriber with OpenTelemetry: nothing to continue.
-        let _ = span.set_parent(parent);
+        if crate::authz::may_continue_trace(request) {
+            let parent =
+                opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
+            // No subscriber with OpenTelemetry: nothing to continue.
+            let _ = span.set_parent(parent);
+        }
         span
     }
 }

@@ -8,9 +8,11 @@ use std::{
     io::{self, Read, Seek, SeekFrom},
     net::{Ipv4Addr, SocketAddr, TcpListener},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::{Duration, Instant, SystemTime},
 };
+
+use crate::control_plane::etcd::{EtcdServerTls, server_command};
 
 /// How long a port reservation holds before another process may take the port again.
 const RESERVATION_TTL: Duration = Duration::from_secs(600);
@@ -103,50 +105,67 @@ const ETCD_BINARY: &str = "/usr/bin/etcd";
 /// A single-member etcd running from a temporary data directory, killed (and reaped) on drop.
 #[derive(Debug)]
 pub struct EtcdProcess {
-    /// Client URL, `http://127.0.0.1:<port>`.
+    /// Client URL, `http://127.0.0.1:<port>` (`https://` when secured).
     pub endpoint: String,
     child: Option<Child>,
     log_path: PathBuf,
     dir: tempfile::TempDir,
+    probe_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl EtcdProcess {
-    /// Starts `/usr/bin/etcd` on two free ports with a fresh data directory and waits (at most
-    /// 20 s) until it answers a KV request. On failure the error carries the tail of its log.
+    /// Starts `/usr/bin/etcd` (plaintext, loopback) on two free ports with a fresh data
+    /// directory and waits (at most 20 s) until it answers a KV request. On failure the error
+    /// carries the tail of its log.
     pub async fn start() -> io::Result<Self> {
         Self::start_on(free_port()).await
     }
 
     /// [`EtcdProcess::start`] with the client port given (a test that starts a client first).
     pub async fn start_on(client_port: u16) -> io::Result<Self> {
+        Self::launch(client_port, None).await
+    }
+
+    /// An etcd that serves only mutual TLS (`https://`), with the CA, server certificate and
+    /// key that [`crate::tls::write_dev_pki`] wrote into `pki` (`ca.pem`, `etcd.pem`,
+    /// `etcd.key`); readiness is probed with `probe`'s certificate. Authentication stays off
+    /// until [`crate::control_plane::access::apply`] turns it on.
+    pub async fn start_secured(pki: &std::path::Path, probe: &crate::tls::TlsMaterial) -> io::Result<Self> {
+        let tls = EtcdServerTls {
+            ca_file: pki.join("ca.pem"),
+            cert_file: pki.join("etcd.pem"),
+            key_file: pki.join("etcd.key"),
+        };
+        Self::launch(free_port(), Some((tls, probe.etcd_client_config()))).await
+    }
+
+    async fn launch(
+        client_port: u16,
+        tls: Option<(EtcdServerTls, tonic::transport::ClientTlsConfig)>,
+    ) -> io::Result<Self> {
         let dir = tempfile::Builder::new().prefix("ferry-etcd-").tempdir()?;
-        let peer_port = free_port();
-        let client_url = format!("http://127.0.0.1:{client_port}");
-        let peer_url = format!("http://127.0.0.1:{peer_port}");
         let log_path = dir.path().join("etcd.log");
         let log = File::create(&log_path)?;
-        let child = Command::new(ETCD_BINARY)
-            .arg("--name")
-            .arg("default")
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--listen-client-urls")
-            .arg(&client_url)
-            .arg("--advertise-client-urls")
-            .arg(&client_url)
-            .arg("--listen-peer-urls")
-            .arg(&peer_url)
-            .arg("--initial-advertise-peer-urls")
-            .arg(&peer_url)
-            .arg("--initial-cluster")
-            .arg(format!("default={peer_url}"))
-            .arg("--initial-cluster-state")
-            .arg("new")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        let mut process = EtcdProcess { endpoint: client_url, child: Some(child), log_path, dir };
+        let child = server_command(
+            std::path::Path::new(ETCD_BINARY),
+            "default",
+            &dir.path().join("data"),
+            client_port,
+            free_port(),
+            tls.as_ref().map(|(server, _)| server),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut process = EtcdProcess {
+            endpoint: format!("{scheme}://127.0.0.1:{client_port}"),
+            child: Some(child),
+            log_path,
+            dir,
+            probe_tls: tls.map(|(_, client)| client),
+        };
         process.wait_ready(client_port).await?;
         Ok(process)
     }
@@ -186,9 +205,12 @@ impl EtcdProcess {
     /// Whether etcd answers a real KV request (not just accepts TCP connections).
     async fn serves(&self) -> bool {
         let probe = async {
-            let options = etcd_client::ConnectOptions::new()
+            let mut options = etcd_client::ConnectOptions::new()
                 .with_connect_timeout(Duration::from_secs(1))
                 .with_timeout(Duration::from_secs(1));
+            if let Some(tls) = &self.probe_tls {
+                options = options.with_tls(tls.clone());
+            }
             let mut client = etcd_client::Client::connect([self.endpoint.as_str()], Some(options)).await.ok()?;
             client.get("/", Some(etcd_client::GetOptions::new().with_count_only())).await.ok()
         };

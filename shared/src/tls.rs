@@ -2,10 +2,13 @@
 //!
 //! Every certificate is issued by the cluster's CA and names exactly one identity as a DNS
 //! subject-alternative name: `<node-id>.node.ferry` for a node (both of its services use the
-//! node's certificate) or `<name>.client.ferry` for an operator or application client. Servers
-//! take client certificates optionally at the TLS layer and decide per call, from the verified
-//! identity and the committee, who may do what (see each service's `authz`). Clients always
-//! verify that the server's certificate names the node the committee says lives at that address.
+//! node's certificate), `<name>.client.ferry` for an application client or
+//! `<name>.operator.ferry` for an operator. The subject's common name is the same full name, so
+//! etcd, which takes the common name as the user of a client-certificate connection, can never
+//! confuse a client `node-0` with the node `node-0`. Servers take client certificates
+//! optionally at the TLS layer and decide per call, from the verified identity and the
+//! committee, who may do what (see [`crate::authz`]). Clients always verify that the server's
+//! certificate names the node the committee says lives at that address.
 
 use std::{
     fs,
@@ -237,6 +240,20 @@ impl TlsMaterial {
             // timeout nor the request timeout covers the handshake that follows.
             .timeout(crate::grpc::CONNECT_TIMEOUT)
     }
+
+    /// Client side towards etcd: our certificate, whose common name etcd takes as the user,
+    /// and the cluster CA for etcd's server certificate, verified against the endpoint's host.
+    pub fn etcd_client_config(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(self.ca.clone())
+            .identity(self.identity.clone())
+            .timeout(crate::grpc::CONNECT_TIMEOUT)
+    }
+
+    /// Who this material's certificate names.
+    pub fn own_identity(&self) -> &PeerIdentity {
+        &self.own
+    }
 }
 
 /// Who a verified certificate says the caller is.
@@ -249,6 +266,18 @@ pub enum PeerIdentity {
     /// An operator (`<name>.operator.ferry`): what a client may do, plus pausing recovery,
     /// retrying syncs and tuning the node.
     Operator(String),
+}
+
+impl PeerIdentity {
+    /// The full name the certificate carries (`node-0.node.ferry`): the common name, and the
+    /// etcd user of a client-certificate connection.
+    pub fn full_name(&self) -> String {
+        match self {
+            PeerIdentity::Node(id) => node_server_name(id),
+            PeerIdentity::Client(name) => format!("{name}{CLIENT_SUFFIX}"),
+            PeerIdentity::Operator(name) => format!("{name}{OPERATOR_SUFFIX}"),
+        }
+    }
 }
 
 impl std::fmt::Display for PeerIdentity {
@@ -365,21 +394,38 @@ impl ClusterCa {
     /// A node certificate naming `<node>.node.ferry`, plus `extra_sans` (DNS names or IPs) so
     /// generic tools such as grpcurl can verify it by address.
     pub fn issue_node(&self, node: &NodeId, extra_sans: &[String]) -> Result<IssuedCert, TlsError> {
-        let mut sans = vec![node_server_name(node)];
+        let name = node_server_name(node);
+        let mut sans = vec![name.clone()];
         sans.extend(extra_sans.iter().cloned());
-        self.issue(node.as_str(), sans, vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth])
+        self.issue(&name, sans, vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth])
     }
 
     /// A client certificate naming `<name>.client.ferry`.
     pub fn issue_client(&self, name: &str) -> Result<IssuedCert, TlsError> {
         NodeId::new(name).map_err(|e| TlsError::Generate(format!("client name: {e}")))?;
-        self.issue(name, vec![format!("{name}{CLIENT_SUFFIX}")], vec![ExtendedKeyUsagePurpose::ClientAuth])
+        let full = format!("{name}{CLIENT_SUFFIX}");
+        self.issue(&full, vec![full.clone()], vec![ExtendedKeyUsagePurpose::ClientAuth])
     }
 
     /// An operator certificate naming `<name>.operator.ferry`.
     pub fn issue_operator(&self, name: &str) -> Result<IssuedCert, TlsError> {
         NodeId::new(name).map_err(|e| TlsError::Generate(format!("operator name: {e}")))?;
-        self.issue(name, vec![format!("{name}{OPERATOR_SUFFIX}")], vec![ExtendedKeyUsagePurpose::ClientAuth])
+        let full = format!("{name}{OPERATOR_SUFFIX}");
+        self.issue(&full, vec![full.clone()], vec![ExtendedKeyUsagePurpose::ClientAuth])
+    }
+
+    /// A server certificate for etcd, naming `sans` (its DNS names and IP addresses) and no
+    /// Ferry identity, so it authenticates etcd to Ferry and grants nothing in Ferry's services.
+    /// It also serves etcd's peer connections.
+    pub fn issue_etcd_server(&self, sans: &[String]) -> Result<IssuedCert, TlsError> {
+        if sans.is_empty() {
+            return Err(TlsError::Generate("an etcd server certificate needs at least one name or address".into()));
+        }
+        self.issue(
+            "etcd",
+            sans.to_vec(),
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+        )
     }
 
     fn issue(
@@ -429,12 +475,13 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// A CA plus certificates for `nodes`, one operator and one application client, written under
-/// `dir` (test harnesses and the local cluster).
+/// A CA plus certificates for `nodes`, one operator, one application client and a loopback
+/// etcd server (`etcd.pem`), written under `dir` (test harnesses and the local cluster).
 pub fn write_dev_pki(dir: &Path, nodes: &[NodeId], operator: &str, client: &str) -> Result<(), TlsError> {
     let ca = ClusterCa::generate()?;
     ca.write(dir)?;
     let loopback = ["localhost".to_string(), "127.0.0.1".to_string()];
+    ca.issue_etcd_server(&loopback)?.write(dir, "etcd")?;
     for node in nodes {
         ca.issue_node(node, &loopback)?.write(dir, node.as_str())?;
     }
@@ -457,6 +504,35 @@ mod tests {
         let client = ca.issue_client("ops").unwrap();
         let der = first_pem_der(client.cert_pem.as_bytes()).unwrap();
         assert_eq!(identity_of(&der).unwrap(), PeerIdentity::Client("ops".into()));
+    }
+
+    fn common_name(pem: &str) -> String {
+        let der = first_pem_der(pem.as_bytes()).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        cert.subject().iter_common_name().next().unwrap().as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn common_names_are_full_role_qualified_names_and_etcd_gets_no_identity() {
+        // etcd takes the common name as the user: a client called like a node must not be it.
+        let ca = ClusterCa::generate().unwrap();
+        let node = NodeId::new("node-0").unwrap();
+        assert_eq!(common_name(&ca.issue_node(&node, &[]).unwrap().cert_pem), "node-0.node.ferry");
+        assert_eq!(common_name(&ca.issue_client("node-0").unwrap().cert_pem), "node-0.client.ferry");
+        assert_eq!(common_name(&ca.issue_operator("node-0").unwrap().cert_pem), "node-0.operator.ferry");
+        for identity in [PeerIdentity::Node(node), PeerIdentity::Client("a".into()), PeerIdentity::Operator("b".into())]
+        {
+            let issued = match &identity {
+                PeerIdentity::Node(id) => ca.issue_node(id, &[]),
+                PeerIdentity::Client(name) => ca.issue_client(name),
+                PeerIdentity::Operator(name) => ca.issue_operator(name),
+            }
+            .unwrap();
+            assert_eq!(common_name(&issued.cert_pem), identity.full_name());
+        }
+        let etcd = ca.issue_etcd_server(&["127.0.0.1".into(), "etcd.ferry.svc".into()]).unwrap();
+        assert!(identity_of(&first_pem_der(etcd.cert_pem.as_bytes()).unwrap()).is_err());
+        assert!(ca.issue_etcd_server(&[]).is_err());
     }
 
     #[test]

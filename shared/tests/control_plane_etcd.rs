@@ -9,10 +9,11 @@ use tokio::sync::Barrier;
 
 use ferry_shared::{
     committee::{Committee, Member, rebalance},
-    control_plane::{etcd::EtcdKv, *},
+    control_plane::{access, etcd::EtcdKv, *},
     crypto::NodeKeypair,
     testing::{EtcdProcess, free_port},
-    types::NodeId,
+    tls::{ClusterCa, PeerIdentity, TlsConfig, TlsMaterial, write_dev_pki},
+    types::{NodeId, NodeStatus},
 };
 
 const STEP: Duration = Duration::from_secs(15);
@@ -29,10 +30,11 @@ impl Cluster {
     /// unless `propose` is false.
     async fn start(propose: bool) -> Cluster {
         let etcd = EtcdProcess::start().await.expect("start etcd");
-        let cp = tokio::time::timeout(STEP, ControlPlane::connect_etcd(std::slice::from_ref(&etcd.endpoint), "test"))
-            .await
-            .expect("connect in time")
-            .unwrap_or_else(|e| panic!("connect: {e}; etcd log:\n{}", etcd.log_tail()));
+        let cp =
+            tokio::time::timeout(STEP, ControlPlane::connect_etcd(std::slice::from_ref(&etcd.endpoint), "test", None))
+                .await
+                .expect("connect in time")
+                .unwrap_or_else(|e| panic!("connect: {e}; etcd log:\n{}", etcd.log_tail()));
         let keys: Vec<_> =
             (0..4).map(|i| (NodeId::new(format!("node-{i}")).unwrap(), Arc::new(NodeKeypair::generate()))).collect();
         let members = keys.iter().map(|(id, k)| member(id, k, 1)).collect();
@@ -255,14 +257,15 @@ async fn watcher_restarted_from_last_revision_sees_every_event_once() {
 async fn unreachable_etcd_is_a_typed_error() {
     // Reserved and not listened on: connections are refused.
     let endpoint = format!("http://127.0.0.1:{}", free_port());
-    let result = tokio::time::timeout(STEP, ControlPlane::connect_etcd(std::slice::from_ref(&endpoint), "test"))
+    let result = tokio::time::timeout(STEP, ControlPlane::connect_etcd(std::slice::from_ref(&endpoint), "test", None))
         .await
         .expect("connect gives up in time");
     match result {
         Err(ControlPlaneError::Unavailable { endpoints, .. }) => assert_eq!(endpoints, endpoint),
         other => panic!("expected Unavailable, got {other:?}"),
     }
-    let direct = tokio::time::timeout(STEP, EtcdKv::connect(std::slice::from_ref(&endpoint))).await.expect("in time");
+    let direct =
+        tokio::time::timeout(STEP, EtcdKv::connect(std::slice::from_ref(&endpoint), None, "/")).await.expect("in time");
     assert!(matches!(direct, Err(ControlPlaneError::Unavailable { .. })));
 }
 
@@ -272,11 +275,12 @@ async fn a_client_started_before_etcd_waits_for_it() {
     let endpoint = format!("http://127.0.0.1:{port}");
     // The client starts first and retries; etcd comes up once the first attempt has failed.
     let connecting = tokio::spawn(async move {
-        ControlPlane::connect_etcd_with_retry(std::slice::from_ref(&endpoint), "test", 10).await
+        ControlPlane::connect_etcd_with_retry(std::slice::from_ref(&endpoint), "test", None, 10).await
     });
-    let refused = tokio::time::timeout(STEP, ControlPlane::connect_etcd(&[format!("http://127.0.0.1:{port}")], "test"))
-        .await
-        .expect("in time");
+    let refused =
+        tokio::time::timeout(STEP, ControlPlane::connect_etcd(&[format!("http://127.0.0.1:{port}")], "test", None))
+            .await
+            .expect("in time");
     assert!(refused.is_err(), "nothing listens yet");
     let _etcd = EtcdProcess::start_on(port).await.unwrap();
     let cp = tokio::time::timeout(Duration::from_secs(40), connecting)
@@ -288,7 +292,7 @@ async fn a_client_started_before_etcd_waits_for_it() {
     // With one attempt only, a dead endpoint is the typed error at once.
     let dead = format!("http://127.0.0.1:{}", free_port());
     assert!(matches!(
-        ControlPlane::connect_etcd_with_retry(std::slice::from_ref(&dead), "test", 1).await,
+        ControlPlane::connect_etcd_with_retry(std::slice::from_ref(&dead), "test", None, 1).await,
         Err(ControlPlaneError::Unavailable { .. })
     ));
 }
@@ -355,7 +359,7 @@ async fn epoch_out_of_order_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn range_pages_in_key_order_within_the_prefix() {
     let etcd = EtcdProcess::start().await.expect("start etcd");
-    let kv = EtcdKv::connect(std::slice::from_ref(&etcd.endpoint)).await.unwrap();
+    let kv = EtcdKv::connect(std::slice::from_ref(&etcd.endpoint), None, "/").await.unwrap();
     let puts = ["/p/b", "/p/a", "/p/c", "/p0", "/o/z"].iter().map(|k| (k.to_string(), k.as_bytes().to_vec())).collect();
     assert!(kv.txn(vec![], puts).await.unwrap());
     let keys = |v: Vec<(String, Versioned)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
@@ -391,4 +395,102 @@ async fn watch_from_compacted_revision_is_a_resume_error() {
     let mut live = cluster.cp.watch_epochs(head).await.unwrap();
     cluster.attest_all(&[0, 1, 2], 1).await;
     assert_eq!(next_phase_event(&mut live, &mut 0).await.event, EpochEvent::Done(1));
+}
+
+/// Is `result` etcd's RBAC refusing the request (not a network failure)?
+fn is_denied<T: std::fmt::Debug>(result: Result<T>) -> bool {
+    matches!(result, Err(ControlPlaneError::Denied { .. }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn secured_etcd_gives_each_party_only_what_its_role_allows() {
+    ferry_shared::tls::install_crypto_provider();
+    let pki = tempfile::tempdir().unwrap();
+    let ids: Vec<NodeId> = (0..4).map(|i| NodeId::new(format!("node-{i}")).unwrap()).collect();
+    write_dev_pki(pki.path(), &ids, "ops", "app").unwrap();
+    // A client certificate called like a node, and a whole second CA with an operator.
+    ClusterCa::load(pki.path()).unwrap().issue_client("node-1").unwrap().write(pki.path(), "impostor").unwrap();
+    let foreign = tempfile::tempdir().unwrap();
+    write_dev_pki(foreign.path(), &ids, "ops", "app").unwrap();
+    let load = |dir: &std::path::Path, name: &str| TlsConfig::from_dir(dir, name).load(None).unwrap().unwrap();
+    let operator = load(pki.path(), "ops");
+
+    let etcd = EtcdProcess::start_secured(pki.path(), &operator).await.expect("start etcd with TLS");
+    let endpoints = [etcd.endpoint.clone()];
+    assert!(etcd.endpoint.starts_with("https://"));
+    let mut parties: Vec<PeerIdentity> = ids.iter().cloned().map(PeerIdentity::Node).collect();
+    parties.push(PeerIdentity::Client("app".into()));
+    let report = access::apply(&endpoints, &operator, "test", &parties).await.unwrap();
+    assert_eq!(report.users_created.len(), 7, "root, four nodes, the client and the operator: {report:?}");
+    let again = access::apply(&endpoints, &operator, "test", &parties).await.unwrap();
+    assert!(again.users_created.is_empty(), "a second run changes nothing: {again:?}");
+
+    let connect = |material: Arc<TlsMaterial>, cluster: &'static str| {
+        let endpoints = endpoints.clone();
+        async move {
+            tokio::time::timeout(STEP, ControlPlane::connect_etcd(&endpoints, cluster, Some(&material)))
+                .await
+                .expect("connect in time")
+        }
+    };
+    let ops = connect(operator.clone(), "test").await.unwrap();
+    let keys: Vec<_> = ids.iter().map(|id| (id.clone(), Arc::new(NodeKeypair::generate()))).collect();
+    let c0 = Committee::genesis(4, keys.iter().map(|(id, k)| member(id, k, 1)).collect()).unwrap();
+    ops.propose_epoch(&c0).await.unwrap();
+    let mut members = c0.members.clone();
+    members[3].weight = 2;
+    let c1 = rebalance(&c0, members).unwrap();
+
+    // A node reads everything of its cluster, writes its attestation and its own record only.
+    let node0 = connect(load(pki.path(), "node-0"), "test").await.unwrap();
+    assert_eq!(node0.committee(0).await.unwrap(), Some(c0.clone()));
+    let record =
+        |i: usize| NodeRecord { node_id: ids[i].clone(), status: NodeStatus::Active, epoch: 0, updated_at_ms: 1 };
+    node0.put_node(&record(0)).await.unwrap();
+    assert!(is_denied(node0.put_node(&record(1)).await), "a node cannot write another node's record");
+    assert!(is_denied(node0.propose_epoch(&c1).await), "a node cannot propose an epoch");
+    let app = connect(load(pki.path(), "app"), "test").await.unwrap();
+    assert!(is_denied(app.propose_epoch(&c1).await), "nor can an application client");
+    ops.propose_epoch(&c1).await.unwrap();
+    let attestation = AttestationRecord::sign(&keys[0].1, ids[0].clone(), 1, "sync-service", vec![]);
+    assert!(matches!(node0.attest(&attestation).await.unwrap(), AttestOutcome::Created { .. }));
+    assert!(is_denied(connect(load(pki.path(), "node-0"), "other").await), "nor read another cluster's keys");
+
+    // An application client only reads.
+    assert_eq!(app.current().await.unwrap(), Some(EpochPhase::ChangeSync(1)));
+    let attestation1 = AttestationRecord::sign(&keys[1].1, ids[1].clone(), 1, "sync-service", vec![]);
+    assert!(is_denied(app.attest(&attestation1).await), "a client cannot write an attestation");
+    assert!(is_denied(app.put_node(&record(1)).await));
+
+    // A client certificate called like a node is not that node's etcd user.
+    assert!(is_denied(connect(load(pki.path(), "impostor"), "test").await), "node-1.client.ferry has no user");
+    // Nothing is served without a certificate from the cluster CA, nor in plaintext.
+    let foreign_operator = TlsConfig {
+        ca_file: pki.path().join("ca.pem"),
+        cert_file: foreign.path().join("ops.pem"),
+        key_file: foreign.path().join("ops.key"),
+        ..TlsConfig::default()
+    };
+    let foreign_operator = foreign_operator.load(None).unwrap().unwrap();
+    assert!(matches!(connect(foreign_operator, "test").await, Err(ControlPlaneError::Unavailable { .. })));
+    let no_cert = ControlPlane::connect_etcd(&endpoints, "test", None).await;
+    assert!(
+        matches!(no_cert, Err(ControlPlaneError::Unavailable { ref message, .. }) if message.contains("certificate"))
+    );
+    let ca_only = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(pki.path().join("ca.pem")).unwrap()));
+    let anonymous = async {
+        let options = etcd_client::ConnectOptions::new().with_tls(ca_only).with_timeout(Duration::from_secs(3));
+        let mut client = etcd_client::Client::connect(&endpoints, Some(options)).await?;
+        client.get("/ferry/test/current", None).await
+    };
+    assert!(
+        tokio::time::timeout(STEP, anonymous).await.expect("in time").is_err(),
+        "etcd itself refuses a connection without a client certificate"
+    );
+    let plaintext = [etcd.endpoint.replace("https://", "http://")];
+    assert!(ControlPlane::connect_etcd(&plaintext, "test", None).await.is_err());
+    // What the operator wrote and the node attested is all there is.
+    assert_eq!(ops.attestations(1).await.unwrap(), vec![attestation]);
+    assert_eq!(ops.nodes().await.unwrap(), vec![record(0)]);
 }

@@ -128,10 +128,14 @@ pub struct ShardSyncConfig {
     /// Shard syncs that may run at once. Default 4. Changeable at run time through `SyncAdmin`
     /// or by editing the config file (applied live).
     pub max_concurrent_syncs: u32,
-    /// A sync that makes no progress (writes no batch) for this long fails for good and its
-    /// shard goes to blob recovery (ms); while it makes progress it is retried however often
-    /// the stream breaks. Default 300000 (5 minutes).
+    /// A sync that makes no progress for this long fails for good and its shard goes to blob
+    /// recovery (ms); while it makes progress it is retried however often the stream breaks.
+    /// Default 300000 (5 minutes).
     pub give_up_after_ms: u64,
+    /// Certified blobs that must settle (stored, or found missing and left to blob recovery)
+    /// for a sync to count as progressing, restarting `give_up_after_ms`. Default 64: a source
+    /// that trickles a few valid items just inside the deadline is given up on.
+    pub progress_blobs: u64,
     /// First retry delay (ms); doubles per attempt, with ±25% jitter. Default 500.
     pub initial_backoff_ms: u64,
     /// Largest retry delay (ms). Default 30000.
@@ -162,6 +166,7 @@ impl Default for ShardSyncConfig {
         ShardSyncConfig {
             max_concurrent_syncs: 4,
             give_up_after_ms: 300_000,
+            progress_blobs: 64,
             initial_backoff_ms: 500,
             max_backoff_ms: 30_000,
             batch_items: 64,
@@ -225,6 +230,7 @@ impl Validate for SyncConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         NodeId::new(self.node_id.clone()).map_err(|e| invalid("node_id", e.to_string()))?;
         self.control_plane.validate()?;
+        self.control_plane.check_identity(self.tls.enabled)?;
         if self.listen == self.health_listen {
             return Err(invalid("health_listen", "must differ from `listen`"));
         }
@@ -237,6 +243,7 @@ impl Validate for SyncConfig {
         for (field, value) in [
             ("shard_sync.max_concurrent_syncs", s.max_concurrent_syncs as u64),
             ("shard_sync.give_up_after_ms", s.give_up_after_ms),
+            ("shard_sync.progress_blobs", s.progress_blobs),
             ("shard_sync.batch_items", s.batch_items as u64),
             ("shard_sync.item_timeout_ms", s.item_timeout_ms),
             ("stream.max_concurrent_streams", self.stream.max_concurrent_streams as u64),

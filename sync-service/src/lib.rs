@@ -25,6 +25,7 @@ use ferry_shared::{
     grpc::MAX_MESSAGE_BYTES,
     metrics::{RpcMetricsLayer, start_metrics_server},
     serving, telemetry,
+    types::NodeId,
 };
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{error, info, warn};
@@ -76,9 +77,12 @@ impl SyncServiceHandle {
 /// Starts sync-service: opens the store, connects to etcd, catches up, and serves until
 /// `shutdown` resolves or a background task fails (fatal).
 pub async fn start(config: SyncConfig) -> anyhow::Result<SyncServiceHandle> {
+    // The node's own certificate is also its etcd identity (etcd's RBAC user is its name).
+    let identity = config.tls.load(Some(&NodeId::new(config.node_id.as_str())?))?;
     let control_plane = ControlPlane::connect_etcd_with_retry(
         &config.control_plane.etcd_endpoints,
         &config.control_plane.cluster,
+        identity.as_deref(),
         CONNECT_ATTEMPTS,
     )
     .await?;

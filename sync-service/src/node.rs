@@ -160,6 +160,8 @@ pub struct Node {
     pub committees: CommitteeCache,
     /// Whether a failed attestation is being retried in the background.
     attest_retrying: std::sync::atomic::AtomicBool,
+    /// The newest committee read from the control plane, applied or not.
+    newest_committee: StdMutex<Option<Arc<Committee>>>,
     view: Arc<watch::Sender<NodeView>>,
     /// Whether the epoch follower's watch on the control plane is established (readiness).
     following: watch::Sender<bool>,
@@ -287,6 +289,7 @@ impl Node {
             metrics,
             attester: Attester::default(),
             attest_retrying: std::sync::atomic::AtomicBool::new(false),
+            newest_committee: StdMutex::new(None),
 
             view,
             following: watch::channel(false).0,
@@ -359,14 +362,29 @@ impl Node {
         self.view.subscribe()
     }
 
-    /// Checks that the committee lists this node with this node's key.
-    pub fn check_key(&self, committee: &Committee) -> Result<(), NodeError> {
-        match committee.member(&self.id) {
-            Some(m) if m.public_key != self.key.public_hex() => {
-                Err(NodeError::KeyMismatch { epoch: committee.epoch, node: self.id.clone() })
-            }
-            _ => Ok(()),
+    /// Takes note of a committee read from the control plane before it is applied: checks that
+    /// it lists this node with this node's key (a changed key stops the node), and remembers
+    /// the newest one, so a member it removes loses access here at once ([`Node::admits`]),
+    /// not only once this node has caught up with it.
+    pub fn observe_committee(&self, committee: &Committee) -> Result<(), NodeError> {
+        if let Some(m) = committee.member(&self.id)
+            && m.public_key != self.key.public_hex()
+        {
+            return Err(NodeError::KeyMismatch { epoch: committee.epoch, node: self.id.clone() });
         }
+        let mut newest = self.newest_committee.lock().unwrap_or_else(|p| p.into_inner());
+        if newest.as_ref().is_none_or(|c| c.epoch < committee.epoch) {
+            *newest = Some(Arc::new(committee.clone()));
+        }
+        Ok(())
+    }
+
+    /// Whether `node` counts as a committee member for authorisation: a member of the
+    /// committee this node is in and of the newest one it has seen.
+    pub fn admits(&self, node: &NodeId) -> bool {
+        let in_newest =
+            self.newest_committee.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|c| c.is_member(node));
+        in_newest && self.view().committee().is_some_and(|c| c.is_member(node))
     }
 
     /// Mirrors the node status to the control plane for operators (best effort: the

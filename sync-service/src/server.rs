@@ -161,7 +161,8 @@ pub fn method_table() -> MethodTable {
     ])
 }
 
-/// The committee as the authorisation layer sees it: the one of the epoch this node is in.
+/// The committee as the authorisation layer sees it: members of the epoch this node is in
+/// and of the newest committee it has read ([`Node::admits`]).
 pub struct NodeMembership(pub Arc<Node>);
 
 impl Membership for NodeMembership {
@@ -169,7 +170,7 @@ impl Membership for NodeMembership {
         &self.0.id
     }
     fn is_member(&self, node: &NodeId) -> bool {
-        self.0.view().committee().is_some_and(|c| c.is_member(node))
+        self.0.admits(node)
     }
 }
 

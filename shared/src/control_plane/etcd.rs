@@ -7,7 +7,13 @@
 //! one forever. An unreachable etcd therefore surfaces as
 //! [`ControlPlaneError::Unavailable`] instead of a hang.
 
-use std::{collections::VecDeque, future::Future, time::Duration};
+use std::{
+    collections::VecDeque,
+    future::Future,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use etcd_client::{
@@ -15,6 +21,7 @@ use etcd_client::{
 };
 
 use super::{ControlPlaneError, Guard, Kv, KvEvent, KvEventStream, Result, Versioned};
+use crate::tls::TlsMaterial;
 
 /// How long establishing a connection to an etcd endpoint may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -30,6 +37,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct EtcdKv {
     client: Client,
     endpoints: String,
+    /// The key whose read yields the current revision: inside the scope this party may read,
+    /// so the probe works under etcd's RBAC.
+    revision_probe: String,
 }
 
 impl std::fmt::Debug for EtcdKv {
@@ -71,9 +81,20 @@ impl EtcdKv {
     /// Connects to etcd at `endpoints` (`http://host:port`) and checks that it serves by
     /// reading the current revision; fails with [`ControlPlaneError::Unavailable`] within
     /// about [`REQUEST_TIMEOUT`] if it does not.
-    pub async fn connect(endpoints: &[String]) -> Result<Self> {
+    /// `scope` is a key (or prefix) this party may read; the revision probe reads it.
+    pub async fn connect(endpoints: &[String], identity: Option<&TlsMaterial>, scope: &str) -> Result<Self> {
         let joined = endpoints.join(",");
-        let options = ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
+        let mut options = ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
+        if endpoints.iter().any(|e| e.starts_with("https://")) {
+            let Some(identity) = identity else {
+                return Err(ControlPlaneError::Unavailable {
+                    endpoints: joined,
+                    message: "https:// endpoints need a TLS certificate to present (this party has none configured)"
+                        .into(),
+                });
+            };
+            options = options.with_tls(identity.etcd_client_config());
+        }
         let connecting = Client::connect(endpoints, Some(options));
         let client = match tokio::time::timeout(REQUEST_TIMEOUT, connecting).await {
             Ok(Ok(client)) => client,
@@ -85,7 +106,7 @@ impl EtcdKv {
                 });
             }
         };
-        let kv = EtcdKv { client, endpoints: joined };
+        let kv = EtcdKv { client, endpoints: joined, revision_probe: scope.to_string() };
         kv.revision().await?;
         Ok(kv)
     }
@@ -107,6 +128,15 @@ impl EtcdKv {
     ) -> Result<T> {
         match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
             Ok(Ok(value)) => Ok(value),
+            Ok(Err(etcd_client::Error::GRpcStatus(status)))
+                if matches!(status.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) =>
+            {
+                Err(ControlPlaneError::Denied {
+                    endpoints: self.endpoints.clone(),
+                    what: what.to_string(),
+                    message: status.message().to_string(),
+                })
+            }
             Ok(Err(e)) => Err(self.unavailable(format!("{what}: {e}"))),
             Err(_) => Err(self.unavailable(format!("{what}: no answer within {REQUEST_TIMEOUT:?}"))),
         }
@@ -246,7 +276,9 @@ impl Kv for EtcdKv {
 
     async fn revision(&self) -> Result<u64> {
         let mut client = self.client.clone();
-        let response = self.call("revision", client.get("/", Some(GetOptions::new().with_count_only()))).await?;
+        let response = self
+            .call("revision", client.get(self.revision_probe.as_str(), Some(GetOptions::new().with_count_only())))
+            .await?;
         response
             .header()
             .map(|h| to_u64(h.revision()))
@@ -264,6 +296,56 @@ impl Kv for EtcdKv {
             WatchState { watch, pending: VecDeque::new(), last: after, done: false, endpoints: self.endpoints.clone() };
         Ok(Box::pin(futures::stream::unfold(state, WatchState::next)))
     }
+}
+
+/// Files of an etcd server's mutual TLS: the CA that issued every client certificate, and the
+/// server's own certificate and key (from [`crate::tls::ClusterCa::issue_etcd_server`]).
+#[derive(Debug, Clone)]
+pub struct EtcdServerTls {
+    /// The cluster CA (PEM): client certificates must chain to it.
+    pub ca_file: PathBuf,
+    /// The server certificate (PEM).
+    pub cert_file: PathBuf,
+    /// Its key (PEM).
+    pub key_file: PathBuf,
+}
+
+/// A single-member etcd server for a local cluster or a test: `name` in `data_dir`, serving
+/// clients on `client_port` and its peer port on `peer_port`, both on 127.0.0.1. With `tls`,
+/// clients must present a certificate from the CA (`--client-cert-auth`), and once
+/// [`super::access::apply`] has enabled authentication each is the user its common name
+/// names; without, plaintext.
+pub fn server_command(
+    binary: &Path,
+    name: &str,
+    data_dir: &Path,
+    client_port: u16,
+    peer_port: u16,
+    tls: Option<&EtcdServerTls>,
+) -> Command {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let client_url = format!("{scheme}://127.0.0.1:{client_port}");
+    let peer_url = format!("http://127.0.0.1:{peer_port}");
+    let mut command = Command::new(binary);
+    command
+        .arg("--name")
+        .arg(name)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("{name}={peer_url}"), "--initial-cluster-state", "new"]);
+    if let Some(tls) = tls {
+        command
+            .arg("--client-cert-auth")
+            .arg("--trusted-ca-file")
+            .arg(&tls.ca_file)
+            .arg("--cert-file")
+            .arg(&tls.cert_file)
+            .arg("--key-file")
+            .arg(&tls.key_file);
+    }
+    command
 }
 
 #[cfg(test)]

@@ -43,7 +43,7 @@ pub async fn startup(node: &Arc<Node>) -> Result<(), NodeError> {
     }
     let mut caught_up = false;
     if let Some(current) = node.control_plane.current_committee().await? {
-        node.check_key(&current)?;
+        node.observe_committee(&current)?;
         let lagging = match &state {
             None => true,
             Some(s) => s.epoch + 1 < current.epoch,
@@ -148,7 +148,7 @@ pub async fn run_follower(node: Arc<Node>) -> Result<(), NodeError> {
 async fn resync(node: &Arc<Node>) -> Result<(), NodeError> {
     let revision = node.control_plane.revision().await?;
     let Some(current) = node.control_plane.current_committee().await? else { return Ok(()) };
-    node.check_key(&current)?;
+    node.observe_committee(&current)?;
     let state = node.view().state;
     match &state {
         Some(s) if current.epoch <= s.epoch => {
@@ -197,7 +197,11 @@ async fn apply_event(node: &Arc<Node>, event: WatchedEpochEvent) -> Result<(), N
                 None if committee.epoch == 0 => PreviousAssignment::Genesis,
                 None => PreviousAssignment::Unknown,
             };
-            node.check_key(&committee)?;
+            node.observe_committee(&committee)?;
+            // The window between reading a committee and applying it (tests: a lagging node).
+            if let Some(delay) = ferry_shared::failpoints::delay_for("epoch-before-apply", node.id.as_str()) {
+                tokio::time::sleep(delay).await;
+            }
             // Join the proposer's trace: this epoch change and the shard syncs it starts (and
             // the peers they stream from) show up under the `ferryctl epoch next` that began it.
             let traceparent = if telemetry::exporting() {

@@ -145,21 +145,33 @@ pub fn spawn_shard_sync_counted(node: &Arc<Node>, shard: ShardIndex, count: Sync
 }
 
 /// When the sync last made progress: shared by the supervisor and its transfer task, so a
-/// restart after a panic does not reset the give-up deadline.
+/// restart after a panic does not reset the give-up deadline. Progress is `quantum` certified
+/// blobs settled since the last progress, not any one: an honest source streams that many in
+/// well under a second, while one that trickles a valid item just inside the deadline would
+/// otherwise keep the sync, and the count that holds blob recovery back, alive for as long as
+/// it likes.
 #[derive(Debug)]
-struct ProgressClock(Mutex<Instant>);
+struct ProgressClock {
+    state: Mutex<(Instant, u64)>,
+    quantum: u64,
+}
 
 impl ProgressClock {
-    fn now() -> Arc<Self> {
-        Arc::new(ProgressClock(Mutex::new(Instant::now())))
+    fn now(quantum: u64) -> Arc<Self> {
+        Arc::new(ProgressClock { state: Mutex::new((Instant::now(), 0)), quantum: quantum.max(1) })
     }
 
-    fn advanced(&self) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    /// `blobs` more certified blobs settled.
+    fn settled(&self, blobs: u64) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.1 += blobs;
+        if state.1 >= self.quantum {
+            *state = (Instant::now(), 0);
+        }
     }
 
     fn stalled_for(&self) -> Duration {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0.elapsed()
     }
 }
 
@@ -167,7 +179,7 @@ impl ProgressClock {
 /// longer `ActiveSync`: no shard is ever left `ActiveSync` with nobody filling it (rule 4).
 async fn supervise(node: &Arc<Node>, shard: ShardIndex) {
     let cfg = node.config.shard_sync.clone();
-    let clock = ProgressClock::now();
+    let clock = ProgressClock::now(cfg.progress_blobs);
     let mut backoff =
         Backoff::new(Duration::from_millis(cfg.initial_backoff_ms), Duration::from_millis(cfg.max_backoff_ms));
     loop {
@@ -523,7 +535,9 @@ async fn receive(
             verify_and_write(node, shard, source, progress, &mut incoming, clock).await?;
             if clock.stalled_for() >= cfg.give_up_after() {
                 return Err(AttemptError::Fatal(format!(
-                    "no certified blob settled from {source}'s stream for {stalled:?} (shard_sync.give_up_after_ms)"
+                    "fewer than {} certified blobs settled from {source}'s stream in {stalled:?} \
+                     (shard_sync.progress_blobs, give_up_after_ms)",
+                    cfg.progress_blobs
                 )));
             }
             incoming_bytes = 0;
@@ -562,7 +576,8 @@ async fn receive(
             return Err(AttemptError::Retryable(format!("stream from {source} is out of order at {blob_id}")));
         }
         last = Some(blob_id);
-        incoming_bytes += item.data.len();
+        // Everything the item holds counts against the batch: metadata and certificate too.
+        incoming_bytes += prost::Message::encoded_len(&item);
         incoming.push((blob_id, item));
         if incoming.len() >= cfg.batch_items || incoming_bytes >= cfg.batch_bytes {
             verify_and_write(node, shard, source, progress, &mut incoming, clock).await?;
@@ -688,18 +703,16 @@ async fn verify_and_write(
         None => Some(BlobId::MIN),
     };
     let missing = diff_against_index(node, shard, from, last.successor(), &sent, progress).await?;
-    // Progress is a certified blob settled: its sliver stored, or found missing and left to
+    // Progress is certified blobs settled: their slivers stored, or found missing and left to
     // blob recovery. Both are bounded by what the index holds, so a source that streams
     // uncertified ids (however many) or nothing keeps the clock still and is given up on.
-    let useful = !batch.items.is_empty() || !missing.is_empty();
+    let settled = (batch.items.len() + missing.len()) as u64;
     batch.missing = missing;
     next.cursor = Some(last);
     next.last_error = None;
     write_batch(node, shard, batch, next.clone(), false).await?;
     *progress = next;
-    if useful {
-        clock.advanced();
-    }
+    clock.settled(settled);
     Ok(())
 }
 

@@ -1,0 +1,242 @@
+//! Who may read and write which of a cluster's keys in etcd, enforced by etcd's own RBAC.
+//!
+//! etcd started with `--client-cert-auth` takes the common name of a verified client
+//! certificate as the user of the request. Ferry's certificates carry the full,
+//! role-qualified name ([`PeerIdentity::full_name`], e.g. `node-0.node.ferry`), so each party
+//! is one etcd user holding the roles of its kind:
+//!
+//! | party | reads | writes |
+//! |---|---|---|
+//! | node | the cluster's prefix | `current` (the flip to `Done` at a quorum), `attestations/`, its own `nodes/<id>` |
+//! | application client | the cluster's prefix | nothing |
+//! | operator | the cluster's prefix | the cluster's prefix; etcd's `root` role, to manage users |
+//!
+//! A node may write under another node's attestation key (etcd ranges cannot express "any
+//! epoch, this node", since the epoch comes first in the key), but attestations are signed
+//! with the node's key and verified by every reader, so it forges nothing. What [`plan`]
+//! decides is pure and table-tested; [`apply`] carries it out, idempotently.
+
+use etcd_client::{Client, ConnectOptions, Permission};
+use rand::RngCore;
+
+use super::{ControlPlane, ControlPlaneError, Result, etcd::CONNECT_TIMEOUT, etcd::REQUEST_TIMEOUT};
+use crate::tls::{PeerIdentity, TlsMaterial};
+
+/// etcd's built-in role with every permission, user management included.
+const ROOT: &str = "root";
+
+/// Which keys a grant covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Keys {
+    /// One key.
+    Exact(String),
+    /// Every key that starts with this.
+    Prefix(String),
+}
+
+/// What a grant allows on its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Get, range and watch.
+    Read,
+    /// Put and delete (transactions need it for every key they write).
+    Write,
+    /// Both.
+    ReadWrite,
+}
+
+/// An etcd role and the permissions it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleGrants {
+    /// The role's name.
+    pub role: String,
+    /// Its permissions (none for etcd's built-in `root`).
+    pub grants: Vec<(Keys, Access)>,
+}
+
+/// The roles `party` holds in `cluster` (keys under `/ferry/<cluster>/`).
+pub fn plan(cluster: &str, party: &PeerIdentity) -> Vec<RoleGrants> {
+    let prefix = ControlPlane::cluster_prefix(cluster);
+    let read_all = (Keys::Prefix(prefix.clone()), Access::Read);
+    match party {
+        PeerIdentity::Node(id) => vec![
+            RoleGrants {
+                role: format!("ferry.{cluster}.node"),
+                grants: vec![
+                    read_all,
+                    (Keys::Exact(format!("{prefix}current")), Access::Write),
+                    (Keys::Prefix(format!("{prefix}attestations/")), Access::Write),
+                ],
+            },
+            RoleGrants {
+                role: format!("ferry.{cluster}.node.{id}"),
+                grants: vec![(Keys::Exact(format!("{prefix}nodes/{id}")), Access::Write)],
+            },
+        ],
+        PeerIdentity::Client(_) => vec![RoleGrants { role: format!("ferry.{cluster}.client"), grants: vec![read_all] }],
+        PeerIdentity::Operator(_) => vec![
+            RoleGrants {
+                role: format!("ferry.{cluster}.operator"),
+                grants: vec![(Keys::Prefix(prefix), Access::ReadWrite)],
+            },
+            RoleGrants { role: ROOT.to_string(), grants: Vec::new() },
+        ],
+    }
+}
+
+/// What [`apply`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct AccessReport {
+    /// Users created by this call (existing ones are left as they are).
+    pub users_created: Vec<String>,
+}
+
+/// Creates the roles and users of `parties` in `cluster`, then turns etcd's authentication
+/// on. Idempotent: existing roles, grants and users stay, so the operator runs it again to
+/// add a party. Connects with `operator`'s certificate: before authentication is on any
+/// certificate from the cluster CA may do this; afterwards only a user with the `root` role,
+/// which every operator holds. Users get a random password nobody keeps: they authenticate
+/// with their certificate, never with a password.
+pub async fn apply(
+    endpoints: &[String],
+    operator: &TlsMaterial,
+    cluster: &str,
+    parties: &[PeerIdentity],
+) -> Result<AccessReport> {
+    let joined = endpoints.join(",");
+    let unavailable = |message: String| ControlPlaneError::Unavailable { endpoints: joined.clone(), message };
+    let options = ConnectOptions::new()
+        .with_connect_timeout(CONNECT_TIMEOUT)
+        .with_timeout(REQUEST_TIMEOUT)
+        .with_tls(operator.etcd_client_config());
+    let mut client = tokio::time::timeout(REQUEST_TIMEOUT, Client::connect(endpoints, Some(options)))
+        .await
+        .map_err(|_| unavailable(format!("no connection within {REQUEST_TIMEOUT:?}")))?
+        .map_err(|e| unavailable(e.to_string()))?;
+    let mut report = AccessReport::default();
+    let mut everyone = parties.to_vec();
+    if !everyone.contains(operator.own_identity()) {
+        everyone.push(operator.own_identity().clone());
+    }
+    // etcd enables authentication only once a `root` user holds the `root` role.
+    let mut users: Vec<(String, Vec<RoleGrants>)> = vec![(ROOT.to_string(), plan_root())];
+    users.extend(everyone.iter().map(|party| (party.full_name(), plan(cluster, party))));
+    for (user, roles) in &users {
+        for role in roles {
+            if role.role != ROOT {
+                ignore_existing(client.role_add(role.role.as_str()).await, &joined, "role add")?;
+            }
+            for (keys, access) in &role.grants {
+                let permission = permission(keys, *access);
+                check(client.role_grant_permission(role.role.as_str(), permission).await, &joined, "role grant")?;
+            }
+        }
+        if ignore_existing(client.user_add(user.as_str(), random_password(), None).await, &joined, "user add")? {
+            report.users_created.push(user.clone());
+        }
+        for role in roles {
+            check(client.user_grant_role(user.as_str(), role.role.as_str()).await, &joined, "user grant")?;
+        }
+    }
+    // etcd answers success when authentication is on already.
+    check(client.auth_enable().await, &joined, "auth enable")?;
+    Ok(report)
+}
+
+fn plan_root() -> Vec<RoleGrants> {
+    vec![RoleGrants { role: ROOT.to_string(), grants: Vec::new() }]
+}
+
+fn permission(keys: &Keys, access: Access) -> Permission {
+    let (key, prefix) = match keys {
+        Keys::Exact(key) => (key.as_str(), false),
+        Keys::Prefix(key) => (key.as_str(), true),
+    };
+    let permission = match access {
+        Access::Read => Permission::read(key),
+        Access::Write => Permission::write(key),
+        Access::ReadWrite => Permission::read_write(key),
+    };
+    if prefix { permission.with_prefix() } else { permission }
+}
+
+fn random_password() -> String {
+    let mut bytes = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+fn check<T>(result: std::result::Result<T, etcd_client::Error>, endpoints: &str, what: &str) -> Result<T> {
+    result.map_err(|e| match e {
+        etcd_client::Error::GRpcStatus(status)
+            if matches!(status.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) =>
+        {
+            ControlPlaneError::Denied {
+                endpoints: endpoints.to_string(),
+                what: what.to_string(),
+                message: status.message().to_string(),
+            }
+        }
+        other => {
+            ControlPlaneError::Unavailable { endpoints: endpoints.to_string(), message: format!("{what}: {other}") }
+        }
+    })
+}
+
+/// `Ok(true)` if created, `Ok(false)` if it existed already.
+fn ignore_existing<T>(result: std::result::Result<T, etcd_client::Error>, endpoints: &str, what: &str) -> Result<bool> {
+    match result {
+        Ok(_) => Ok(true),
+        Err(etcd_client::Error::GRpcStatus(status)) if status.message().contains("already exists") => Ok(false),
+        Err(e) => check(Err::<(), _>(e), endpoints, what).map(|()| false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::types::NodeId;
+
+    fn writes(roles: &[RoleGrants]) -> Vec<Keys> {
+        roles
+            .iter()
+            .flat_map(|r| r.grants.iter())
+            .filter(|(_, a)| matches!(a, Access::Write | Access::ReadWrite))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    #[test]
+    fn each_party_writes_only_what_its_role_needs() {
+        let p = "/ferry/c/";
+        let node = plan("c", &PeerIdentity::Node(NodeId::new("node-1").unwrap()));
+        assert_eq!(
+            writes(&node),
+            vec![
+                Keys::Exact(format!("{p}current")),
+                Keys::Prefix(format!("{p}attestations/")),
+                Keys::Exact(format!("{p}nodes/node-1")),
+            ]
+        );
+        assert!(node.iter().all(|r| r.role != ROOT));
+        let client = plan("c", &PeerIdentity::Client("app".into()));
+        assert!(writes(&client).is_empty());
+        assert_eq!(client[0].grants, vec![(Keys::Prefix(p.into()), Access::Read)]);
+        let operator = plan("c", &PeerIdentity::Operator("ops".into()));
+        assert_eq!(writes(&operator), vec![Keys::Prefix(p.into())]);
+        assert!(operator.iter().any(|r| r.role == ROOT));
+    }
+
+    #[test]
+    fn roles_are_per_cluster_and_node_records_per_node() {
+        let a = plan("a", &PeerIdentity::Node(NodeId::new("n").unwrap()));
+        let b = plan("b", &PeerIdentity::Node(NodeId::new("n").unwrap()));
+        let m = plan("a", &PeerIdentity::Node(NodeId::new("m").unwrap()));
+        assert!(a.iter().all(|r| !b.iter().any(|s| s.role == r.role)));
+        assert_eq!(a[0], m[0], "nodes of one cluster share the node role");
+        assert_ne!(a[1], m[1], "each node has its own record role");
+        // A cluster named like another's prefix does not reach into it.
+        assert!(plan("a", &PeerIdentity::Client("x".into()))[0].grants[0].0 == Keys::Prefix("/ferry/a/".into()));
+    }
+}
