@@ -843,6 +843,7 @@ def own_volume(fc: FerryContainer, path: str) -> tuple[dict | None, dict | None,
 @rule("tls", "[tls] is enabled; its CA, certificate and key are this pod's own, issued into a CSI volume naming ${POD_NAME}.node.ferry")
 def check_tls(m: Manifests) -> list[str]:
     errors = []
+    certificates: dict[str, dict] = {}  # each certificate volume, once -> the attributes asking for it
     for fc in m.ferry_containers():
         if fc.config is None:
             continue
@@ -875,18 +876,27 @@ def check_tls(m: Manifests) -> list[str]:
             rel = posixpath.relpath(path, mount["mountPath"])
             if attrs.get(CSI + attribute) != rel:
                 errors.append(f"{fc.name}: tls.{key} is {rel} in the volume, but the driver writes {attrs.get(CSI + attribute)!r} ({CSI}{attribute})")
-            own = f"{POD_NAME_VAR}.node.ferry"
-            names = [n.strip() for n in str(attrs.get(CSI + "dns-names", "")).split(",") if n.strip()]
-            if own not in names or attrs.get(CSI + "common-name") != own:
-                errors.append(f"{fc.name}: the certificate must name {own} as its common name and a DNS name, got {attrs.get(CSI + 'common-name')!r} and {names}")
-            if any(POD_NAME_VAR not in n for n in names):
-                errors.append(f"{fc.name}: every DNS name of the certificate must contain {POD_NAME_VAR} (no name shared between pods): {names}")
-            usages = {u.strip() for u in str(attrs.get(CSI + "key-usages", "")).split(",")}
-            if not {"server auth", "client auth"} <= usages:
-                errors.append(f"{fc.name}: the certificate's key-usages must include server auth and client auth, got {sorted(usages)}")
-            if str(attrs.get(CSI + "fs-group")) != str(IMAGE_ID):
-                errors.append(f"{fc.name}: {CSI}fs-group must be {IMAGE_ID} so the services (group {IMAGE_ID}) read the key")
+            certificates[f"{ref(fc.workload)} volume {mount['name']}"] = attrs
+    for where, attrs in certificates.items():
+        errors += [f"{where}: {problem}" for problem in certificate_problems(attrs)]
     return errors
+
+
+def certificate_problems(attrs: dict) -> list[str]:
+    """What is wrong with the certificate a cert-manager CSI volume asks for."""
+    problems = []
+    own = f"{POD_NAME_VAR}.node.ferry"
+    names = [n.strip() for n in str(attrs.get(CSI + "dns-names", "")).split(",") if n.strip()]
+    if own not in names or attrs.get(CSI + "common-name") != own:
+        problems.append(f"the certificate must name {own} as its common name and a DNS name, got {attrs.get(CSI + 'common-name')!r} and {names}")
+    if any(POD_NAME_VAR not in n for n in names):
+        problems.append(f"every DNS name of the certificate must contain {POD_NAME_VAR} (no name shared between pods): {names}")
+    usages = {u.strip() for u in str(attrs.get(CSI + "key-usages", "")).split(",")}
+    if not {"server auth", "client auth"} <= usages:
+        problems.append(f"the certificate's key-usages must include server auth and client auth, got {sorted(usages)}")
+    if str(attrs.get(CSI + "fs-group")) != str(IMAGE_ID):
+        problems.append(f"{CSI}fs-group must be {IMAGE_ID} so the services (group {IMAGE_ID}) read the key")
+    return problems
 
 
 @rule("identity", "each pod's node key is made on its own claim by an init step and read-only to the services; no pod mounts a Secret")

@@ -14,7 +14,10 @@ use std::{
 
 use ferry_e2e::{Cluster, WAIT};
 use ferry_proto::v1 as pb;
-use ferry_shared::types::{BlobId, ShardStatus};
+use ferry_shared::{
+    Committee, Member,
+    types::{BlobId, ShardIndex, ShardStatus},
+};
 use futures::{Stream, future::BoxFuture};
 use tonic::{Request, Response, Status, body::Body, server::NamedService};
 
@@ -78,6 +81,46 @@ impl tower::Service<http::Request<Body>> for LyingSource {
     }
 }
 
+/// The shard node 0 gains when its weight goes to 3, the members of that epoch, and the index
+/// of the node that owned the shard before (the source of its sync).
+fn gained_shard(cluster: &Cluster, c0: &Committee) -> (ShardIndex, Vec<Member>, usize) {
+    let me = cluster.nodes[0].id.clone();
+    let members = cluster.weighted(0, 3);
+    let plan = ferry_shared::committee::rebalance(c0, members.clone()).unwrap();
+    let shard = *plan.shards_of(&me).iter().find(|s| c0.owner(**s) != Some(&me)).unwrap();
+    let source = cluster.nodes.iter().position(|n| Some(&n.id) == c0.owner(shard)).unwrap();
+    (shard, members, source)
+}
+
+/// Starts the epoch with `members` and waits until node 0 has given `shard` to blob recovery
+/// (within `give_up_ms` and the wait) and its sync count is back at zero; the sync's record.
+async fn given_up_after_epoch_change(
+    cluster: &Cluster,
+    members: Vec<Member>,
+    shard: ShardIndex,
+    give_up_ms: u64,
+) -> ferry_sync_service::store::SyncProgress {
+    let started = std::time::Instant::now();
+    cluster.next_epoch(members).await.unwrap();
+    let view = cluster
+        .wait_view(0, "the gained shard handed to blob recovery", move |v| {
+            v.shards.get(&shard).map(|r| r.status) == Some(ShardStatus::ActiveRecover)
+        })
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    let sync = view.shards[&shard].sync.clone().unwrap();
+    assert!(sync.last_error.as_ref().is_some_and(|e| e.contains("settled")), "{sync:?}");
+    assert!(took < Duration::from_millis(give_up_ms) + WAIT, "given up on within the deadline: {took:?}");
+    let node = cluster.nodes[0].node().unwrap();
+    let mut counter = node.counter.subscribe();
+    tokio::time::timeout(WAIT, counter.wait_for(|v| v.running_syncs == 0))
+        .await
+        .expect("the sync count returns to zero, so blob recovery may start")
+        .unwrap();
+    sync
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_source_streaming_only_uncertified_junk_is_given_up_on_and_nothing_of_it_is_stored() {
     const GIVE_UP_MS: u64 = 3_000;
@@ -85,11 +128,7 @@ async fn a_source_streaming_only_uncertified_junk_is_given_up_on_and_nothing_of_
     cluster.tweak_sync = Box::new(|c| c.shard_sync.give_up_after_ms = GIVE_UP_MS);
     let c0 = cluster.start_genesis().await.unwrap();
     cluster.store_random_blobs(20, 1000, 3).await.unwrap();
-    let me = cluster.nodes[0].id.clone();
-    let members = cluster.weighted(0, 3);
-    let plan = ferry_shared::committee::rebalance(&c0, members.clone()).unwrap();
-    let shard = *plan.shards_of(&me).iter().find(|s| c0.owner(**s) != Some(&me)).unwrap();
-    let source = cluster.nodes.iter().position(|n| Some(&n.id) == c0.owner(shard)).unwrap();
+    let (shard, members, source) = gained_shard(&cluster, &c0);
 
     // The previous owner's sync-service goes; in its place, on its port and with its own
     // certificate (so every check a node makes of its peer passes), the lying source.
@@ -106,27 +145,10 @@ async fn a_source_streaming_only_uncertified_junk_is_given_up_on_and_nothing_of_
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
 
-    let started = std::time::Instant::now();
-    cluster.next_epoch(members).await.unwrap();
-    let view = cluster
-        .wait_view(0, "the gained shard handed to blob recovery", move |v| {
-            v.shards.get(&shard).map(|r| r.status) == Some(ShardStatus::ActiveRecover)
-        })
-        .await
-        .unwrap();
-    let took = started.elapsed();
-    let sync = view.shards[&shard].sync.clone().unwrap();
-    assert!(sync.last_error.as_ref().is_some_and(|e| e.contains("settled")), "{sync:?}");
+    let sync = given_up_after_epoch_change(&cluster, members, shard, GIVE_UP_MS).await;
     assert_eq!(sync.blobs_done, 0, "no junk counts as a synced blob: {sync:?}");
-    assert!(took < Duration::from_millis(GIVE_UP_MS) + WAIT, "given up on within the deadline: {took:?}");
     // Nothing of the junk is in the store: the shard holds no sliver at all.
     assert!(cluster.shard_contents(0, shard).unwrap().is_empty(), "uncertified junk must not be stored");
-    let node = cluster.nodes[0].node().unwrap();
-    let mut counter = node.counter.subscribe();
-    tokio::time::timeout(WAIT, counter.wait_for(|v| v.running_syncs == 0))
-        .await
-        .expect("the sync count returns to zero, so blob recovery may start")
-        .unwrap();
     server.abort();
 }
 
@@ -141,11 +163,7 @@ async fn a_source_that_trickles_certified_items_just_inside_the_deadline_is_give
     let c0 = cluster.start_genesis().await.unwrap();
     // 1 KB blobs: slivers of about 500 bytes, 300 of them in the shard that moves.
     cluster.store_random_blobs(300, 1000, 7).await.unwrap();
-    let me = cluster.nodes[0].id.clone();
-    let members = cluster.weighted(0, 3);
-    let plan = ferry_shared::committee::rebalance(&c0, members.clone()).unwrap();
-    let shard = *plan.shards_of(&me).iter().find(|s| c0.owner(**s) != Some(&me)).unwrap();
-    let source = cluster.nodes.iter().position(|n| Some(&n.id) == c0.owner(shard)).unwrap();
+    let (shard, members, source) = gained_shard(&cluster, &c0);
     // The previous owner is honest in what it sends (certified blobs, slivers that verify) but
     // sends it at 250 bytes/s: an item about every two seconds, inside the three-second deadline,
     // and fewer than the 8 blobs per window that count as progress. Before the fix every item
@@ -153,23 +171,6 @@ async fn a_source_that_trickles_certified_items_just_inside_the_deadline_is_give
     // blob recovery back all along.
     cluster.nodes[source].node().unwrap().stream_rate.store(250, std::sync::atomic::Ordering::Relaxed);
 
-    let started = std::time::Instant::now();
-    cluster.next_epoch(members).await.unwrap();
-    let view = cluster
-        .wait_view(0, "the trickled shard handed to blob recovery", move |v| {
-            v.shards.get(&shard).map(|r| r.status) == Some(ShardStatus::ActiveRecover)
-        })
-        .await
-        .unwrap();
-    let took = started.elapsed();
-    let sync = view.shards[&shard].sync.clone().unwrap();
-    assert!(sync.last_error.as_ref().is_some_and(|e| e.contains("settled")), "{sync:?}");
+    let sync = given_up_after_epoch_change(&cluster, members, shard, GIVE_UP_MS).await;
     assert!(sync.blobs_done < 64, "given up on long before the shard's 300 blobs were through: {sync:?}");
-    assert!(took < Duration::from_millis(GIVE_UP_MS) + WAIT, "given up on within the deadline: {took:?}");
-    let node = cluster.nodes[0].node().unwrap();
-    let mut counter = node.counter.subscribe();
-    tokio::time::timeout(WAIT, counter.wait_for(|v| v.running_syncs == 0))
-        .await
-        .expect("the sync count returns to zero, so blob recovery may start")
-        .unwrap();
 }

@@ -322,15 +322,13 @@ async fn a_removed_member_loses_access_as_soon_as_a_node_reads_the_new_committee
     let members = c0.members.iter().filter(|m| m.node_id.as_str() != "node-3").cloned().collect();
     cluster.next_epoch(members).await.unwrap();
     let node0 = cluster.nodes[0].node().unwrap().clone();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(6);
-    loop {
-        match removed.get_sliver(get.clone()).await {
-            Err(e) if e.code() == Code::PermissionDenied => break,
-            _ => {}
-        }
-        assert!(std::time::Instant::now() < deadline, "node-0 still serves the removed node-3 after 6 s");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    ferry_e2e::wait_until("node-0 refuses the removed node-3", || {
+        let (mut removed, get) = (removed.clone(), get.clone());
+        async move { Ok(matches!(removed.get_sliver(get).await, Err(e) if e.code() == Code::PermissionDenied)) }
+    })
+    .await
+    .unwrap();
+    // Node 0 holds epoch 1 back for 8 s: a refusal that came only with applying it fails here.
     assert_eq!(
         node0.view().committee().map(|c| c.epoch),
         Some(0),

@@ -372,7 +372,7 @@ impl ControlPlane {
         identity: Option<&TlsMaterial>,
         attempts: u32,
     ) -> Result<Self> {
-        if identity.is_none() && endpoints.iter().any(|e| e.starts_with("https://")) {
+        if identity.is_none() && etcd::needs_identity(endpoints) {
             // Retrying cannot produce a certificate.
             return Self::connect_etcd(endpoints, cluster, identity).await;
         }

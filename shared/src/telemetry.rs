@@ -180,7 +180,8 @@ pub fn grpc_server_span(
     move |request: &http::Request<()>| {
         let method = request.uri().path().to_string();
         let span = tracing::info_span!("grpc.server", otel.name = %method, otel.kind = "server", rpc.method = %method, ferry.service = service, ferry.node = %node);
-        if crate::authz::may_continue_trace(request) {
+        // The certificate is read only for a request that carries a context to continue.
+        if request.headers().contains_key("traceparent") && crate::authz::may_continue_trace(request) {
             let parent =
                 opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
             // No subscriber with OpenTelemetry: nothing to continue.

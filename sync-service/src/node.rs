@@ -384,7 +384,8 @@ impl Node {
     pub fn admits(&self, node: &NodeId) -> bool {
         let in_newest =
             self.newest_committee.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|c| c.is_member(node));
-        in_newest && self.view().committee().is_some_and(|c| c.is_member(node))
+        // Borrowed, not cloned: this runs on every authorised call.
+        in_newest && self.view.borrow().committee().is_some_and(|c| c.is_member(node))
     }
 
     /// Mirrors the node status to the control plane for operators (best effort: the

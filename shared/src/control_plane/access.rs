@@ -16,10 +16,13 @@
 //! with the node's key and verified by every reader, so it forges nothing. What [`plan`]
 //! decides is pure and table-tested; [`apply`] carries it out, idempotently.
 
-use etcd_client::{Client, ConnectOptions, Permission};
+use etcd_client::Permission;
 use rand::RngCore;
 
-use super::{ControlPlane, ControlPlaneError, Result, etcd::CONNECT_TIMEOUT, etcd::REQUEST_TIMEOUT};
+use super::{
+    ControlPlane, Result,
+    etcd::{connect_client, request_error},
+};
 use crate::tls::{PeerIdentity, TlsMaterial};
 
 /// etcd's built-in role with every permission, user management included.
@@ -104,22 +107,15 @@ pub async fn apply(
     parties: &[PeerIdentity],
 ) -> Result<AccessReport> {
     let joined = endpoints.join(",");
-    let unavailable = |message: String| ControlPlaneError::Unavailable { endpoints: joined.clone(), message };
-    let options = ConnectOptions::new()
-        .with_connect_timeout(CONNECT_TIMEOUT)
-        .with_timeout(REQUEST_TIMEOUT)
-        .with_tls(operator.etcd_client_config());
-    let mut client = tokio::time::timeout(REQUEST_TIMEOUT, Client::connect(endpoints, Some(options)))
-        .await
-        .map_err(|_| unavailable(format!("no connection within {REQUEST_TIMEOUT:?}")))?
-        .map_err(|e| unavailable(e.to_string()))?;
+    let mut client = connect_client(endpoints, Some(operator)).await?;
     let mut report = AccessReport::default();
     let mut everyone = parties.to_vec();
     if !everyone.contains(operator.own_identity()) {
         everyone.push(operator.own_identity().clone());
     }
     // etcd enables authentication only once a `root` user holds the `root` role.
-    let mut users: Vec<(String, Vec<RoleGrants>)> = vec![(ROOT.to_string(), plan_root())];
+    let root = vec![RoleGrants { role: ROOT.to_string(), grants: Vec::new() }];
+    let mut users: Vec<(String, Vec<RoleGrants>)> = vec![(ROOT.to_string(), root)];
     users.extend(everyone.iter().map(|party| (party.full_name(), plan(cluster, party))));
     for (user, roles) in &users {
         for role in roles {
@@ -143,10 +139,6 @@ pub async fn apply(
     Ok(report)
 }
 
-fn plan_root() -> Vec<RoleGrants> {
-    vec![RoleGrants { role: ROOT.to_string(), grants: Vec::new() }]
-}
-
 fn permission(keys: &Keys, access: Access) -> Permission {
     let (key, prefix) = match keys {
         Keys::Exact(key) => (key.as_str(), false),
@@ -167,20 +159,7 @@ fn random_password() -> String {
 }
 
 fn check<T>(result: std::result::Result<T, etcd_client::Error>, endpoints: &str, what: &str) -> Result<T> {
-    result.map_err(|e| match e {
-        etcd_client::Error::GRpcStatus(status)
-            if matches!(status.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) =>
-        {
-            ControlPlaneError::Denied {
-                endpoints: endpoints.to_string(),
-                what: what.to_string(),
-                message: status.message().to_string(),
-            }
-        }
-        other => {
-            ControlPlaneError::Unavailable { endpoints: endpoints.to_string(), message: format!("{what}: {other}") }
-        }
-    })
+    result.map_err(|e| request_error(endpoints, what, e))
 }
 
 /// `Ok(true)` if created, `Ok(false)` if it existed already.
@@ -188,7 +167,7 @@ fn ignore_existing<T>(result: std::result::Result<T, etcd_client::Error>, endpoi
     match result {
         Ok(_) => Ok(true),
         Err(etcd_client::Error::GRpcStatus(status)) if status.message().contains("already exists") => Ok(false),
-        Err(e) => check(Err::<(), _>(e), endpoints, what).map(|()| false),
+        Err(e) => Err(request_error(endpoints, what, e)),
     }
 }
 

@@ -83,30 +83,8 @@ impl EtcdKv {
     /// about [`REQUEST_TIMEOUT`] if it does not.
     /// `scope` is a key (or prefix) this party may read; the revision probe reads it.
     pub async fn connect(endpoints: &[String], identity: Option<&TlsMaterial>, scope: &str) -> Result<Self> {
-        let joined = endpoints.join(",");
-        let mut options = ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
-        if endpoints.iter().any(|e| e.starts_with("https://")) {
-            let Some(identity) = identity else {
-                return Err(ControlPlaneError::Unavailable {
-                    endpoints: joined,
-                    message: "https:// endpoints need a TLS certificate to present (this party has none configured)"
-                        .into(),
-                });
-            };
-            options = options.with_tls(identity.etcd_client_config());
-        }
-        let connecting = Client::connect(endpoints, Some(options));
-        let client = match tokio::time::timeout(REQUEST_TIMEOUT, connecting).await {
-            Ok(Ok(client)) => client,
-            Ok(Err(e)) => return Err(ControlPlaneError::Unavailable { endpoints: joined, message: e.to_string() }),
-            Err(_) => {
-                return Err(ControlPlaneError::Unavailable {
-                    endpoints: joined,
-                    message: format!("no connection within {REQUEST_TIMEOUT:?}"),
-                });
-            }
-        };
-        let kv = EtcdKv { client, endpoints: joined, revision_probe: scope.to_string() };
+        let client = connect_client(endpoints, identity).await?;
+        let kv = EtcdKv { client, endpoints: endpoints.join(","), revision_probe: scope.to_string() };
         kv.revision().await?;
         Ok(kv)
     }
@@ -127,18 +105,50 @@ impl EtcdKv {
         request: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
     ) -> Result<T> {
         match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(etcd_client::Error::GRpcStatus(status)))
-                if matches!(status.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) =>
-            {
-                Err(ControlPlaneError::Denied {
-                    endpoints: self.endpoints.clone(),
-                    what: what.to_string(),
-                    message: status.message().to_string(),
-                })
-            }
-            Ok(Err(e)) => Err(self.unavailable(format!("{what}: {e}"))),
+            Ok(result) => result.map_err(|e| request_error(&self.endpoints, what, e)),
             Err(_) => Err(self.unavailable(format!("{what}: no answer within {REQUEST_TIMEOUT:?}"))),
+        }
+    }
+}
+
+/// Whether `endpoints` need this party's certificate (`https://`).
+pub(crate) fn needs_identity(endpoints: &[String]) -> bool {
+    endpoints.iter().any(|e| e.starts_with("https://"))
+}
+
+/// A client of etcd at `endpoints`, with the connect and request timeouts and, for `https://`
+/// endpoints, mutual TLS with `identity`'s certificate.
+pub(crate) async fn connect_client(endpoints: &[String], identity: Option<&TlsMaterial>) -> Result<Client> {
+    let unavailable = |message: String| ControlPlaneError::Unavailable { endpoints: endpoints.join(","), message };
+    let mut options = ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
+    if needs_identity(endpoints) {
+        let identity = identity.ok_or_else(|| {
+            unavailable("https:// endpoints need a TLS certificate to present (this party has none configured)".into())
+        })?;
+        options = options.with_tls(identity.etcd_client_config());
+    }
+    match tokio::time::timeout(REQUEST_TIMEOUT, Client::connect(endpoints, Some(options))).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => Err(unavailable(e.to_string())),
+        Err(_) => Err(unavailable(format!("no connection within {REQUEST_TIMEOUT:?}"))),
+    }
+}
+
+/// A failed etcd request: a refusal by etcd's RBAC is [`ControlPlaneError::Denied`] (not worth
+/// retrying), anything else [`ControlPlaneError::Unavailable`].
+pub(crate) fn request_error(endpoints: &str, what: &str, error: etcd_client::Error) -> ControlPlaneError {
+    match error {
+        etcd_client::Error::GRpcStatus(status)
+            if matches!(status.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) =>
+        {
+            ControlPlaneError::Denied {
+                endpoints: endpoints.to_string(),
+                what: what.to_string(),
+                message: status.message().to_string(),
+            }
+        }
+        other => {
+            ControlPlaneError::Unavailable { endpoints: endpoints.to_string(), message: format!("{what}: {other}") }
         }
     }
 }
