@@ -15,7 +15,7 @@ export PATH := $(FERRY_TOOLS)/bin:$(PATH)
 export CC := ccache cc
 export CXX := ccache c++
 
-.PHONY: setup build test demo bench bench-scale chaos clean lint fmt fresh-check ci
+.PHONY: setup build test demo bench bench-scale chaos fuzz clean lint fmt fresh-check ci
 
 
 setup:
@@ -30,10 +30,12 @@ test: setup
 
 fmt:
 	$(CARGO) fmt --all
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml
 
 # Formatting and clippy with warnings as errors, as CI runs them.
 lint: setup
 	$(CARGO) fmt --all --check
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # A clean Debian 12 root (debootstrap, cached) where scripts/setup runs and the crates that need
@@ -58,6 +60,11 @@ bench-scale: build
 # runs a few seeds); the README reports 50.
 chaos: build
 	$(BIN)/ferryctl chaos --bin-dir $(BIN) --chaos-dir .ferry-chaos --seeds $(or $(SEEDS),50)
+
+# Every cargo-fuzz target for FUZZ_SECONDS each (default 60) from the checked-in corpora; needs
+# the nightly toolchain, installs cargo-fuzz. Not part of `make test` (see README, "Fuzzing").
+fuzz:
+	@bash scripts/fuzz
 
 # What .ci/run does: the fresh-machine check, formatting and lint, then every test.
 ci: fresh-check lint test

@@ -95,15 +95,17 @@ enum Command {
         after_help = "etcd must serve https with --client-cert-auth and the cluster CA (see the README,\n\"Control plane\"). Nodes read the cluster's keys and write only attestations, the\nphase flip and their own status record; application clients only read; operators\nread and write the cluster's keys and hold etcd's root role. Run it with an operator\ncertificate (--tls-dir, --tls-name).\n\nExample:\n  ferryctl --etcd https://etcd-0:2379 --tls-dir secrets --tls-name ops etcd-access \\\n    --node ferry-0 --node ferry-1 --node ferry-2 --node ferry-3 --client app --operator ops"
     )]
     EtcdAccess {
-        /// Node ids.
-        #[arg(long)]
-        node: Vec<String>,
-        /// Application-client names.
-        #[arg(long)]
-        client: Vec<String>,
-        /// Operator names (the one running this is always included).
-        #[arg(long)]
-        operator: Vec<String>,
+        #[command(flatten)]
+        parties: EtcdParties,
+    },
+    /// Takes etcd access away: deletes the etcd users of a node that left the cluster or of a
+    /// client or operator whose certificate should no longer work.
+    #[command(
+        after_help = "A node is revoked only once no epoch needs it: it is not in the current committee\nand no epoch change is running (a node that leaves serves its shards to their new owners\nuntil the change is done). Refusals are FERRY-CP-010. Run it with an operator certificate.\n\nExample:\n  ferryctl --etcd https://etcd-0:2379 --tls-dir secrets --tls-name ops etcd-revoke --node ferry-4"
+    )]
+    EtcdRevoke {
+        #[command(flatten)]
+        parties: EtcdParties,
     },
     /// Stores files as blobs and prints each one's id once certified. Directories are walked;
     /// many files are stored in batches, several at once, with a throughput summary.
@@ -428,6 +430,56 @@ fn etcd_identity(cli: &Cli, endpoint: &str) -> anyhow::Result<Option<std::sync::
     Ok(TlsConfig::from_dir(dir, &cli.tls_name).load(None)?)
 }
 
+/// The etcd endpoint, cluster and operator certificate that `command` runs with: --etcd with
+/// the certificate in --tls-dir, or the local cluster's own.
+fn etcd_operator(cli: &Cli, command: &str) -> anyhow::Result<(String, String, std::sync::Arc<TlsMaterial>)> {
+    let (endpoint, cluster, identity) = match &cli.etcd {
+        Some(e) => (e.clone(), cli.cluster.clone(), etcd_identity(cli, e)?),
+        None => {
+            let local = LocalCluster::load(&cli.dir)?;
+            (local.etcd_endpoint(), local.name.clone(), local.operator_identity()?)
+        }
+    };
+    let identity = identity.with_context(|| format!("{command} needs an https:// etcd and an operator certificate"))?;
+    if !matches!(identity.own_identity(), PeerIdentity::Operator(_)) {
+        bail!("{command} must run with an operator certificate; {} is {}", cli.tls_name, identity.own_identity());
+    }
+    Ok((endpoint, cluster, identity))
+}
+
+/// Parties of the cluster named on the command line.
+#[derive(Debug, clap::Args)]
+struct EtcdParties {
+    /// Node ids.
+    #[arg(long)]
+    node: Vec<String>,
+    /// Application-client names.
+    #[arg(long)]
+    client: Vec<String>,
+    /// Operator names (`etcd-access` always includes the one running it).
+    #[arg(long)]
+    operator: Vec<String>,
+}
+
+impl EtcdParties {
+    fn identities(&self) -> anyhow::Result<Vec<PeerIdentity>> {
+        let mut parties = Vec::new();
+        for n in &self.node {
+            parties.push(PeerIdentity::Node(NodeId::new(n.as_str())?));
+        }
+        // Client and operator names follow the node-id rules: they become DNS labels.
+        for c in &self.client {
+            NodeId::new(c.as_str())?;
+            parties.push(PeerIdentity::Client(c.clone()));
+        }
+        for o in &self.operator {
+            NodeId::new(o.as_str())?;
+            parties.push(PeerIdentity::Operator(o.clone()));
+        }
+        Ok(parties)
+    }
+}
+
 fn parse_kv<'a>(s: &'a str, what: &str) -> anyhow::Result<(&'a str, &'a str)> {
     s.split_once('=').with_context(|| format!("{what} must look like ID=VALUE, got {s:?}"))
 }
@@ -646,39 +698,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("wrote etcd.pem and etcd.key (etcd's server certificate for {})", etcd_san.join(", "));
             }
         }
-        Command::EtcdAccess { node, client, operator } => {
-            let (endpoint, cluster, identity) = match &cli.etcd {
-                Some(e) => (e.clone(), cli.cluster.clone(), etcd_identity(&cli, e)?),
-                None => {
-                    let local = LocalCluster::load(&cli.dir)?;
-                    (local.etcd_endpoint(), local.name.clone(), local.operator_identity()?)
-                }
-            };
-            let identity = identity.context("etcd-access needs an https:// etcd and an operator certificate")?;
-            if !matches!(identity.own_identity(), PeerIdentity::Operator(_)) {
-                bail!(
-                    "etcd-access must run with an operator certificate; {} is {}",
-                    cli.tls_name,
-                    identity.own_identity()
-                );
-            }
-            let mut parties = Vec::new();
-            for n in node {
-                parties.push(PeerIdentity::Node(NodeId::new(n.as_str())?));
-            }
-            for c in client {
-                NodeId::new(c.as_str())?;
-                parties.push(PeerIdentity::Client(c.clone()));
-            }
-            for o in operator {
-                NodeId::new(o.as_str())?;
-                parties.push(PeerIdentity::Operator(o.clone()));
-            }
+        Command::EtcdAccess { parties } => {
+            let (endpoint, cluster, identity) = etcd_operator(&cli, "etcd-access")?;
+            let parties = parties.identities()?;
             let report = ferry_shared::control_plane::access::apply(&[endpoint], &identity, &cluster, &parties).await?;
             println!(
                 "etcd access for cluster {cluster}: {} parties, {} users created; authentication on",
                 parties.len() + 1,
                 report.users_created.len()
+            );
+        }
+        Command::EtcdRevoke { parties } => {
+            let (endpoint, cluster, identity) = etcd_operator(&cli, "etcd-revoke")?;
+            let parties = parties.identities()?;
+            if parties.is_empty() {
+                bail!("name at least one --node, --client or --operator to revoke");
+            }
+            let report =
+                ferry_shared::control_plane::access::revoke(&[endpoint], &identity, &cluster, &parties).await?;
+            println!(
+                "etcd access revoked in cluster {cluster}: {} users deleted ({} had none)",
+                report.users_deleted.len(),
+                parties.len() - report.users_deleted.len()
             );
         }
         Command::Attestations { epoch } => {

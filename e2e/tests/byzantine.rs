@@ -174,3 +174,163 @@ async fn a_source_that_trickles_certified_items_just_inside_the_deadline_is_give
     let sync = given_up_after_epoch_change(&cluster, members, shard, GIVE_UP_MS).await;
     assert!(sync.blobs_done < 64, "given up on long before the shard's 300 blobs were through: {sync:?}");
 }
+
+/// What a peer answering every blob-recovery read with a huge message did: calls per method,
+/// and the most bytes the caller let it send in any one answer.
+#[derive(Default)]
+struct OverAnswered {
+    calls: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
+    most_sent: std::sync::atomic::AtomicU64,
+}
+
+/// A `ferry.v1.SyncService` that answers `GetMetadata`, `GetSliver` and `GetSlivers` with one
+/// gRPC message declared [`OverAnswering::DECLARED`] bytes long, sent 64 KiB at a time as the
+/// caller's flow-control window allows. A caller that checks the declared length refuses
+/// after the 5-byte header and resets the stream, so only what one window holds is ever sent.
+#[derive(Clone)]
+struct OverAnswering {
+    seen: std::sync::Arc<OverAnswered>,
+}
+
+impl OverAnswering {
+    const DECLARED: usize = 32 * 1024 * 1024;
+    const CHUNK: usize = 64 * 1024;
+}
+
+impl NamedService for OverAnswering {
+    const NAME: &'static str = "ferry.v1.SyncService";
+}
+
+impl tower::Service<http::Request<Body>> for OverAnswering {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let seen = self.seen.clone();
+        Box::pin(async move {
+            let method = request.uri().path().rsplit('/').next().unwrap_or_default().to_string();
+            if !["GetMetadata", "GetSliver", "GetSlivers"].contains(&method.as_str()) {
+                return Ok(Status::unimplemented("an over-answering peer serves only blob-recovery reads").into_http());
+            }
+            *seen.calls.lock().unwrap().entry(method).or_default() += 1;
+            let mut header = vec![0u8];
+            header.extend_from_slice(&(Self::DECLARED as u32).to_be_bytes());
+            let header = bytes::Bytes::from(header);
+            let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let chunks = futures::stream::unfold(0usize, move |at| {
+                let (seen, sent, header) = (seen.clone(), sent.clone(), header.clone());
+                async move {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    let frame = match at {
+                        0 => http_body::Frame::data(header),
+                        _ if at <= Self::DECLARED / Self::CHUNK => {
+                            let total = sent.fetch_add(Self::CHUNK as u64, Relaxed) + Self::CHUNK as u64;
+                            seen.most_sent.fetch_max(total, Relaxed);
+                            http_body::Frame::data(bytes::Bytes::from(vec![0u8; Self::CHUNK]))
+                        }
+                        _ if at == Self::DECLARED / Self::CHUNK + 1 => {
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                            http_body::Frame::trailers(trailers)
+                        }
+                        _ => return None,
+                    };
+                    Some((Ok::<_, Status>(frame), at + 1))
+                }
+            });
+            let response = http::Response::builder()
+                .header("content-type", "application/grpc")
+                .body(Body::new(http_body_util::StreamBody::new(chunks)))
+                .unwrap();
+            Ok(response)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_that_over_answers_blob_recovery_is_refused_and_the_others_suffice() {
+    use ferry_recovery_service::blob_recovery::{self, Peers, Wanted};
+    let (mut cluster, blobs) = ferry_e2e::cluster_with_blobs(24, |_| {}).await.unwrap();
+    let committee = cluster.committee().await.unwrap();
+    // Node 0 loses its data; its own recovery-service stays off so that only this test recovers.
+    cluster.stop_recovery(0).await.unwrap();
+    cluster.stop_sync(0).await.unwrap();
+    cluster.wipe(0).unwrap();
+    // Node 3 turns over-answering, on its own address and with its own certificate.
+    cluster.stop_sync(3).await.unwrap();
+    let material = cluster.tls_config(cluster.nodes[3].id.as_str()).load(Some(&cluster.nodes[3].id)).unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", cluster.nodes[3].sync_port)).await.unwrap();
+    let seen = std::sync::Arc::new(OverAnswered::default());
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(material.unwrap().server_config())
+            .unwrap()
+            .add_service(OverAnswering { seen: seen.clone() })
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    cluster.start_sync(0).await.unwrap();
+
+    // Node 0 recovers through the recovery-service's own code, as node 0. 8 shards, k = 4:
+    // without node 0's 2 shards and node 3's 2, nodes 1 and 2 hold exactly the 4 needed.
+    let me = cluster.nodes[0].id.clone();
+    let wanted_shards = committee.shards_of(&me);
+    let peers = std::sync::Arc::new(Peers::new(
+        me.clone(),
+        cluster.sync_channel_as(0, me.as_str()).unwrap(),
+        cluster.connector_as(me.as_str()).unwrap(),
+        Duration::from_secs(20),
+    ));
+    let (one_by_one, batched) = blobs.split_at(blobs.len() / 2);
+    // One blob at a time: metadata from a peer (node 0 has none) and `GetSliver` per shard.
+    for (blob, _) in one_by_one {
+        blob_recovery::recover_blob(&peers, &committee, *blob, &wanted_shards)
+            .await
+            .unwrap_or_else(|e| panic!("{blob} not recovered past the over-answering peer: {e}"));
+    }
+    // In batches of three, each starting at another source shard: `GetSlivers`.
+    for chunk in batched.chunks(3) {
+        let wanted = chunk.iter().map(|(blob, _)| Wanted { blob: *blob, shards: wanted_shards.clone() }).collect();
+        for (blob, outcome) in blob_recovery::recover_batch(&peers, &committee, wanted).await {
+            outcome.unwrap_or_else(|e| panic!("{blob} not recovered past the over-answering peer: {e}"));
+        }
+    }
+    cluster.check_shards_match_encoding(0, &blobs).unwrap();
+
+    let calls = seen.calls.lock().unwrap().clone();
+    for method in ["GetMetadata", "GetSliver", "GetSlivers"] {
+        assert!(
+            calls.get(method).is_some_and(|n| *n > 0),
+            "the over-answering peer was never asked {method}: {calls:?}"
+        );
+    }
+    // Each answer was refused at its header: no more than one flow-control window of it was
+    // ever sent, of the 32 MiB it declared (a caller that accepted it would have taken it all).
+    let most = seen.most_sent.load(std::sync::atomic::Ordering::Relaxed);
+    let window = u64::from(ferry_shared::grpc::STREAM_WINDOW_BYTES) + OverAnswering::CHUNK as u64;
+    assert!(most <= window, "an over-answer was read to {most} bytes, more than one window ({window}): {calls:?}");
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_that_a_valid_blob_is_inconsistent_is_checked_and_refused() {
+    let (cluster, blobs) = ferry_e2e::cluster_with_blobs(4, |_| {}).await.unwrap();
+    let (blob, _) = &blobs[0];
+    // Found by the `sync_handlers` fuzz target: a claim was recorded unchecked, and a recorded
+    // claim drops the node's repairs of the blob, so one call from any client or member could
+    // leave a hole that the node would then attest over.
+    let proof = pb::InconsistencyProof { shards: vec![1, 2, 3, 4], mismatched: 0, reported_by: "node-2".into() };
+    let request = pb::ReportInconsistencyRequest { blob_id: blob.0.to_vec(), proof: Some(proof) };
+    for caller in [ferry_e2e::APP, "node-1"] {
+        let mut client = cluster.sync_client_as(0, caller).await.unwrap();
+        let refused = client.report_inconsistency(request.clone()).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{caller}: {refused:?}");
+    }
+    let record = cluster.nodes[0].node().unwrap().store.certified(blob).unwrap().unwrap();
+    assert!(record.invalid.is_none(), "no claim was recorded: {record:?}");
+    cluster.assert_no_holes().await.unwrap();
+}

@@ -81,6 +81,14 @@ pub enum ControlPlaneError {
         /// etcd's answer.
         message: String,
     },
+    /// Revoking a party's etcd access now would cut off something that still needs it.
+    #[error("FERRY-CP-010: cannot revoke {party}: {reason}")]
+    RevokeRefused {
+        /// The party.
+        party: String,
+        /// Why not now.
+        reason: String,
+    },
 }
 
 /// Result of control-plane calls.
@@ -686,52 +694,56 @@ impl ControlPlane {
     /// which is harmless (nothing moves at genesis) and why followers also read the current
     /// phase at start-up.
     pub async fn watch_epochs(&self, after_revision: u64) -> Result<EpochEventStream> {
-        let epochs_prefix = self.key("epochs/");
-        let current_key = self.key("current");
-        let attestations_prefix = self.key("attestations/");
         let stream = self.kv.watch(&self.prefix, after_revision).await?;
+        let this = self.clone();
         let mapped = stream.filter_map(move |item| {
-            let epochs_prefix = epochs_prefix.clone();
-            let current_key = current_key.clone();
-            let attestations_prefix = attestations_prefix.clone();
-            async move {
-                let ev = match item {
-                    Ok(ev) => ev,
-                    Err(e) => return Some(Err(e)),
-                };
-                let poisoned = |reason: String| EpochEvent::Poisoned { key: ev.key.clone(), reason };
-                let event = if let Some(epoch) = ev.key.strip_prefix(&epochs_prefix) {
-                    match Self::decode::<Committee>(&ev.key, &ev.value) {
-                        Err(e) => poisoned(e.to_string()),
-                        Ok(c) => match c.validate() {
-                            Err(e) => poisoned(format!("invalid committee: {e}")),
-                            Ok(()) if epoch.parse::<Epoch>().ok() != Some(c.epoch) => {
-                                poisoned(format!("the committee of epoch {} is stored under another epoch", c.epoch))
-                            }
-                            Ok(()) => EpochEvent::Started(c),
-                        },
-                    }
-                } else if ev.key == current_key {
-                    match Self::decode::<CurrentRecord>(&ev.key, &ev.value) {
-                        Ok(CurrentRecord { phase: EpochPhase::Done(e) }) => EpochEvent::Done(e),
-                        Ok(_) => return None,
-                        Err(e) => poisoned(e.to_string()),
-                    }
-                } else if let Some(rest) = ev.key.strip_prefix(&attestations_prefix) {
-                    // `<epoch:020>/<node>`; the value is not needed to act on it.
-                    let (epoch, node) = rest.split_once('/')?;
-                    let (Ok(epoch), Ok(node)) = (epoch.parse::<Epoch>(), NodeId::new(node.to_string())) else {
-                        tracing::warn!(key = %ev.key, "ignoring an attestation key that does not parse");
-                        return None;
-                    };
-                    EpochEvent::Attested { epoch, node }
-                } else {
-                    return None;
-                };
-                Some(Ok(WatchedEpochEvent { revision: ev.revision, event }))
-            }
+            let event = match item {
+                Ok(ev) => this
+                    .epoch_event(&ev.key, &ev.value)
+                    .map(|event| Ok(WatchedEpochEvent { revision: ev.revision, event })),
+                Err(e) => Some(Err(e)),
+            };
+            std::future::ready(event)
         });
         Ok(Box::pin(mapped))
+    }
+
+    /// What a write of `value` under `key` means to a follower: an epoch event, or `None` for
+    /// keys followers do not act on. Every committee is validated here, whoever wrote it; a
+    /// value that does not decode or validate is [`EpochEvent::Poisoned`], never an error, so
+    /// one bad write cannot stop a follower. Pure, and fuzzed (`fuzz_targets/control_plane_event.rs`).
+    pub fn epoch_event(&self, key: &str, value: &[u8]) -> Option<EpochEvent> {
+        let rest = key.strip_prefix(&self.prefix)?;
+        let poisoned = |reason: String| EpochEvent::Poisoned { key: key.to_string(), reason };
+        let event = if let Some(epoch) = rest.strip_prefix("epochs/") {
+            match Self::decode::<Committee>(key, value) {
+                Err(e) => poisoned(e.to_string()),
+                Ok(c) => match c.validate() {
+                    Err(e) => poisoned(format!("invalid committee: {e}")),
+                    Ok(()) if epoch.parse::<Epoch>().ok() != Some(c.epoch) => {
+                        poisoned(format!("the committee of epoch {} is stored under another epoch", c.epoch))
+                    }
+                    Ok(()) => EpochEvent::Started(c),
+                },
+            }
+        } else if rest == "current" {
+            match Self::decode::<CurrentRecord>(key, value) {
+                Ok(CurrentRecord { phase: EpochPhase::Done(e) }) => EpochEvent::Done(e),
+                Ok(_) => return None,
+                Err(e) => poisoned(e.to_string()),
+            }
+        } else if let Some(rest) = rest.strip_prefix("attestations/") {
+            // `<epoch:020>/<node>`; the value is not needed to act on it.
+            let (epoch, node) = rest.split_once('/')?;
+            let (Ok(epoch), Ok(node)) = (epoch.parse::<Epoch>(), NodeId::new(node.to_string())) else {
+                tracing::warn!(%key, "ignoring an attestation key that does not parse");
+                return None;
+            };
+            EpochEvent::Attested { epoch, node }
+        } else {
+            return None;
+        };
+        Some(event)
     }
 }
 

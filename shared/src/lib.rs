@@ -21,6 +21,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod registry;
 pub mod serving;
+pub mod shard_item;
 pub mod telemetry;
 pub mod testing;
 pub mod tls;

@@ -493,4 +493,48 @@ async fn secured_etcd_gives_each_party_only_what_its_role_allows() {
     // What the operator wrote and the node attested is all there is.
     assert_eq!(ops.attestations(1).await.unwrap(), vec![attestation]);
     assert_eq!(ops.nodes().await.unwrap(), vec![record(0)]);
+
+    // Revocation. Not of a member, and not while an epoch changes (a node that leaves still
+    // serves its shards); not of the operator doing it.
+    let revoke = |party: PeerIdentity| {
+        let (endpoints, operator) = (endpoints.clone(), operator.clone());
+        async move { access::revoke(&endpoints, &operator, "test", &[party]).await }
+    };
+    let node3 = PeerIdentity::Node(ids[3].clone());
+    let refused = revoke(node3.clone()).await;
+    assert!(matches!(refused, Err(ControlPlaneError::RevokeRefused { .. })), "a member mid-change: {refused:?}");
+    let refused = revoke(operator.own_identity().clone()).await;
+    assert!(matches!(refused, Err(ControlPlaneError::RevokeRefused { .. })), "the operator itself: {refused:?}");
+    let attest_all = |epoch: u64, nodes: std::ops::Range<usize>| {
+        let (ops, keys, ids) = (ops.clone(), keys.clone(), ids.clone());
+        async move {
+            for i in nodes {
+                ops.attest(&AttestationRecord::sign(&keys[i].1, ids[i].clone(), epoch, "sync-service", vec![]))
+                    .await
+                    .unwrap();
+            }
+            ops.complete_epoch_if_quorum(epoch).await.unwrap();
+            assert_eq!(ops.current().await.unwrap(), Some(EpochPhase::Done(epoch)));
+        }
+    };
+    attest_all(1, 1..4).await;
+    // Epoch 2 goes on without node 3: refused while it changes, allowed once it is done.
+    let c2 = rebalance(&c1, c1.members.iter().filter(|m| m.node_id != ids[3]).cloned().collect()).unwrap();
+    ops.propose_epoch(&c2).await.unwrap();
+    let refused = revoke(node3.clone()).await;
+    assert!(matches!(refused, Err(ControlPlaneError::RevokeRefused { .. })), "mid-change: {refused:?}");
+    attest_all(2, 0..3).await;
+    let node3_connection = connect(load(pki.path(), "node-3"), "test").await.unwrap();
+    node3_connection.put_node(&record(3)).await.unwrap();
+    let report = revoke(node3.clone()).await.unwrap();
+    assert_eq!(report.users_deleted, vec!["node-3.node.ferry".to_string()]);
+    assert!(is_denied(node3_connection.put_node(&record(3)).await), "an open connection is refused at once");
+    assert!(is_denied(node3_connection.current().await), "and reads nothing either");
+    assert!(is_denied(connect(load(pki.path(), "node-3"), "test").await), "nor does a new one");
+    node0.put_node(&record(0)).await.unwrap();
+    assert_eq!(node0.current().await.unwrap(), Some(EpochPhase::Done(2)), "other nodes keep their access");
+    assert!(revoke(node3).await.unwrap().users_deleted.is_empty(), "revoking again changes nothing");
+    // A leaked client certificate goes the same way, whatever the phase.
+    assert_eq!(revoke(PeerIdentity::Client("app".into())).await.unwrap().users_deleted.len(), 1);
+    assert!(is_denied(app.current().await), "a revoked client reads nothing");
 }

@@ -17,12 +17,15 @@ use std::{
     time::Duration,
 };
 
-use ferry_proto::v1::{self as pb, sync_admin_server::SyncAdmin, sync_service_server::SyncService};
+use ferry_proto::v1::{
+    self as pb, sync_admin_server::SyncAdmin, sync_service_client::SyncServiceClient, sync_service_server::SyncService,
+};
 use ferry_shared::{
+    Committee,
     authz::{self, Access, ID_LIST_REQUEST_BYTES, Membership, MethodRule, MethodTable, SMALL_REQUEST_BYTES},
     certificate::Certificate,
     crypto::{self, StreamShardIntent},
-    erasure::BlobMetadata,
+    erasure::{self, BlobMetadata},
     failpoints,
     grpc::MAX_MESSAGE_BYTES,
     registry::InconsistencyProof,
@@ -184,6 +187,44 @@ pub struct SyncServer {
 }
 
 impl SyncServer {
+    /// Whether the slivers `proof` names, fetched from their owners in `committee` and verified
+    /// against this node's metadata of `blob`, decode inconsistently. `false` when this node
+    /// has no metadata for the blob, or any sliver cannot be fetched or does not verify.
+    async fn claim_checks_out(
+        &self,
+        committee: &Committee,
+        blob: BlobId,
+        proof: &InconsistencyProof,
+    ) -> Result<bool, Status> {
+        let Some(metadata) = self.node.store.call(move |s| s.metadata(&blob)).await.map_err(internal)? else {
+            return Ok(false);
+        };
+        if proof.shards.len() < metadata.k as usize {
+            return Ok(false);
+        }
+        let limit = metadata.sliver_len().map_err(|e| Status::invalid_argument(e.to_string()))? + 4096;
+        let mut slivers = Vec::with_capacity(proof.shards.len());
+        for shard in &proof.shards {
+            let Some(owner) = committee.owner(*shard) else { return Ok(false) };
+            let Some(member) = committee.member(owner) else { return Ok(false) };
+            let channel = self
+                .node
+                .connector
+                .channel(&member.sync_address, owner, Some(CLAIM_CHECK_TIMEOUT))
+                .map_err(internal)?;
+            let mut client = SyncServiceClient::new(channel).max_decoding_message_size(limit);
+            let request = pb::GetSliverRequest { blob_id: blob.0.to_vec(), shard: shard.0 };
+            let Ok(response) = client.get_sliver(request).await else { return Ok(false) };
+            let data = response.into_inner().data;
+            if metadata.verify_sliver(*shard, &data).is_err() {
+                return Ok(false);
+            }
+            slivers.push((*shard, data));
+        }
+        let slivers: Vec<(ShardIndex, &[u8])> = slivers.iter().map(|(s, d)| (*s, d.as_slice())).collect();
+        Ok(erasure::confirms_inconsistency(&metadata, &slivers))
+    }
+
     /// A server for `node`; streams end when `shutdown` turns true.
     pub fn new(node: Arc<Node>, shutdown: watch::Receiver<bool>) -> Self {
         let permits = node.config.stream.max_concurrent_streams;
@@ -306,6 +347,9 @@ impl SyncServer {
         }
     }
 }
+
+/// How long each owner has to hand over a sliver a claim of inconsistency names.
+const CLAIM_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -626,13 +670,24 @@ impl SyncService for SyncServer {
         &self,
         request: Request<pb::ReportInconsistencyRequest>,
     ) -> Result<Response<pb::ReportInconsistencyResponse>, Status> {
+        let from_self = matches!(authz::caller(&request), Some(PeerIdentity::Node(n)) if *n == self.node.id);
         let req = request.into_inner();
         let id = blob_id(&req.blob_id)?;
         let view = self.node.view();
-        let n_shards = view.committee().map(|c| c.n_shards).ok_or_else(|| Status::unavailable("no committee yet"))?;
+        let committee = view.committee().cloned().ok_or_else(|| Status::unavailable("no committee yet"))?;
         let proto = req.proof.ok_or_else(|| Status::invalid_argument("a proof is required"))?;
-        let proof =
-            InconsistencyProof::from_proto(&proto, n_shards).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let proof = InconsistencyProof::from_proto(&proto, committee.n_shards)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // A recorded claim drops this node's repairs of the blob, so a claim from anyone but this
+        // node's own recovery-service (which decoded the blob itself, or checked the claim) is
+        // checked here first: the slivers it names, fetched from their owners and verified
+        // against this node's metadata, must decode inconsistently.
+        if !from_self && !self.claim_checks_out(&committee, id, &proof).await? {
+            return Err(Status::failed_precondition(format!(
+                "the claim that blob {id} is encoded inconsistently does not check out: the slivers it names \
+                 could not all be fetched and verified, or they decode consistently"
+            )));
+        }
         let shards: Vec<ShardIndex> = view.shards.keys().copied().collect();
         let recorded = self
             .node

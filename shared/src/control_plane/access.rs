@@ -15,15 +15,22 @@
 //! epoch, this node", since the epoch comes first in the key), but attestations are signed
 //! with the node's key and verified by every reader, so it forges nothing. What [`plan`]
 //! decides is pure and table-tested; [`apply`] carries it out, idempotently.
+//!
+//! [`revoke`] takes a party's access away again (a node that left the cluster, a client
+//! certificate that leaked): its etcd user goes, so etcd refuses its certificate, whatever
+//! the certificate's expiry. [`may_revoke`] decides when that is safe.
 
 use etcd_client::Permission;
 use rand::RngCore;
 
 use super::{
-    ControlPlane, Result,
+    ControlPlane, ControlPlaneError, EpochPhase, Result,
     etcd::{connect_client, request_error},
 };
-use crate::tls::{PeerIdentity, TlsMaterial};
+use crate::{
+    Committee,
+    tls::{PeerIdentity, TlsMaterial},
+};
 
 /// etcd's built-in role with every permission, user management included.
 const ROOT: &str = "root";
@@ -139,6 +146,70 @@ pub async fn apply(
     Ok(report)
 }
 
+/// Whether `party`'s access may be revoked by `operator` while the cluster is in `phase` with
+/// `committee` (the committee of that phase's epoch). A node only once no epoch needs it: not
+/// a member, and no epoch change running, since a node that leaves still serves its shards to
+/// their new owners until the change is done, and reads the committees to do so. Never the
+/// operator running it.
+pub fn may_revoke(
+    party: &PeerIdentity,
+    operator: &PeerIdentity,
+    phase: Option<EpochPhase>,
+    committee: Option<&Committee>,
+) -> std::result::Result<(), String> {
+    if party == operator {
+        return Err("an operator cannot revoke itself (another operator can)".into());
+    }
+    let PeerIdentity::Node(id) = party else { return Ok(()) };
+    match phase {
+        Some(EpochPhase::ChangeSync(epoch)) => {
+            Err(format!("epoch {epoch} is changing; a node that leaves serves its shards until the change is done"))
+        }
+        _ if committee.is_some_and(|c| c.is_member(id)) => Err(format!(
+            "{id} is a member of the current committee; propose one without it and let that epoch finish first"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// What [`revoke`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RevokeReport {
+    /// Users deleted by this call (parties without a user are skipped).
+    pub users_deleted: Vec<String>,
+}
+
+/// Deletes the etcd users of `parties` in `cluster` (and a node's own record role), after
+/// [`may_revoke`] allowed each against the current phase and committee, which it reads as
+/// `operator`. Idempotent. Connections a revoked party holds open fail at their next request.
+pub async fn revoke(
+    endpoints: &[String],
+    operator: &TlsMaterial,
+    cluster: &str,
+    parties: &[PeerIdentity],
+) -> Result<RevokeReport> {
+    let joined = endpoints.join(",");
+    let control_plane = ControlPlane::connect_etcd(endpoints, cluster, Some(operator)).await?;
+    let phase = control_plane.current().await?;
+    let committee = control_plane.current_committee().await?;
+    for party in parties {
+        may_revoke(party, operator.own_identity(), phase, committee.as_ref())
+            .map_err(|reason| ControlPlaneError::RevokeRefused { party: party.to_string(), reason })?;
+    }
+    let mut client = connect_client(endpoints, Some(operator)).await?;
+    let mut report = RevokeReport::default();
+    for party in parties {
+        let user = party.full_name();
+        if ignore_missing(client.user_delete(user.as_str()).await, &joined, "user delete")? {
+            report.users_deleted.push(user);
+        }
+        if let PeerIdentity::Node(id) = party {
+            ignore_missing(client.role_delete(format!("ferry.{cluster}.node.{id}")).await, &joined, "role delete")?;
+        }
+    }
+    Ok(report)
+}
+
 fn permission(keys: &Keys, access: Access) -> Permission {
     let (key, prefix) = match keys {
         Keys::Exact(key) => (key.as_str(), false),
@@ -167,6 +238,15 @@ fn ignore_existing<T>(result: std::result::Result<T, etcd_client::Error>, endpoi
     match result {
         Ok(_) => Ok(true),
         Err(etcd_client::Error::GRpcStatus(status)) if status.message().contains("already exists") => Ok(false),
+        Err(e) => Err(request_error(endpoints, what, e)),
+    }
+}
+
+/// `Ok(true)` if deleted, `Ok(false)` if it was not there.
+fn ignore_missing<T>(result: std::result::Result<T, etcd_client::Error>, endpoints: &str, what: &str) -> Result<bool> {
+    match result {
+        Ok(_) => Ok(true),
+        Err(etcd_client::Error::GRpcStatus(status)) if status.message().contains("not found") => Ok(false),
         Err(e) => Err(request_error(endpoints, what, e)),
     }
 }
@@ -205,6 +285,33 @@ mod tests {
         let operator = plan("c", &PeerIdentity::Operator("ops".into()));
         assert_eq!(writes(&operator), vec![Keys::Prefix(p.into())]);
         assert!(operator.iter().any(|r| r.role == ROOT));
+    }
+
+    #[test]
+    fn access_is_revoked_only_when_nothing_needs_it() {
+        let node = |n: &str| PeerIdentity::Node(NodeId::new(n).unwrap());
+        let ops = PeerIdentity::Operator("ops".into());
+        let keys: Vec<_> = (0..4).map(|i| crate::crypto::NodeKeypair::from_seed([i + 1; 32])).collect();
+        let members = (0..4)
+            .map(|i| crate::Member::for_key(NodeId::new(format!("n{i}")).unwrap(), &keys[i], "a:1", "a:2", 1))
+            .collect();
+        let committee = Committee::genesis(4, members).unwrap();
+        let done = Some(EpochPhase::Done(0));
+        let changing = Some(EpochPhase::ChangeSync(1));
+        // (what, party, phase, committee, may it be revoked)
+        type Case<'a> = (&'a str, PeerIdentity, Option<EpochPhase>, Option<&'a Committee>, bool);
+        let cases: Vec<Case> = vec![
+            ("a member", node("n1"), done, Some(&committee), false),
+            ("a former member, epoch done", node("gone"), done, Some(&committee), true),
+            ("a former member while an epoch changes", node("gone"), changing, Some(&committee), false),
+            ("a node of a cluster with no epoch yet", node("n1"), None, None, true),
+            ("a client, even mid-change", PeerIdentity::Client("app".into()), changing, Some(&committee), true),
+            ("another operator", PeerIdentity::Operator("old".into()), done, Some(&committee), true),
+            ("the operator itself", ops.clone(), done, Some(&committee), false),
+        ];
+        for (what, party, phase, committee, allowed) in cases {
+            assert_eq!(may_revoke(&party, &ops, phase, committee).is_ok(), allowed, "{what}");
+        }
     }
 
     #[test]

@@ -22,9 +22,9 @@ use ferry_shared::{
     backoff::Backoff,
     certificate::Certificate,
     crypto::{self, StreamShardIntent},
-    erasure::BlobMetadata,
     grpc,
     registry::CertifiedRecord,
+    shard_item::verify_shard_item,
     types::{BlobId, NodeId, ShardIndex, ShardStatus},
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -588,24 +588,6 @@ async fn receive(
     Ok(end)
 }
 
-/// Checks an item's sliver against the metadata this node holds (or the metadata sent with it,
-/// which must hash to the blob id). `Some(metadata to store with it, if new)`, or `None` if it
-/// is bad.
-fn verify_item(
-    shard: ShardIndex,
-    blob_id: &BlobId,
-    item: &pb::ShardItem,
-    local: Option<BlobMetadata>,
-) -> Option<Option<BlobMetadata>> {
-    let (metadata, is_new) = match (local, &item.metadata) {
-        (Some(m), _) => (m, false),
-        (None, Some(p)) => (BlobMetadata::from_proto(p).and_then(|m| m.verify_id(blob_id).map(|()| m)).ok()?, true),
-        (None, None) => return None,
-    };
-    metadata.verify_sliver(shard, &item.data).ok()?;
-    Some(if is_new { Some(metadata) } else { None })
-}
-
 /// What the blocking check of a received batch found for one item.
 enum Checked {
     /// Certified here already; the sliver verifies.
@@ -640,7 +622,7 @@ async fn verify_and_write(
             for (id, item) in batch {
                 let certified = s.is_certified(&id)?;
                 let certificate = item.certificate.as_ref().and_then(|c| Certificate::from_proto(c).ok());
-                let verdict = verify_item(shard, &id, &item, s.metadata(&id)?);
+                let verdict = verify_shard_item(shard, &id, &item, s.metadata(&id)?);
                 out.push(match (verdict, certified, certificate) {
                     (Some(metadata), true, _) => Checked::Good(SliverWrite { blob_id: id, data: item.data, metadata }),
                     (Some(metadata), false, Some(c)) => {
