@@ -276,25 +276,15 @@ pub async fn confirm_inconsistency(
     proof: &InconsistencyProof,
 ) -> bool {
     let Ok(metadata) = fetch_metadata(peers, committee, &blob).await else { return false };
-    if proof.shards.len() < metadata.k as usize || proof.shards.iter().any(|s| s.0 >= committee.n_shards) {
-        return false;
-    }
-    let mut got = Vec::new();
-    for shard in &proof.shards {
-        let Some(owner) = committee.owner(*shard).cloned() else { return false };
-        let Some(mut client) = peers.client(committee, &owner) else { return false };
-        let request = pb::GetSliverRequest { blob_id: blob.0.to_vec(), shard: shard.0 };
-        let Ok(Ok(response)) = tokio::time::timeout(peers.timeout, client.get_sliver(request)).await else {
-            return false;
-        };
-        let data = response.into_inner().data;
-        if metadata.verify_sliver(*shard, &data).is_err() {
-            return false;
-        }
-        got.push((*shard, data));
-    }
-    let slivers: Vec<(ShardIndex, &[u8])> = got.iter().map(|(s, d)| (*s, d.as_slice())).collect();
-    erasure::confirms_inconsistency(&metadata, &slivers)
+    proof
+        .checks_out(&metadata, |shard| async move {
+            let owner = committee.owner(shard)?.clone();
+            let mut client = peers.client(committee, &owner)?;
+            let request = pb::GetSliverRequest { blob_id: blob.0.to_vec(), shard: shard.0 };
+            let response = tokio::time::timeout(peers.timeout, client.get_sliver(request)).await.ok()?.ok()?;
+            Some(response.into_inner().data)
+        })
+        .await
 }
 
 /// One blob of a batch: the shards of this node to rebuild it into.

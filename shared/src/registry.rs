@@ -56,6 +56,30 @@ impl InconsistencyProof {
     /// Most shards a proof may list (the largest cluster's shard count).
     pub const MAX_SHARDS: usize = 1024;
 
+    /// Whether the proof holds for the blob of `metadata`: the slivers it names, as `fetch`
+    /// gets them (from their owners), all verify against the metadata and decode
+    /// inconsistently. `false` if it names fewer than `k` shards or any sliver is missing or
+    /// does not verify. What every node checks before it acts on another's claim.
+    pub async fn checks_out<F, Fut>(&self, metadata: &crate::erasure::BlobMetadata, mut fetch: F) -> bool
+    where
+        F: FnMut(ShardIndex) -> Fut,
+        Fut: std::future::Future<Output = Option<Vec<u8>>>,
+    {
+        if self.shards.len() < metadata.k as usize || self.shards.iter().any(|s| s.0 >= metadata.n_shards) {
+            return false;
+        }
+        let mut got = Vec::with_capacity(self.shards.len());
+        for shard in &self.shards {
+            let Some(data) = fetch(*shard).await else { return false };
+            if metadata.verify_sliver(*shard, &data).is_err() {
+                return false;
+            }
+            got.push((*shard, data));
+        }
+        let slivers: Vec<(ShardIndex, &[u8])> = got.iter().map(|(s, d)| (*s, d.as_slice())).collect();
+        crate::erasure::confirms_inconsistency(metadata, &slivers)
+    }
+
     /// The wire form.
     pub fn to_proto(&self) -> pb::InconsistencyProof {
         pb::InconsistencyProof {

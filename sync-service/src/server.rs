@@ -25,7 +25,7 @@ use ferry_shared::{
     authz::{self, Access, ID_LIST_REQUEST_BYTES, Membership, MethodRule, MethodTable, SMALL_REQUEST_BYTES},
     certificate::Certificate,
     crypto::{self, StreamShardIntent},
-    erasure::{self, BlobMetadata},
+    erasure::BlobMetadata,
     failpoints,
     grpc::MAX_MESSAGE_BYTES,
     registry::InconsistencyProof,
@@ -199,30 +199,18 @@ impl SyncServer {
         let Some(metadata) = self.node.store.call(move |s| s.metadata(&blob)).await.map_err(internal)? else {
             return Ok(false);
         };
-        if proof.shards.len() < metadata.k as usize {
-            return Ok(false);
-        }
         let limit = metadata.sliver_len().map_err(|e| Status::invalid_argument(e.to_string()))? + 4096;
-        let mut slivers = Vec::with_capacity(proof.shards.len());
-        for shard in &proof.shards {
-            let Some(owner) = committee.owner(*shard) else { return Ok(false) };
-            let Some(member) = committee.member(owner) else { return Ok(false) };
-            let channel = self
-                .node
-                .connector
-                .channel(&member.sync_address, owner, Some(CLAIM_CHECK_TIMEOUT))
-                .map_err(internal)?;
-            let mut client = SyncServiceClient::new(channel).max_decoding_message_size(limit);
-            let request = pb::GetSliverRequest { blob_id: blob.0.to_vec(), shard: shard.0 };
-            let Ok(response) = client.get_sliver(request).await else { return Ok(false) };
-            let data = response.into_inner().data;
-            if metadata.verify_sliver(*shard, &data).is_err() {
-                return Ok(false);
-            }
-            slivers.push((*shard, data));
-        }
-        let slivers: Vec<(ShardIndex, &[u8])> = slivers.iter().map(|(s, d)| (*s, d.as_slice())).collect();
-        Ok(erasure::confirms_inconsistency(&metadata, &slivers))
+        let connector = &self.node.connector;
+        Ok(proof
+            .checks_out(&metadata, |shard| async move {
+                let owner = committee.owner(shard)?;
+                let address = &committee.member(owner)?.sync_address;
+                let channel = connector.channel(address, owner, Some(CLAIM_CHECK_TIMEOUT)).ok()?;
+                let mut client = SyncServiceClient::new(channel).max_decoding_message_size(limit);
+                let request = pb::GetSliverRequest { blob_id: blob.0.to_vec(), shard: shard.0 };
+                Some(client.get_sliver(request).await.ok()?.into_inner().data)
+            })
+            .await)
     }
 
     /// A server for `node`; streams end when `shutdown` turns true.
