@@ -1,13 +1,15 @@
-//! A previous owner that lies: a real gRPC server with the previous owner's own certificate,
-//! on its address, that answers `StreamShard` with an endless stream of items for blobs that
-//! were never certified. The receiving node must store none of them and give the shard to
-//! blob recovery once nothing certified has settled for `shard_sync.give_up_after_ms`, so the
-//! sync count that holds blob recovery back drops to zero.
+//! Peers that lie, each a real gRPC server in place of a node's sync-service, on its address
+//! and with its own certificate, so every check a node makes of its peer passes: a previous
+//! owner streaming junk or trickling, a peer over-answering blob recovery, and claims of
+//! inconsistency about a valid blob. The node must store nothing unverified, give a stalled
+//! shard to blob recovery, hold no over-sized answer, and record no claim that does not check
+//! out.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::{
     convert::Infallible,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -18,7 +20,8 @@ use ferry_shared::{
     Committee, Member,
     types::{BlobId, ShardIndex, ShardStatus},
 };
-use futures::{Stream, future::BoxFuture};
+use futures::{Stream, StreamExt, future::BoxFuture};
+use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status, body::Body, server::NamedService};
 
 /// `StreamShard` that never ends: an item every `every`, each for a fresh, increasing,
@@ -50,17 +53,18 @@ impl tonic::server::ServerStreamingService<pb::StreamShardRequest> for EndlessJu
     }
 }
 
-/// A `ferry.v1.SyncService` that serves only `StreamShard`, with [`EndlessJunk`].
+/// A `ferry.v1.SyncService` whose every answer is `answer`'s.
 #[derive(Clone)]
-struct LyingSource {
-    junk: EndlessJunk,
-}
+struct LyingPeer<F>(F);
 
-impl NamedService for LyingSource {
+impl<F> NamedService for LyingPeer<F> {
     const NAME: &'static str = "ferry.v1.SyncService";
 }
 
-impl tower::Service<http::Request<Body>> for LyingSource {
+impl<F> tower::Service<http::Request<Body>> for LyingPeer<F>
+where
+    F: Fn(http::Request<Body>) -> BoxFuture<'static, http::Response<Body>>,
+{
     type Response = http::Response<Body>;
     type Error = Infallible;
     type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
@@ -70,15 +74,28 @@ impl tower::Service<http::Request<Body>> for LyingSource {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let junk = self.junk.clone();
-        Box::pin(async move {
-            if request.uri().path() != "/ferry.v1.SyncService/StreamShard" {
-                return Ok(Status::unimplemented("a lying source serves only StreamShard").into_http());
-            }
-            let codec = tonic_prost::ProstCodec::<pb::ShardItem, pb::StreamShardRequest>::default();
-            Ok(tonic::server::Grpc::new(codec).server_streaming(junk, request).await)
-        })
+        let answer = (self.0)(request);
+        Box::pin(async move { Ok(answer.await) })
     }
+}
+
+/// Stops node `i`'s sync-service and serves `answer` in its place, on its port and with its
+/// own certificate.
+async fn impersonate<F>(cluster: &mut Cluster, i: usize, answer: F) -> JoinHandle<Result<(), tonic::transport::Error>>
+where
+    F: Fn(http::Request<Body>) -> BoxFuture<'static, http::Response<Body>> + Clone + Send + Sync + 'static,
+{
+    cluster.stop_sync(i).await.unwrap();
+    let node = &cluster.nodes[i];
+    let material = cluster.tls_config(node.id.as_str()).load(Some(&node.id)).unwrap().unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", node.sync_port)).await.unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(material.server_config())
+            .unwrap()
+            .add_service(LyingPeer(answer))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    )
 }
 
 /// The shard node 0 gains when its weight goes to 3, the members of that epoch, and the index
@@ -130,20 +147,20 @@ async fn a_source_streaming_only_uncertified_junk_is_given_up_on_and_nothing_of_
     cluster.store_random_blobs(20, 1000, 3).await.unwrap();
     let (shard, members, source) = gained_shard(&cluster, &c0);
 
-    // The previous owner's sync-service goes; in its place, on its port and with its own
-    // certificate (so every check a node makes of its peer passes), the lying source.
-    cluster.stop_sync(source).await.unwrap();
-    let material = cluster.tls_config(cluster.nodes[source].id.as_str()).load(Some(&cluster.nodes[source].id)).unwrap();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", cluster.nodes[source].sync_port)).await.unwrap();
-    // Far more than a batch per second: before the fix every batch of junk counted as progress.
-    let lying = LyingSource { junk: EndlessJunk { every: Duration::from_millis(2) } };
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tls_config(material.unwrap().server_config())
-            .unwrap()
-            .add_service(lying)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    // The previous owner answers `StreamShard` with junk, far more than a batch per second:
+    // before the fix every batch of junk counted as progress.
+    let junk = EndlessJunk { every: Duration::from_millis(2) };
+    let server = impersonate(&mut cluster, source, move |request| {
+        let junk = junk.clone();
+        Box::pin(async move {
+            if request.uri().path() != "/ferry.v1.SyncService/StreamShard" {
+                return Status::unimplemented("a lying source serves only StreamShard").into_http();
+            }
+            let codec = tonic_prost::ProstCodec::<pb::ShardItem, pb::StreamShardRequest>::default();
+            tonic::server::Grpc::new(codec).server_streaming(junk, request).await
+        })
+    })
+    .await;
 
     let sync = given_up_after_epoch_change(&cluster, members, shard, GIVE_UP_MS).await;
     assert_eq!(sync.blobs_done, 0, "no junk counts as a synced blob: {sync:?}");
@@ -183,73 +200,42 @@ struct OverAnswered {
     most_sent: std::sync::atomic::AtomicU64,
 }
 
-/// A `ferry.v1.SyncService` that answers `GetMetadata`, `GetSliver` and `GetSlivers` with one
-/// gRPC message declared [`OverAnswering::DECLARED`] bytes long, sent 64 KiB at a time as the
-/// caller's flow-control window allows. A caller that checks the declared length refuses
-/// after the 5-byte header and resets the stream, so only what one window holds is ever sent.
-#[derive(Clone)]
-struct OverAnswering {
-    seen: std::sync::Arc<OverAnswered>,
-}
+/// The length an over-answer declares, and the pieces it is sent in.
+const DECLARED: usize = 32 * 1024 * 1024;
+const CHUNK: usize = 64 * 1024;
 
-impl OverAnswering {
-    const DECLARED: usize = 32 * 1024 * 1024;
-    const CHUNK: usize = 64 * 1024;
-}
-
-impl NamedService for OverAnswering {
-    const NAME: &'static str = "ferry.v1.SyncService";
-}
-
-impl tower::Service<http::Request<Body>> for OverAnswering {
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
+/// Answers `GetMetadata`, `GetSliver` and `GetSlivers` with one gRPC message declared
+/// [`DECLARED`] bytes long, sent [`CHUNK`] bytes at a time as the caller's flow-control window
+/// allows. A caller that checks the declared length refuses after the 5-byte header and resets
+/// the stream, so only what one window holds is ever sent.
+async fn over_answer(seen: Arc<OverAnswered>, request: http::Request<Body>) -> http::Response<Body> {
+    let method = request.uri().path().rsplit('/').next().unwrap_or_default().to_string();
+    if !["GetMetadata", "GetSliver", "GetSlivers"].contains(&method.as_str()) {
+        return Status::unimplemented("an over-answering peer serves only blob-recovery reads").into_http();
     }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let seen = self.seen.clone();
-        Box::pin(async move {
-            let method = request.uri().path().rsplit('/').next().unwrap_or_default().to_string();
-            if !["GetMetadata", "GetSliver", "GetSlivers"].contains(&method.as_str()) {
-                return Ok(Status::unimplemented("an over-answering peer serves only blob-recovery reads").into_http());
+    *seen.calls.lock().unwrap().entry(method).or_default() += 1;
+    let mut header = vec![0u8];
+    header.extend_from_slice(&(DECLARED as u32).to_be_bytes());
+    let header = bytes::Bytes::from(header);
+    // Piece `at` is polled only once the caller's window has room for it.
+    let chunks = futures::stream::iter(0..=DECLARED / CHUNK + 1).map(move |at| {
+        Ok::<_, Status>(match at {
+            0 => http_body::Frame::data(header.clone()),
+            _ if at <= DECLARED / CHUNK => {
+                seen.most_sent.fetch_max((at * CHUNK) as u64, std::sync::atomic::Ordering::Relaxed);
+                http_body::Frame::data(bytes::Bytes::from(vec![0u8; CHUNK]))
             }
-            *seen.calls.lock().unwrap().entry(method).or_default() += 1;
-            let mut header = vec![0u8];
-            header.extend_from_slice(&(Self::DECLARED as u32).to_be_bytes());
-            let header = bytes::Bytes::from(header);
-            let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-            let chunks = futures::stream::unfold(0usize, move |at| {
-                let (seen, sent, header) = (seen.clone(), sent.clone(), header.clone());
-                async move {
-                    use std::sync::atomic::Ordering::Relaxed;
-                    let frame = match at {
-                        0 => http_body::Frame::data(header),
-                        _ if at <= Self::DECLARED / Self::CHUNK => {
-                            let total = sent.fetch_add(Self::CHUNK as u64, Relaxed) + Self::CHUNK as u64;
-                            seen.most_sent.fetch_max(total, Relaxed);
-                            http_body::Frame::data(bytes::Bytes::from(vec![0u8; Self::CHUNK]))
-                        }
-                        _ if at == Self::DECLARED / Self::CHUNK + 1 => {
-                            let mut trailers = http::HeaderMap::new();
-                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                            http_body::Frame::trailers(trailers)
-                        }
-                        _ => return None,
-                    };
-                    Some((Ok::<_, Status>(frame), at + 1))
-                }
-            });
-            let response = http::Response::builder()
-                .header("content-type", "application/grpc")
-                .body(Body::new(http_body_util::StreamBody::new(chunks)))
-                .unwrap();
-            Ok(response)
+            _ => {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                http_body::Frame::trailers(trailers)
+            }
         })
-    }
+    });
+    http::Response::builder()
+        .header("content-type", "application/grpc")
+        .body(Body::new(http_body_util::StreamBody::new(chunks)))
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -261,25 +247,19 @@ async fn a_peer_that_over_answers_blob_recovery_is_refused_and_the_others_suffic
     cluster.stop_recovery(0).await.unwrap();
     cluster.stop_sync(0).await.unwrap();
     cluster.wipe(0).unwrap();
-    // Node 3 turns over-answering, on its own address and with its own certificate.
-    cluster.stop_sync(3).await.unwrap();
-    let material = cluster.tls_config(cluster.nodes[3].id.as_str()).load(Some(&cluster.nodes[3].id)).unwrap();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", cluster.nodes[3].sync_port)).await.unwrap();
-    let seen = std::sync::Arc::new(OverAnswered::default());
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tls_config(material.unwrap().server_config())
-            .unwrap()
-            .add_service(OverAnswering { seen: seen.clone() })
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    // Node 3 turns over-answering.
+    let seen = Arc::new(OverAnswered::default());
+    let server = {
+        let seen = seen.clone();
+        impersonate(&mut cluster, 3, move |request| Box::pin(over_answer(seen.clone(), request))).await
+    };
     cluster.start_sync(0).await.unwrap();
 
     // Node 0 recovers through the recovery-service's own code, as node 0. 8 shards, k = 4:
     // without node 0's 2 shards and node 3's 2, nodes 1 and 2 hold exactly the 4 needed.
     let me = cluster.nodes[0].id.clone();
     let wanted_shards = committee.shards_of(&me);
-    let peers = std::sync::Arc::new(Peers::new(
+    let peers = Arc::new(Peers::new(
         me.clone(),
         cluster.sync_channel_as(0, me.as_str()).unwrap(),
         cluster.connector_as(me.as_str()).unwrap(),
@@ -311,7 +291,7 @@ async fn a_peer_that_over_answers_blob_recovery_is_refused_and_the_others_suffic
     // Each answer was refused at its header: no more than one flow-control window of it was
     // ever sent, of the 32 MiB it declared (a caller that accepted it would have taken it all).
     let most = seen.most_sent.load(std::sync::atomic::Ordering::Relaxed);
-    let window = u64::from(ferry_shared::grpc::STREAM_WINDOW_BYTES) + OverAnswering::CHUNK as u64;
+    let window = u64::from(ferry_shared::grpc::STREAM_WINDOW_BYTES) + CHUNK as u64;
     assert!(most <= window, "an over-answer was read to {most} bytes, more than one window ({window}): {calls:?}");
     server.abort();
 }

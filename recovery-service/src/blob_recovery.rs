@@ -128,18 +128,9 @@ fn spread_offset(blob: &BlobId, n: usize) -> usize {
     }
 }
 
-/// Framing and fields besides the payload in a response: the decode limit of each call is
-/// what an honest peer sends plus this, so a peer cannot make this node hold more.
-const RESPONSE_OVERHEAD: usize = 4096;
-
 /// The largest honest `GetMetadata` answer for `n_shards`: a 32-byte digest per shard.
 fn metadata_response_limit(n_shards: u32) -> usize {
-    n_shards as usize * 40 + RESPONSE_OVERHEAD
-}
-
-/// The largest honest answer carrying slivers of `sliver_lens` bytes.
-fn slivers_response_limit(sliver_lens: impl Iterator<Item = usize>) -> usize {
-    sliver_lens.map(|len| len + 8).sum::<usize>() + RESPONSE_OVERHEAD
+    n_shards as usize * 40 + grpc::ANSWER_OVERHEAD_BYTES
 }
 
 /// Fetches verified metadata: this node first, then the owners of every shard.
@@ -209,7 +200,7 @@ pub async fn recover_blob(
                 continue;
             };
             let mut client =
-                client.max_decoding_message_size(slivers_response_limit(metadata.sliver_len().into_iter()));
+                client.max_decoding_message_size(grpc::sliver_answer_limit(metadata.sliver_len().into_iter()));
             let timeout = peers.timeout;
             in_flight.push(async move {
                 let r = tokio::time::timeout(
@@ -276,10 +267,11 @@ pub async fn confirm_inconsistency(
     proof: &InconsistencyProof,
 ) -> bool {
     let Ok(metadata) = fetch_metadata(peers, committee, &blob).await else { return false };
+    let limit = grpc::sliver_answer_limit(metadata.sliver_len().into_iter());
     proof
         .checks_out(&metadata, |shard| async move {
             let owner = committee.owner(shard)?.clone();
-            let mut client = peers.client(committee, &owner)?;
+            let mut client = peers.client(committee, &owner)?.max_decoding_message_size(limit);
             let request = pb::GetSliverRequest { blob_id: blob.0.to_vec(), shard: shard.0 };
             let response = tokio::time::timeout(peers.timeout, client.get_sliver(request)).await.ok()?.ok()?;
             Some(response.into_inner().data)
@@ -376,7 +368,7 @@ async fn recover_sub_batch(
     sources.rotate_left(offset);
     let ids: Vec<Vec<u8>> = batch.iter().map(|(w, _)| w.blob.0.to_vec()).collect();
     // At most k answers of this size are held at once, whatever the peers send.
-    let answer_limit = slivers_response_limit(batch.iter().map(|(_, m)| m.sliver_len().unwrap_or(0)));
+    let answer_limit = grpc::sliver_answer_limit(batch.iter().map(|(_, m)| m.sliver_len().unwrap_or(0)));
     // Verified slivers per blob, filled source shard by source shard until each has k.
     let mut got: Vec<Slivers> = vec![Vec::new(); batch.len()];
     let mut fetched = vec![0u64; batch.len()];

@@ -30,6 +30,16 @@ pub const CONNECTION_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 /// How long a client waits for a TCP connection to a peer.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Framing and fields besides the payload in an answer: a client's decode limit for a call is
+/// what an honest peer sends plus this, so a peer cannot make it hold more.
+pub const ANSWER_OVERHEAD_BYTES: usize = 4096;
+
+/// The largest honest answer carrying slivers of `sliver_lens` bytes: the decode limit for
+/// `GetSliver` and `GetSlivers`.
+pub fn sliver_answer_limit(sliver_lens: impl Iterator<Item = usize>) -> usize {
+    sliver_lens.map(|len| len + 8).sum::<usize>() + ANSWER_OVERHEAD_BYTES
+}
+
 /// A channel that carries the caller's trace context on every request.
 pub type TracedChannel = InterceptedService<Channel, TraceContextInjector>;
 

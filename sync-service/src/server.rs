@@ -27,7 +27,7 @@ use ferry_shared::{
     crypto::{self, StreamShardIntent},
     erasure::BlobMetadata,
     failpoints,
-    grpc::MAX_MESSAGE_BYTES,
+    grpc::{self, MAX_MESSAGE_BYTES},
     registry::InconsistencyProof,
     tls::PeerIdentity,
     types::{BlobId, NodeId, NodeStatus, ShardIndex, ShardStatus},
@@ -199,7 +199,7 @@ impl SyncServer {
         let Some(metadata) = self.node.store.call(move |s| s.metadata(&blob)).await.map_err(internal)? else {
             return Ok(false);
         };
-        let limit = metadata.sliver_len().map_err(|e| Status::invalid_argument(e.to_string()))? + 4096;
+        let limit = grpc::sliver_answer_limit(metadata.sliver_len().into_iter());
         let connector = &self.node.connector;
         Ok(proof
             .checks_out(&metadata, |shard| async move {

@@ -34,6 +34,9 @@ use crate::{
 
 /// etcd's built-in role with every permission, user management included.
 const ROOT: &str = "root";
+/// What etcd says when adding what exists, or deleting what does not.
+const EXISTS: &str = "already exists";
+const MISSING: &str = "not found";
 
 /// Which keys a grant covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,14 +130,19 @@ pub async fn apply(
     for (user, roles) in &users {
         for role in roles {
             if role.role != ROOT {
-                ignore_existing(client.role_add(role.role.as_str()).await, &joined, "role add")?;
+                done_or_unchanged(client.role_add(role.role.as_str()).await, EXISTS, &joined, "role add")?;
             }
             for (keys, access) in &role.grants {
                 let permission = permission(keys, *access);
                 check(client.role_grant_permission(role.role.as_str(), permission).await, &joined, "role grant")?;
             }
         }
-        if ignore_existing(client.user_add(user.as_str(), random_password(), None).await, &joined, "user add")? {
+        if done_or_unchanged(
+            client.user_add(user.as_str(), random_password(), None).await,
+            EXISTS,
+            &joined,
+            "user add",
+        )? {
             report.users_created.push(user.clone());
         }
         for role in roles {
@@ -200,11 +208,16 @@ pub async fn revoke(
     let mut report = RevokeReport::default();
     for party in parties {
         let user = party.full_name();
-        if ignore_missing(client.user_delete(user.as_str()).await, &joined, "user delete")? {
+        if done_or_unchanged(client.user_delete(user.as_str()).await, MISSING, &joined, "user delete")? {
             report.users_deleted.push(user);
         }
         if let PeerIdentity::Node(id) = party {
-            ignore_missing(client.role_delete(format!("ferry.{cluster}.node.{id}")).await, &joined, "role delete")?;
+            done_or_unchanged(
+                client.role_delete(format!("ferry.{cluster}.node.{id}")).await,
+                MISSING,
+                &joined,
+                "role delete",
+            )?;
         }
     }
     Ok(report)
@@ -233,20 +246,18 @@ fn check<T>(result: std::result::Result<T, etcd_client::Error>, endpoints: &str,
     result.map_err(|e| request_error(endpoints, what, e))
 }
 
-/// `Ok(true)` if created, `Ok(false)` if it existed already.
-fn ignore_existing<T>(result: std::result::Result<T, etcd_client::Error>, endpoints: &str, what: &str) -> Result<bool> {
+/// `Ok(true)` if the request did something, `Ok(false)` if etcd refused it only because it was
+/// done already (`unchanged` is in its message: "already exists" for an add, "not found" for a
+/// delete), which makes adding and removing idempotent.
+fn done_or_unchanged<T>(
+    result: std::result::Result<T, etcd_client::Error>,
+    unchanged: &str,
+    endpoints: &str,
+    what: &str,
+) -> Result<bool> {
     match result {
         Ok(_) => Ok(true),
-        Err(etcd_client::Error::GRpcStatus(status)) if status.message().contains("already exists") => Ok(false),
-        Err(e) => Err(request_error(endpoints, what, e)),
-    }
-}
-
-/// `Ok(true)` if deleted, `Ok(false)` if it was not there.
-fn ignore_missing<T>(result: std::result::Result<T, etcd_client::Error>, endpoints: &str, what: &str) -> Result<bool> {
-    match result {
-        Ok(_) => Ok(true),
-        Err(etcd_client::Error::GRpcStatus(status)) if status.message().contains("not found") => Ok(false),
+        Err(etcd_client::Error::GRpcStatus(status)) if status.message().contains(unchanged) => Ok(false),
         Err(e) => Err(request_error(endpoints, what, e)),
     }
 }
