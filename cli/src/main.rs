@@ -176,9 +176,13 @@ enum Command {
         /// Node id, e.g. node-2.
         node: String,
     },
-    /// Benchmarks shard sync against per-blob recovery and the machine's limits on local
-    /// clusters; prints a table (and writes JSON with --json).
-    #[command(after_help = "Example:\n  ferryctl bench --json bench.json   # about 4 minutes with the defaults")]
+    /// Measures the throughput targets on local clusters: shard sync against per-blob recovery
+    /// and the machine's limits, `ferryctl store`, and clients' latency under background load
+    /// with the throttle off and on; every figure over --runs runs. Prints a table with each
+    /// target met or missed (and writes JSON with --json).
+    #[command(
+        after_help = "Example:\n  ferryctl bench --json bench.json   # about 25 minutes with the defaults (make bench)"
+    )]
     Bench {
         /// Working directory for the benchmark clusters (deleted first).
         #[arg(long, default_value = ".ferry-bench")]
@@ -186,18 +190,30 @@ enum Command {
         /// Where sync-service and recovery-service are (default: next to ferryctl).
         #[arg(long)]
         bin_dir: Option<PathBuf>,
-        /// Blobs at scale 1.
-        #[arg(long, default_value_t = 100)]
+        /// Blobs per workload of blobs under 1 MiB.
+        #[arg(long, default_value_t = 8000)]
         blobs: usize,
-        /// Bytes per blob.
-        #[arg(long, default_value_t = 32 * 1024)]
-        blob_size: usize,
-        /// Shards (n) of the 4-node clusters.
-        #[arg(long, default_value_t = 8)]
-        shards: u32,
-        /// Data scales to compare (comma-separated).
-        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
-        scales: Vec<usize>,
+        /// Blobs per workload of blobs of 1 MiB or more.
+        #[arg(long, default_value_t = 48)]
+        large_blobs: usize,
+        /// Blob sizes (comma-separated bytes).
+        #[arg(long, value_delimiter = ',', default_value = "32768,4194304")]
+        blob_sizes: Vec<usize>,
+        /// Shard counts of the 4-node clusters (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "8,64")]
+        shards: Vec<u32>,
+        /// Runs of every figure (each is reported with its spread).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Files of 1,000 bytes in the `ferryctl store` run.
+        #[arg(long, default_value_t = 5000)]
+        store_small_files: usize,
+        /// Files of 4 MiB in the `ferryctl store` run.
+        #[arg(long, default_value_t = 32)]
+        store_large_files: usize,
+        /// Only these sections (comma-separated: workloads, store, throttle, resume, memory).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
         /// Also write the report as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -819,7 +835,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             println!("{node}: {action:?} done");
         }
-        Command::Bench { bench_dir, bin_dir, blobs, blob_size, shards, scales, json } => {
+        Command::Bench {
+            bench_dir,
+            bin_dir,
+            blobs,
+            large_blobs,
+            blob_sizes,
+            shards,
+            runs,
+            store_small_files,
+            store_large_files,
+            only,
+            json,
+        } => {
             let bin_dir = match bin_dir {
                 Some(b) => b.clone(),
                 None => default_bin_dir()?,
@@ -828,9 +856,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 dir: bench_dir.clone(),
                 bin_dir,
                 blobs: *blobs,
-                blob_size: *blob_size,
-                shards: *shards,
-                scales: scales.clone(),
+                large_blobs: *large_blobs,
+                blob_sizes: blob_sizes.clone(),
+                shards: shards.clone(),
+                runs: *runs,
+                store_small_files: *store_small_files,
+                store_large_files: *store_large_files,
+                only: only.clone(),
             };
             let report = bench::run(&options).await?;
             print!("{}", bench::render(&report));

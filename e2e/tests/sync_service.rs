@@ -541,15 +541,22 @@ async fn editing_the_config_file_changes_live_settings_without_a_restart() {
     let mut edited = config.clone();
     edited.shard_sync.max_concurrent_syncs = 7;
     edited.stream.max_bytes_per_sec = 123_456;
+    edited.throttle.enabled = false;
+    edited.throttle.max_slowdown = 2.5;
+    assert!(node.throttle.config().enabled);
     std::fs::create_dir_all(dir.join("..v2")).unwrap();
     std::fs::write(dir.join("..v2/sync-service.toml"), ferry_shared::config::to_toml(&edited).unwrap()).unwrap();
     std::os::unix::fs::symlink("..v2", dir.join("..data_tmp")).unwrap();
     std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
     let watched = node.clone();
+    let throttle = edited.throttle.clone();
     ferry_e2e::wait_until("the edited config is applied", || {
         let node = watched.clone();
+        let throttle = throttle.clone();
         async move {
-            Ok(node.sync_limit.limit() == 7 && node.stream_rate.load(std::sync::atomic::Ordering::Relaxed) == 123_456)
+            Ok(node.sync_limit.limit() == 7
+                && node.stream_rate.load(std::sync::atomic::Ordering::Relaxed) == 123_456
+                && node.throttle.config() == throttle)
         }
     })
     .await

@@ -24,6 +24,7 @@ pub mod serving;
 pub mod shard_item;
 pub mod telemetry;
 pub mod testing;
+pub mod throttle;
 pub mod tls;
 pub mod types;
 

@@ -10,7 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::authz::MethodTable;
+use crate::{
+    authz::{self, MethodTable},
+    throttle::BackgroundThrottle,
+    tls::PeerIdentity,
+};
 use http_body::{Body, Frame, SizeHint};
 use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounter, Registry, TextEncoder};
 use tokio::{
@@ -167,6 +171,14 @@ pub struct RpcMetrics {
     /// `ferry_refused_connections_total`: connections closed because the port was at its
     /// connection limit.
     pub refused_connections: IntCounter,
+    foreground: Option<Foreground>,
+}
+
+/// Which RPCs are clients' (their latency closes the background throttle) and where they go.
+#[derive(Clone)]
+struct Foreground {
+    throttle: Arc<BackgroundThrottle>,
+    methods: &'static [&'static str],
 }
 
 impl RpcMetrics {
@@ -185,11 +197,33 @@ impl RpcMetrics {
             "ferry_refused_connections_total",
             "Connections closed at once because the gRPC port had its maximum open (server.max_connections).",
         )?;
-        Ok(RpcMetrics { latency: register(registry, latency), refused_connections: register(registry, refused) })
+        Ok(RpcMetrics {
+            latency: register(registry, latency),
+            refused_connections: register(registry, refused),
+            foreground: None,
+        })
     }
 
-    fn observe(&self, method: &str, code: &str, elapsed: Duration) {
+    /// Also reports the latency of `methods` (gRPC paths) to `throttle` when a client or an
+    /// operator made them; nodes' calls are background work of their own.
+    pub fn with_foreground(mut self, throttle: Arc<BackgroundThrottle>, methods: &'static [&'static str]) -> Self {
+        self.foreground = Some(Foreground { throttle, methods });
+        self
+    }
+
+    fn is_foreground<B>(&self, method: &'static str, request: &http::Request<B>) -> bool {
+        self.foreground.as_ref().is_some_and(|f| f.methods.contains(&method))
+            && !matches!(authz::peer_identity(request), Ok(Some(PeerIdentity::Node(_))))
+    }
+
+    fn observe(&self, method: &'static str, code: &str, elapsed: Duration, foreground: bool) {
         self.latency.with_label_values(&[method, code]).observe(elapsed.as_secs_f64());
+        if foreground
+            && code == "OK"
+            && let Some(f) = &self.foreground
+        {
+            f.throttle.record_foreground(method, elapsed);
+        }
     }
 }
 
@@ -240,6 +274,7 @@ where
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let started = Instant::now();
         let method = self.methods.label(request.uri().path());
+        let foreground = self.metrics.is_foreground(method, &request);
         let metrics = self.metrics.clone();
         let future = self.inner.call(request);
         Box::pin(async move {
@@ -248,7 +283,7 @@ where
             let code = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(code_name);
             Ok(response.map(|inner| MeteredBody {
                 inner: Box::pin(inner),
-                record: Some(Record { metrics, method, started, code }),
+                record: Some(Record { metrics, method, started, code, foreground }),
             }))
         })
     }
@@ -259,6 +294,7 @@ struct Record {
     method: &'static str,
     started: Instant,
     code: Option<&'static str>,
+    foreground: bool,
 }
 
 /// A response body that records its RPC when it ends (or is dropped by a cancelled call).
@@ -271,7 +307,7 @@ impl<B> MeteredBody<B> {
     fn finish(&mut self) {
         if let Some(r) = self.record.take() {
             // Dropped before any status: the client went away.
-            r.metrics.observe(r.method, r.code.unwrap_or("CANCELLED"), r.started.elapsed());
+            r.metrics.observe(r.method, r.code.unwrap_or("CANCELLED"), r.started.elapsed(), r.foreground);
         }
     }
 }

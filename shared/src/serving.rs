@@ -129,7 +129,15 @@ impl ServerConfig {
             let result = match accepted {
                 Err(e) => Some(Err(e)),
                 Ok(io) => match permits.clone().try_acquire_owned() {
-                    Ok(permit) => Some(Ok(CappedConnection { io, _permit: permit })),
+                    Ok(permit) => {
+                        // tonic sets TCP_NODELAY only on connections it accepts itself. Without it
+                        // a small answer after another waits for the caller's delayed ACK: 40 ms
+                        // on Linux, the whole p99 of a small read.
+                        if let Err(e) = io.set_nodelay(true) {
+                            tracing::debug!(error = %e, "could not set TCP_NODELAY on an accepted connection");
+                        }
+                        Some(Ok(CappedConnection { io, _permit: permit }))
+                    }
                     Err(_) => {
                         tracing::warn!(peer = ?io.peer_addr().ok(), "connection limit reached; closing a new connection");
                         on_refused();

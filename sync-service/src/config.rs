@@ -7,6 +7,7 @@ use ferry_shared::{
     config::{ConfigError, ControlPlaneConfig, Validate, invalid},
     serving::ServerConfig,
     telemetry::LogFormat,
+    throttle::ThrottleConfig,
     tls::TlsConfig,
     types::NodeId,
 };
@@ -45,6 +46,9 @@ pub struct SyncConfig {
     pub stream: StreamConfig,
     /// The certified index: catching it up from peers and keeping it in step (anti-entropy).
     pub index: IndexConfig,
+    /// Background work (shard sync, the recovery's writes, serving peers) backs off when
+    /// clients' latency rises. Applied live.
+    pub throttle: ThrottleConfig,
 }
 
 impl Default for SyncConfig {
@@ -63,6 +67,7 @@ impl Default for SyncConfig {
             shard_sync: ShardSyncConfig::default(),
             stream: StreamConfig::default(),
             index: IndexConfig::default(),
+            throttle: ThrottleConfig::default(),
         }
     }
 }
@@ -140,7 +145,7 @@ pub struct ShardSyncConfig {
     pub initial_backoff_ms: u64,
     /// Largest retry delay (ms). Default 30000.
     pub max_backoff_ms: u64,
-    /// Slivers written per atomic batch (with their progress). Default 64.
+    /// Slivers written per atomic batch (with their progress). Default 256.
     pub batch_items: usize,
     /// Bytes after which a batch is written early. Default 8 MiB.
     pub batch_bytes: usize,
@@ -169,7 +174,7 @@ impl Default for ShardSyncConfig {
             progress_blobs: 64,
             initial_backoff_ms: 500,
             max_backoff_ms: 30_000,
-            batch_items: 64,
+            batch_items: 256,
             batch_bytes: 8 * 1024 * 1024,
             item_timeout_ms: 30_000,
             fill_gained_by: FillMethod::ShardSync,
@@ -197,7 +202,7 @@ pub struct StreamConfig {
     pub max_concurrent_streams: usize,
     /// Items buffered per stream between the store reader and the network. Default 16.
     pub channel_capacity: usize,
-    /// Items read from the store per read. Default 32.
+    /// Items read from the store per read (at most 8 MiB). Default 128.
     pub read_batch_items: usize,
     /// A reader that takes no item for this long is dropped (ms). Default 60000.
     pub send_timeout_ms: u64,
@@ -217,7 +222,7 @@ impl Default for StreamConfig {
         StreamConfig {
             max_concurrent_streams: 4,
             channel_capacity: 16,
-            read_batch_items: 32,
+            read_batch_items: 128,
             send_timeout_ms: 60_000,
             max_clock_skew_ms: 300_000,
             max_items: 10_000_000,
@@ -268,7 +273,7 @@ impl Validate for SyncConfig {
         if self.index.page > 4096 {
             return Err(invalid("index.page", "at most 4096 (the servers' cap)"));
         }
-        Ok(())
+        self.throttle.validate()
     }
 }
 

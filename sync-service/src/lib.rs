@@ -113,6 +113,7 @@ pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyh
         start_metrics_server(node.config.metrics_listen, node.metrics.registry.clone(), shutdown_rx.clone())
             .await
             .with_context(|| format!("bind {}", node.config.metrics_listen))?;
+    node.spawn_background(node.throttle.clone().run_controller());
     {
         // The gauge mirrors the running-sync counter.
         let gauge = node.metrics.running_syncs.clone();
@@ -206,7 +207,7 @@ pub async fn start_with(config: SyncConfig, control_plane: ControlPlane) -> anyh
 }
 
 /// Applies the settings that may change while running when `config_file` changes:
-/// `shard_sync.max_concurrent_syncs` and `stream.max_bytes_per_sec`. Others are logged as
+/// `shard_sync.max_concurrent_syncs`, `stream.max_bytes_per_sec` and `throttle`. Others are logged as
 /// needing a restart. Returns the guard that keeps the watch alive.
 pub fn apply_config_changes(node: &Arc<Node>, config_file: &Path) -> anyhow::Result<config_watch::ConfigWatchGuard> {
     let (mut changes, guard) =
@@ -228,9 +229,14 @@ pub fn apply_config_changes(node: &Arc<Node>, config_file: &Path) -> anyhow::Res
                 node.stream_rate.store(new.stream.max_bytes_per_sec, Ordering::Relaxed);
                 info!(now = new.stream.max_bytes_per_sec, "shard stream bandwidth cap changed by the config file");
             }
+            if new.throttle != applied.throttle {
+                node.throttle.set_config(new.throttle.clone());
+                info!(now = ?new.throttle, "background throttle changed by the config file");
+            }
             let restart = config_watch::needs_restart(&applied, &new, |rest, old| {
                 rest.shard_sync.max_concurrent_syncs = old.shard_sync.max_concurrent_syncs;
                 rest.stream.max_bytes_per_sec = old.stream.max_bytes_per_sec;
+                rest.throttle = old.throttle.clone();
             });
             if restart {
                 warn!("the config file changed settings that apply only after a restart");

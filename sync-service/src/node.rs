@@ -29,6 +29,7 @@ use ferry_shared::{
     crypto::{self, NodeKeypair},
     grpc::Connector,
     registry::CommitteeCache,
+    throttle::BackgroundThrottle,
     tls::TlsMaterial,
     types::{Epoch, NodeId, NodeStatus, ShardIndex, ShardStatus},
 };
@@ -38,6 +39,7 @@ use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, watch};
 use crate::{
     config::SyncConfig,
     metrics::SyncMetrics,
+    server,
     store::{NodeState, ShardRecord, ShardStore, StoreError},
 };
 use shard_sync::SyncLimiter;
@@ -148,6 +150,8 @@ pub struct Node {
     pub sync_limit: SyncLimiter,
     /// Per-stream bandwidth cap of served shard streams (bytes/s, 0 = none); changeable live.
     pub stream_rate: AtomicU64,
+    /// The byte budget of background work, closed on clients' latency.
+    pub throttle: Arc<BackgroundThrottle>,
     /// This node's TLS material; `None` only when plaintext is configured explicitly.
     pub tls: Option<Arc<TlsMaterial>>,
     /// Client channels to peers (mutual TLS when `tls` is set).
@@ -270,7 +274,10 @@ impl Node {
         let id = NodeId::new(config.node_id.clone())?;
         let key = NodeKeypair::load(&config.key_file)?;
         let tls = config.tls.load(Some(&id)).context("TLS material")?;
-        let metrics = SyncMetrics::new().context("metrics registry")?;
+        let mut metrics = SyncMetrics::new().context("metrics registry")?;
+        let throttle =
+            BackgroundThrottle::new(config.throttle.clone(), &metrics.registry).context("metrics registry")?;
+        metrics.rpc = metrics.rpc.clone().with_foreground(throttle.clone(), server::FOREGROUND_METHODS);
         let store_config = config.store.clone();
         let store = tokio::task::spawn_blocking(move || ShardStore::open(&store_config)).await??;
         let limit = config.shard_sync.max_concurrent_syncs;
@@ -284,6 +291,7 @@ impl Node {
             counter: SyncCounter::new(view.clone()),
             sync_limit: SyncLimiter::new(limit as usize),
             stream_rate: AtomicU64::new(config.stream.max_bytes_per_sec),
+            throttle,
             connector: Connector::new(tls.clone()),
             tls,
             metrics,

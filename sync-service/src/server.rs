@@ -134,6 +134,18 @@ impl ReplayGuard {
 /// Request limit of methods that carry slivers: one message of the largest size.
 const DATA_REQUEST_BYTES: usize = MAX_MESSAGE_BYTES + 1024;
 
+/// Clients' reads and stores: their latency (when a client or an operator calls) is what the
+/// background throttle protects.
+pub const FOREGROUND_METHODS: &[&str] = &[
+    "/ferry.v1.SyncService/StoreBlobs",
+    "/ferry.v1.SyncService/CertifyBlobs",
+    "/ferry.v1.SyncService/StoreMetadata",
+    "/ferry.v1.SyncService/StoreSliver",
+    "/ferry.v1.SyncService/GetMetadata",
+    "/ferry.v1.SyncService/GetSliver",
+    "/ferry.v1.SyncService/GetSlivers",
+];
+
 /// Every method of the sync-service port: who may call it and its largest request.
 pub fn method_table() -> MethodTable {
     use Access::*;
@@ -187,6 +199,16 @@ pub struct SyncServer {
 }
 
 impl SyncServer {
+    /// Waits for the background throttle when a node (a peer, or this node's own recovery)
+    /// makes the call: background work yields to clients before it costs disk and CPU.
+    /// Clients' and operators' calls never wait here; their latency is what the throttle
+    /// protects.
+    async fn throttle_nodes<T>(&self, request: &Request<T>, bytes: u64) {
+        if matches!(authz::caller(request), Some(PeerIdentity::Node(_))) {
+            self.node.throttle.acquire(bytes).await;
+        }
+    }
+
     /// Whether the slivers `proof` names, fetched from their owners in `committee` and verified
     /// against this node's metadata of `blob`, decode inconsistently. `false` when this node
     /// has no metadata for the blob, or any sliver cannot be fetched or does not verify.
@@ -359,6 +381,7 @@ impl SyncService for SyncServer {
         &self,
         request: Request<pb::StoreSliverRequest>,
     ) -> Result<Response<pb::StoreSliverResponse>, Status> {
+        self.throttle_nodes(&request, request.get_ref().data.len() as u64).await;
         let req = request.into_inner();
         let id = blob_id(&req.blob_id)?;
         // Shared transition lock from the status check to the end of the write (also if this
@@ -416,6 +439,7 @@ impl SyncService for SyncServer {
         &self,
         request: Request<pb::StoreBlobsRequest>,
     ) -> Result<Response<pb::StoreBlobsResponse>, Status> {
+        self.throttle_nodes(&request, prost::Message::encoded_len(request.get_ref()) as u64).await;
         let request = request.into_inner();
         let skip_confirmations = request.skip_confirmations;
         let uploads = request.blobs;
@@ -711,13 +735,13 @@ impl SyncService for SyncServer {
         &self,
         request: Request<pb::GetSliverRequest>,
     ) -> Result<Response<pb::GetSliverResponse>, Status> {
-        let req = request.into_inner();
-        let id = blob_id(&req.blob_id)?;
-        let shard = self.stored_shard(req.shard)?;
+        let id = blob_id(&request.get_ref().blob_id)?;
+        let shard = self.stored_shard(request.get_ref().shard)?;
         let data = self.node.store.call(move |s| s.verified_sliver(shard, &id)).await.map_err(internal)?;
         let data = data.ok_or_else(|| {
             Status::not_found(format!("no verified sliver of blob {id} in shard {shard} on this node"))
         })?;
+        self.throttle_nodes(&request, data.len() as u64).await;
         Ok(Response::new(pb::GetSliverResponse { data }))
     }
 
@@ -725,9 +749,8 @@ impl SyncService for SyncServer {
         &self,
         request: Request<pb::GetSliversRequest>,
     ) -> Result<Response<pb::GetSliversResponse>, Status> {
-        let req = request.into_inner();
-        let ids = blob_id_list(&req.blob_ids)?;
-        let shard = self.stored_shard(req.shard)?;
+        let ids = blob_id_list(&request.get_ref().blob_ids)?;
+        let shard = self.stored_shard(request.get_ref().shard)?;
         let slivers = self
             .node
             .store
@@ -748,6 +771,7 @@ impl SyncService for SyncServer {
             })
             .await
             .map_err(internal)?;
+        self.throttle_nodes(&request, slivers.iter().map(|s| s.len() as u64).sum()).await;
         Ok(Response::new(pb::GetSliversResponse { slivers }))
     }
 
@@ -856,6 +880,8 @@ impl SyncService for SyncServer {
                     sent_bytes += item_len;
                     streamed_items.inc();
                     streamed_bytes.inc_by(item_len);
+                    // Serving a shard is background work: it yields to this node's clients.
+                    node.throttle.acquire(item_len).await;
                     // Read per item so a live config change applies to running streams too.
                     let rate = node.stream_rate.load(Ordering::Relaxed);
                     if rate > 0 {

@@ -255,19 +255,28 @@ async fn measure(cluster: &mut LocalCluster, options: &ScaleOptions, started: In
     // An epoch change that gives node 0 a shard, filled by shard sync.
     let k = erasure::original_count(options.shards)?;
     let sliver = erasure::sliver_len(options.blob_size as u64, k)?;
-    let spec = FillSpec { method: "shard_sync", tls: true, scale: 1, rate: 0, disturb: Disturb::None };
-    let fill = gain_one_shard(cluster, &cp, &spec, report.stored as usize, sliver).await?;
+    let spec = FillSpec {
+        method: "shard_sync",
+        tls: true,
+        blob_size: options.blob_size,
+        blobs: report.stored as usize,
+        shards: options.shards,
+        epochs: 1,
+        rate: 0,
+        disturb: Disturb::None,
+    };
+    let fill = gain_one_shard(cluster, &cp, &spec, sliver).await?.sample;
     report.phases.push(PhaseRun {
         what: "shard sync of node 0's gained shards (epoch change to Done)".into(),
-        secs: fill.wall,
+        secs: fill.wall_secs,
         detail: format!(
             "{} shard(s), {} MiB of slivers, transfer {:.1} s",
             fill.gained_shards,
             fill.gained_bytes >> 20,
-            fill.transfer
+            fill.transfer_secs
         ),
     });
-    say(format!("shard sync: {:.1} s wall, {:.1} s transfer", fill.wall, fill.transfer));
+    say(format!("shard sync: {:.1} s wall, {:.1} s transfer", fill.wall_secs, fill.transfer_secs));
     report.save(json)?;
 
     if !options.skip_recovery {

@@ -36,7 +36,10 @@ use super::{
     shard_state::{self, ShardEvent},
     sync_counter::SyncTaskGuard,
 };
-use crate::store::{ShardRecord, SliverWrite, SyncProgress};
+use crate::{
+    config::ShardSyncConfig,
+    store::{ShardRecord, SliverWrite, SyncProgress},
+};
 
 /// A resizable limit on concurrently transferring shard syncs.
 #[derive(Debug)]
@@ -378,9 +381,11 @@ async fn write_batch(
     finish: bool,
 ) -> Result<(), AttemptError> {
     let SyncBatch { items, certified, missing } = batch;
-    let guard = node.transition().await;
     let n = items.len() as u64;
     let bytes: u64 = items.iter().map(|i| i.data.len() as u64).sum();
+    // Background work yields to clients; before the lock, so a throttled sync holds nothing.
+    node.throttle.acquire(bytes).await;
+    let guard = node.transition().await;
     let gained_epoch = progress.gained_epoch;
     let wrote = guard
         .call(move |s| {
@@ -511,7 +516,26 @@ async fn attempt(
     }
 }
 
-/// Reads one stream to its end, verifying and writing a batch at a time.
+/// Why a received batch stopped filling; `None` in [`Received::stop`] means it is full.
+enum BatchStop {
+    /// The stream ended (the whole shard, or the source's item limit).
+    End(StreamEnd),
+    /// Nothing settled for `give_up_after`: write what arrived, then give up unless that
+    /// (or the batch written meanwhile) was progress.
+    Stalled,
+    /// The stream broke or sent something wrong: write what arrived intact, then fail.
+    Failed(AttemptError),
+}
+
+/// Items received for one batch, and why it stopped filling.
+struct Received {
+    items: Vec<(BlobId, pb::ShardItem)>,
+    stop: Option<BatchStop>,
+}
+
+/// Reads one stream to its end, verifying and writing a batch at a time. The next batch is
+/// read from the stream while the previous one is verified and written, so the network and
+/// the disk work at once.
 async fn receive(
     node: &Arc<Node>,
     shard: ShardIndex,
@@ -521,71 +545,97 @@ async fn receive(
     clock: &ProgressClock,
 ) -> Result<StreamEnd, AttemptError> {
     let cfg = node.config.shard_sync.clone();
-    // Items arrive into `incoming` and are verified and written a batch at a time: one
-    // blocking-pool hop verifies the whole batch (metadata reads and BLAKE3), one writes it.
-    let mut incoming: Vec<(BlobId, pb::ShardItem)> = Vec::new();
-    let mut incoming_bytes = 0usize;
     let mut last = progress.cursor;
-    let end = loop {
+    let mut received = next_batch(&cfg, source, &mut stream, &mut last, clock).await;
+    loop {
+        let Received { mut items, stop } = received;
+        match stop {
+            None => {
+                let write = verify_and_write(node, shard, source, progress, &mut items, clock);
+                let read = async { Ok(next_batch(&cfg, source, &mut stream, &mut last, clock).await) };
+                received = tokio::try_join!(write, read)?.1;
+            }
+            Some(BatchStop::End(end)) => {
+                verify_and_write(node, shard, source, progress, &mut items, clock).await?;
+                return Ok(end);
+            }
+            Some(BatchStop::Failed(e)) => {
+                // Keep what arrived intact before the break; resume after it.
+                verify_and_write(node, shard, source, progress, &mut items, clock).await?;
+                return Err(e);
+            }
+            Some(BatchStop::Stalled) => {
+                verify_and_write(node, shard, source, progress, &mut items, clock).await?;
+                let stalled = clock.stalled_for();
+                if stalled >= cfg.give_up_after() {
+                    return Err(AttemptError::Fatal(format!(
+                        "fewer than {} certified blobs settled from {source}'s stream in {stalled:?} \
+                         (shard_sync.progress_blobs, give_up_after_ms)",
+                        cfg.progress_blobs
+                    )));
+                }
+                received = next_batch(&cfg, source, &mut stream, &mut last, clock).await;
+            }
+        }
+    }
+}
+
+/// Reads items until a batch is full (`batch_items` or `batch_bytes`) or the stream stops.
+async fn next_batch(
+    cfg: &ShardSyncConfig,
+    source: &NodeId,
+    stream: &mut tonic::Streaming<pb::ShardItem>,
+    last: &mut Option<BlobId>,
+    clock: &ProgressClock,
+) -> Received {
+    let mut items: Vec<(BlobId, pb::ShardItem)> = Vec::new();
+    let mut bytes = 0usize;
+    let stop = |items, stop| Received { items, stop: Some(stop) };
+    loop {
         // The no-progress deadline holds inside a stream too: a source that trickles items
         // just inside the item timeout, or sends only what settles nothing, cannot keep the
         // sync (and the count that holds blob recovery back) alive.
         let stalled = clock.stalled_for();
         if stalled >= cfg.give_up_after() {
-            verify_and_write(node, shard, source, progress, &mut incoming, clock).await?;
-            if clock.stalled_for() >= cfg.give_up_after() {
-                return Err(AttemptError::Fatal(format!(
-                    "fewer than {} certified blobs settled from {source}'s stream in {stalled:?} \
-                     (shard_sync.progress_blobs, give_up_after_ms)",
-                    cfg.progress_blobs
-                )));
-            }
-            incoming_bytes = 0;
+            return stop(items, BatchStop::Stalled);
         }
         let wait = cfg.item_timeout().min(cfg.give_up_after().saturating_sub(stalled)).max(Duration::from_millis(1));
-        let next = match tokio::time::timeout(wait, stream.message()).await {
+        let item = match tokio::time::timeout(wait, stream.message()).await {
             Err(_) if clock.stalled_for() >= cfg.give_up_after() => continue,
             Err(_) => {
-                Err(tonic::Status::deadline_exceeded(format!("no item from {source} for {:?}", cfg.item_timeout())))
+                let status =
+                    tonic::Status::deadline_exceeded(format!("no item from {source} for {:?}", cfg.item_timeout()));
+                return stop(items, BatchStop::Failed(classify(&status)));
             }
-            Ok(Err(status)) => Err(status),
-            Ok(Ok(Some(item))) if item.end => break StreamEnd::EndOfShard,
-            Ok(Ok(Some(item))) if item.limit_reached => break StreamEnd::LimitReached,
-            Ok(Ok(Some(item))) => Ok(item),
+            Ok(Err(status)) => return stop(items, BatchStop::Failed(classify(&status))),
+            Ok(Ok(Some(item))) if item.end => return stop(items, BatchStop::End(StreamEnd::EndOfShard)),
+            Ok(Ok(Some(item))) if item.limit_reached => return stop(items, BatchStop::End(StreamEnd::LimitReached)),
+            Ok(Ok(Some(item))) => item,
             Ok(Ok(None)) => {
-                Err(tonic::Status::unavailable(format!("the stream from {source} ended before the end of the shard")))
-            }
-        };
-        let item = match next {
-            Ok(item) => item,
-            Err(status) => {
-                // Keep what arrived intact before the break; resume after it.
-                verify_and_write(node, shard, source, progress, &mut incoming, clock).await?;
-                return Err(classify(&status));
+                let status =
+                    tonic::Status::unavailable(format!("the stream from {source} ended before the end of the shard"));
+                return stop(items, BatchStop::Failed(classify(&status)));
             }
         };
         let blob_id = match BlobId::from_bytes(&item.blob_id) {
             Ok(id) => id,
             Err(e) => {
-                verify_and_write(node, shard, source, progress, &mut incoming, clock).await?;
-                return Err(AttemptError::Retryable(format!("corrupt stream from {source}: {e}")));
+                let e = AttemptError::Retryable(format!("corrupt stream from {source}: {e}"));
+                return stop(items, BatchStop::Failed(e));
             }
         };
         if last.is_some_and(|l| blob_id <= l) {
-            verify_and_write(node, shard, source, progress, &mut incoming, clock).await?;
-            return Err(AttemptError::Retryable(format!("stream from {source} is out of order at {blob_id}")));
+            let e = AttemptError::Retryable(format!("stream from {source} is out of order at {blob_id}"));
+            return stop(items, BatchStop::Failed(e));
         }
-        last = Some(blob_id);
+        *last = Some(blob_id);
         // Everything the item holds counts against the batch: metadata and certificate too.
-        incoming_bytes += prost::Message::encoded_len(&item);
-        incoming.push((blob_id, item));
-        if incoming.len() >= cfg.batch_items || incoming_bytes >= cfg.batch_bytes {
-            verify_and_write(node, shard, source, progress, &mut incoming, clock).await?;
-            incoming_bytes = 0;
+        bytes += prost::Message::encoded_len(&item);
+        items.push((blob_id, item));
+        if items.len() >= cfg.batch_items || bytes >= cfg.batch_bytes {
+            return Received { items, stop: None };
         }
-    };
-    verify_and_write(node, shard, source, progress, &mut incoming, clock).await?;
-    Ok(end)
+    }
 }
 
 /// What the blocking check of a received batch found for one item.
