@@ -396,7 +396,7 @@ async fn measure_workload(
         Ok::<_, anyhow::Error>((Spread::of(stream), Spread::of(disk), Spread::of(decode)))
     }
     .await;
-    cluster.down()?;
+    down_and_discard(&mut cluster)?;
     let (bare_stream_mib_s, disk_mib_s, decode_mib_s) = limits?;
     let (blob_recovery, _) = fill(options, &spec("blob_recovery"), false).await?;
     say(format!(
@@ -408,6 +408,21 @@ async fn measure_workload(
         decode_mib_s.show()
     ));
     Ok(WorkloadRun { blob_size, blobs, shards, shard_sync, blob_recovery, bare_stream_mib_s, disk_mib_s, decode_mib_s })
+}
+
+/// Stops a measured cluster and deletes its data (the logs stay): a full run's clusters would
+/// hold tens of GiB otherwise.
+fn down_and_discard(cluster: &mut LocalCluster) -> anyhow::Result<()> {
+    cluster.down()?;
+    for i in 0..cluster.nodes.len() {
+        for store in ["sync-store", "recovery-store"] {
+            let path = cluster.node_dir(i).join(store);
+            if path.exists() {
+                std::fs::remove_dir_all(&path).with_context(|| format!("cannot delete {}", path.display()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn mib(bytes: u64) -> String {
@@ -525,7 +540,7 @@ async fn fill(options: &BenchOptions, spec: &FillSpec, keep: bool) -> anyhow::Re
     match result {
         Ok(run) if keep => Ok((run, Some(cluster))),
         Ok(run) => {
-            cluster.down()?;
+            down_and_discard(&mut cluster)?;
             Ok((run, None))
         }
         Err(e) => {
@@ -1015,7 +1030,7 @@ async fn measure_store(options: &BenchOptions) -> anyhow::Result<Vec<StoreRun>> 
         Ok::<_, anyhow::Error>(out)
     }
     .await;
-    cluster.down()?;
+    down_and_discard(&mut cluster)?;
     result
 }
 
@@ -1070,7 +1085,7 @@ async fn measure_memory(options: &BenchOptions) -> anyhow::Result<Vec<MemoryRun>
         Ok::<_, anyhow::Error>(runs)
     }
     .await;
-    cluster.down()?;
+    down_and_discard(&mut cluster)?;
     result
 }
 

@@ -181,7 +181,7 @@ enum Command {
     /// with the throttle off and on; every figure over --runs runs. Prints a table with each
     /// target met or missed (and writes JSON with --json).
     #[command(
-        after_help = "Example:\n  ferryctl bench --json bench.json   # about 25 minutes with the defaults (make bench)"
+        after_help = "Example:\n  ferryctl bench --json bench.json   # about 13 minutes with the defaults (make bench)"
     )]
     Bench {
         /// Working directory for the benchmark clusters (deleted first).

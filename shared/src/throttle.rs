@@ -6,10 +6,11 @@
 //! the foreground RPCs that ended in the window, method by method, and compares each method's
 //! p99 with its quiet reference: its p99 while background ran at most at its floor, learned in
 //! such windows (a moving average). Above `max_slowdown` times the reference, the rate drops to
-//! `DECREASE` of what background actually used; otherwise it grows by `INCREASE`, until it no
-//! longer binds. Clients of a method with no reference yet (a node started busy) quiet the
-//! background to its floor until one is learned; a window without clients lifts the limit. A fixed MB/s cap is either too slow for an
-//! idle node or too fast for a busy one; this one follows the load, and changes live with the
+//! `DECREASE` of what background actually used; otherwise it grows by `INCREASE`, to at most
+//! `HEADROOM` times what background used, until it no longer binds. Clients of a method with no
+//! reference yet (a node started busy) quiet the background to its floor until one is learned;
+//! a window without clients lifts the limit. A fixed MB/s cap is either too slow for an idle
+//! node or too fast for a busy one; this one follows the load, and changes live with the
 //! configuration.
 
 use std::{
@@ -28,6 +29,8 @@ use crate::config::{ConfigError, Validate, invalid};
 const DECREASE: f64 = 0.7;
 /// Multiplicative increase per window without pressure.
 const INCREASE: f64 = 1.25;
+/// While clients are served the budget grows to at most this many times what background used.
+const HEADROOM: f64 = 2.0;
 /// Above this the budget does not bind and is dropped (unlimited).
 const UNLIMITED_ABOVE: f64 = 64.0 * 1024.0 * 1024.0 * 1024.0;
 /// Weight of a new idle window in the idle latency's moving average.
@@ -305,10 +308,13 @@ fn next_rate(
         let base = rate.map_or(used_rate, |r| r.min(used_rate));
         return Some((base * DECREASE).max(floor));
     }
+    // Growth follows use: a budget far above what background uses would let the next burst
+    // (a recovery starting after the index caught up) hit clients at full speed at once.
+    let cap = (used_rate * HEADROOM).max(floor);
     match rate {
         None => None,
         Some(r) if r * INCREASE > UNLIMITED_ABOVE => None,
-        Some(r) => Some((r * INCREASE).max(floor)),
+        Some(r) => Some((r * INCREASE).min(cap).max(floor)),
     }
 }
 
@@ -336,8 +342,9 @@ mod tests {
             ("pressure cuts from the rate when it binds tighter", &on, Some(50.0 * MIB), 100.0 * MIB, 2.0, false, Some(35.0 * MIB)),
             ("never below the floor", &on, Some(5.0 * MIB), 5.0 * MIB, 3.0, false, Some(floor)),
             ("at the limit of the slowdown: no cut", &on, Some(40.0 * MIB), 40.0 * MIB, 1.2, false, Some(50.0 * MIB)),
-            ("pressure with no background bytes is not background's doing", &on, Some(40.0 * MIB), 0.0, 5.0, false, Some(50.0 * MIB)),
+            ("pressure with no background bytes: no cut, the budget follows use to the floor", &on, Some(40.0 * MIB), 0.0, 5.0, false, Some(floor)),
             ("growth stops binding and is dropped", &on, Some(60.0 * 1024.0 * MIB), 1.0, 1.0, false, None),
+            ("growth stays within twice what background used", &on, Some(40.0 * MIB), 10.0 * MIB, 1.0, false, Some(20.0 * MIB)),
             ("clients of unknown quiet latency: down to the floor to learn it", &on, None, 100.0 * MIB, 1.0, true, Some(floor)),
         ];
         for (name, config, rate, used, slowdown, unknown, expected) in cases {
@@ -371,10 +378,10 @@ mod tests {
         window(&t, "read", 6.0, 3);
         assert_eq!(t.step(second).rate, Some(4.0 * MIB));
         // Quiet (at the floor): reads at 2 ms are learned once there are enough of them.
-        used(&t, 1024 * 1024);
+        used(&t, 3 * 1024 * 1024);
         window(&t, "read", 2.0, 5);
         assert_eq!(t.step(second).rate, Some(4.0 * MIB), "five reads are not enough to learn from");
-        used(&t, 1024 * 1024);
+        used(&t, 3 * 1024 * 1024);
         window(&t, "read", 2.0, 5);
         assert_eq!(t.step(second).rate, Some(4.0 * MIB * INCREASE), "learned: the budget grows");
         // Background at 100 MiB/s and reads at 6 ms: 3x, cut to 0.7 of the rate that bound it.

@@ -410,7 +410,7 @@ pub async fn measure(options: &BenchOptions) -> anyhow::Result<ThrottleRun> {
         Ok::<_, anyhow::Error>(ThrottleRun { blobs, blob_size: BLOB_SIZE, idle, unthrottled, throttled })
     }
     .await;
-    cluster.down()?;
+    super::down_and_discard(&mut cluster)?;
     result
 }
 
