@@ -410,6 +410,33 @@ async fn measure_workload(
     Ok(WorkloadRun { blob_size, blobs, shards, shard_sync, blob_recovery, bare_stream_mib_s, disk_mib_s, decode_mib_s })
 }
 
+/// Deletes what an earlier run left in `dir`, stopping its cluster first.
+fn clear(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        if let Ok(mut old) = LocalCluster::load(dir) {
+            let _ = old.down();
+        }
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot delete {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// A fresh 4-node mutual-TLS cluster in `dir` (cleared first) with the smallest shard count
+/// of the run and `sync_extra` in every sync-service config.
+async fn fresh_cluster(options: &BenchOptions, dir: &Path, sync_extra: &str) -> anyhow::Result<LocalCluster> {
+    clear(dir)?;
+    let up = UpOptions {
+        nodes: 4,
+        shards: options.shards.iter().copied().min().unwrap_or(8),
+        dir: dir.to_path_buf(),
+        bin_dir: options.bin_dir.clone(),
+        sync_extra: sync_extra.into(),
+        recovery_extra: String::new(),
+        tls: true,
+    };
+    LocalCluster::up(&up).await
+}
+
 /// Stops a measured cluster and deletes its data (the logs stay): a full run's clusters would
 /// hold tens of GiB otherwise.
 fn down_and_discard(cluster: &mut LocalCluster) -> anyhow::Result<()> {
@@ -513,12 +540,7 @@ async fn fill(options: &BenchOptions, spec: &FillSpec, keep: bool) -> anyhow::Re
         }
     );
     let dir = options.dir.join(&label);
-    if dir.exists() {
-        if let Ok(mut old) = LocalCluster::load(&dir) {
-            let _ = old.down();
-        }
-        std::fs::remove_dir_all(&dir)?;
-    }
+    clear(&dir)?;
     // Paced runs write small batches so a kill lands mid-stream; the others use the defaults.
     let batch_items = if spec.rate > 0 { "batch_items = 8\n" } else { "" };
     // The throttle stays on (the default); with no clients it never binds.
@@ -973,22 +995,7 @@ async fn decode_throughput(blob_size: usize, shards: u32, count: usize) -> anyho
 /// `file_size` bytes each, fresh content every run; blobs/s and MiB/s.
 async fn measure_store(options: &BenchOptions) -> anyhow::Result<Vec<StoreRun>> {
     let dir = options.dir.join("store");
-    if dir.exists() {
-        if let Ok(mut old) = LocalCluster::load(&dir) {
-            let _ = old.down();
-        }
-        std::fs::remove_dir_all(&dir)?;
-    }
-    let up = UpOptions {
-        nodes: 4,
-        shards: options.shards.iter().copied().min().unwrap_or(8),
-        dir: dir.clone(),
-        bin_dir: options.bin_dir.clone(),
-        sync_extra: String::new(),
-        recovery_extra: String::new(),
-        tls: true,
-    };
-    let mut cluster = LocalCluster::up(&up).await?;
+    let mut cluster = fresh_cluster(options, &dir, "").await?;
     let result = async {
         let mut out = Vec::new();
         for (file_size, files) in [(1000usize, options.store_small_files), (4 * 1024 * 1024, options.store_large_files)]
@@ -1038,26 +1045,11 @@ async fn measure_store(options: &BenchOptions) -> anyhow::Result<Vec<StoreRun>> 
 /// the server (sampled every 20 ms) and of this process.
 async fn measure_memory(options: &BenchOptions) -> anyhow::Result<Vec<MemoryRun>> {
     let dir = options.dir.join("memory");
-    if dir.exists() {
-        if let Ok(mut old) = LocalCluster::load(&dir) {
-            let _ = old.down();
-        }
-        std::fs::remove_dir_all(&dir)?;
-    }
     // 256 KiB blobs: 64 KiB slivers at n = 8, so the 16-item channel holds 1 MiB and a read
     // batch 2 MiB; the 1x shard is already twice the channel, the 16x one 32 times.
     let blob_size = 256 * 1024;
     let base = 24usize;
-    let up = UpOptions {
-        nodes: 4,
-        shards: options.shards.iter().copied().min().unwrap_or(8),
-        dir: dir.clone(),
-        bin_dir: options.bin_dir.clone(),
-        sync_extra: String::new(),
-        recovery_extra: String::new(),
-        tls: true,
-    };
-    let mut cluster = LocalCluster::up(&up).await?;
+    let mut cluster = fresh_cluster(options, &dir, "").await?;
     let result = async {
         let cp = cluster.control_plane().await?;
         store_blobs(&BlobClient::new(cp.clone(), cluster.connector()?, Duration::from_secs(60)), base * 16, blob_size)

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use super::{BenchOptions, blob_data, say, sync_channel};
 use crate::{
     epoch::{self, MemberChanges},
-    local::{LocalCluster, UpOptions},
+    local::LocalCluster,
 };
 
 /// Blobs of the throttle run, and their size.
@@ -216,10 +216,6 @@ async fn next_epoch(cluster: &LocalCluster, cp: &ControlPlane) -> anyhow::Result
     bail!("no weight increase up to 16 gives node 0 a shard and leaves a node out of the moves")
 }
 
-async fn status(cluster: &LocalCluster, i: usize) -> Option<pb::GetStatusResponse> {
-    cluster.sync_status(i).await
-}
-
 /// Node `i` is `Active` in `committee`'s epoch with every shard it owns there `Active`.
 fn active_in(
     cluster: &LocalCluster,
@@ -265,7 +261,10 @@ fn say_rpc_means(what: &str, before: &[[f64; 4]], after: &[[f64; 4]]) {
         .zip(after)
         .enumerate()
         .map(|(i, (b, a))| {
-            let mean = |s: usize, c: usize| 1000.0 * (a[s] - b[s]) / (a[c] - b[c]).max(1.0);
+            // A wiped node restarted: its counters began again at zero.
+            let restarted = a[1] < b[1] || a[3] < b[3];
+            let base = if restarted { [0.0; 4] } else { *b };
+            let mean = |s: usize, c: usize| 1000.0 * (a[s] - base[s]) / (a[c] - base[c]).max(1.0);
             format!("node-{i} StoreBlobs {:.1} ms, CertifyBlobs {:.1} ms", mean(0, 1), mean(2, 3))
         })
         .collect();
@@ -296,7 +295,7 @@ async fn phase(
         let deadline = started + Duration::from_secs(900);
         let mut last_sample = Duration::ZERO;
         loop {
-            let (a, b) = (status(cluster, MEASURED).await, status(cluster, recovering).await);
+            let (a, b) = (cluster.sync_status(MEASURED).await, cluster.sync_status(recovering).await);
             if active_in(cluster, MEASURED, &a, &next) && active_in(cluster, recovering, &b, &next) {
                 break;
             }
@@ -351,23 +350,8 @@ async fn phase(
 
 /// Idle, unthrottled and throttled, on one 4-node cluster of the smallest shard count.
 pub async fn measure(options: &BenchOptions) -> anyhow::Result<ThrottleRun> {
-    let dir = options.dir.join("throttle");
-    if dir.exists() {
-        if let Ok(mut old) = LocalCluster::load(&dir) {
-            let _ = old.down();
-        }
-        std::fs::remove_dir_all(&dir)?;
-    }
-    let up = UpOptions {
-        nodes: 4,
-        shards: options.shards.iter().copied().min().unwrap_or(8),
-        dir: dir.clone(),
-        bin_dir: options.bin_dir.clone(),
-        sync_extra: "[throttle]\nenabled = true\n".into(),
-        recovery_extra: String::new(),
-        tls: true,
-    };
-    let mut cluster = LocalCluster::up(&up).await?;
+    let mut cluster =
+        super::fresh_cluster(options, &options.dir.join("throttle"), "[throttle]\nenabled = true\n").await?;
     let result = async {
         let cp = cluster.control_plane().await?;
         let blob_client = BlobClient::new(cp.clone(), cluster.connector()?, Duration::from_secs(120));
