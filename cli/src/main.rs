@@ -194,7 +194,7 @@ enum Command {
         #[arg(long, default_value_t = 8000)]
         blobs: usize,
         /// Blobs per workload of blobs of 1 MiB or more.
-        #[arg(long, default_value_t = 48)]
+        #[arg(long, default_value_t = 128)]
         large_blobs: usize,
         /// Blob sizes (comma-separated bytes).
         #[arg(long, value_delimiter = ',', default_value = "32768,4194304")]

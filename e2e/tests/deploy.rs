@@ -10,8 +10,11 @@ use std::{
     process::Command,
 };
 
+/// Read when the test runs, not when it is built: a test binary reused from a build in another
+/// checkout would look there.
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e/ lies inside the repository").to_path_buf()
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR for tests");
+    Path::new(&dir).parent().expect("e2e/ lies inside the repository").to_path_buf()
 }
 
 /// Runs `python3 deploy/validate.py ARGS` from the repository root and fails the test with the

@@ -19,9 +19,9 @@ use ferry_shared::{
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-/// Stores `data` the way a client does, but delivers its certificate only to node `only`: the
-/// blob is certified, yet only that node's index knows it.
-async fn store_known_to_one(cluster: &Cluster, data: &[u8], only: usize) -> BlobId {
+/// Stores `data` the way a client does, but delivers its certificate only to the nodes `only`:
+/// the blob is certified, yet only their indexes know it.
+async fn store_known_to(cluster: &Cluster, data: &[u8], only: &[usize]) -> BlobId {
     let committee = Arc::new(cluster.committee().await.unwrap());
     let keys = CommitteeKeys::new(committee.clone()).unwrap();
     let enc = erasure::encode(data, cluster.n_shards).unwrap();
@@ -47,18 +47,20 @@ async fn store_known_to_one(cluster: &Cluster, data: &[u8], only: usize) -> Blob
     }
     let (certificate, dropped) = builder.build().unwrap();
     assert!(dropped.is_empty());
-    let mut client = cluster.sync_client(only).await.unwrap();
-    let answer = client
-        .certify_blobs(pb::CertifyBlobsRequest {
-            blobs: vec![pb::CertifiedBlob {
-                blob_id: enc.blob_id.0.to_vec(),
-                certificate: Some(certificate.to_proto()),
-            }],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(answer.errors, vec![String::new()]);
+    for &i in only {
+        let mut client = cluster.sync_client(i).await.unwrap();
+        let answer = client
+            .certify_blobs(pb::CertifyBlobsRequest {
+                blobs: vec![pb::CertifiedBlob {
+                    blob_id: enc.blob_id.0.to_vec(),
+                    certificate: Some(certificate.to_proto()),
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.errors, vec![String::new()]);
+    }
     enc.blob_id
 }
 
@@ -143,7 +145,7 @@ async fn a_wiped_node_learns_blobs_only_one_peer_knows_before_it_counts_as_recov
     for _ in 0..10 {
         let mut data = vec![0u8; rng.gen_range(1..2000)];
         rng.fill(&mut data[..]);
-        let id = store_known_to_one(&cluster, &data, 1).await;
+        let id = store_known_to(&cluster, &data, &[1]).await;
         only_one.push(id);
         blobs.push((id, data));
     }
@@ -269,4 +271,44 @@ async fn twenty_thousand_blobs_through_status_an_epoch_change_a_wipe_and_read_ba
     let mut rng = StdRng::seed_from_u64(9);
     let sample: Vec<_> = (0..300).map(|_| blobs[rng.gen_range(0..BLOBS)].clone()).collect();
     cluster.check_blobs(&sample).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gained_shards_blobs_this_node_has_no_certificate_of_come_with_the_sync_from_the_source() {
+    let (cluster, mut blobs) = cluster_with_blobs(20, |c| {
+        // The index must not learn them on its own meanwhile: only the shard syncs can.
+        c.index.anti_entropy_interval_ms = 3_600_000;
+    })
+    .await
+    .unwrap();
+    let c0 = cluster.committee().await.unwrap();
+    let me = cluster.nodes[0].id.clone();
+    let members = cluster.weighted(0, 3);
+    let plan = ferry_shared::committee::rebalance(&c0, members.clone()).unwrap();
+    let gained: Vec<ShardIndex> = plan.shards_of(&me).iter().copied().filter(|s| c0.owner(*s) != Some(&me)).collect();
+    let sources: Vec<usize> =
+        gained.iter().map(|s| cluster.nodes.iter().position(|n| Some(&n.id) == c0.owner(*s)).unwrap()).collect();
+    // Ten certified blobs whose certificates reached only the gained shards' previous owners:
+    // the streams carry slivers alone, so node 0 must ask the sources for what it lacks.
+    let mut rng = StdRng::seed_from_u64(12);
+    let mut only_sources = Vec::new();
+    for _ in 0..10 {
+        let mut data = vec![0u8; rng.gen_range(1..2000)];
+        rng.fill(&mut data[..]);
+        let id = store_known_to(&cluster, &data, &sources).await;
+        only_sources.push(id);
+        blobs.push((id, data));
+    }
+    assert!(only_sources.iter().all(|id| !certified_ids(&cluster, 0).contains(id)), "node 0 does not know them");
+
+    let next = cluster.next_epoch(members).await.unwrap();
+    let view = cluster.wait_all_active(0, next.epoch).await.unwrap();
+    for shard in &gained {
+        let sync = view.shards[shard].sync.clone().expect("the gained shard was synced");
+        assert_eq!(sync.blobs_done, blobs.len() as u64, "the sync of {shard} stored every blob itself: {sync:?}");
+        assert_eq!(sync.pending, 0, "nothing of {shard} was left to blob recovery: {sync:?}");
+    }
+    let known = certified_ids(&cluster, 0);
+    assert!(only_sources.iter().all(|id| known.contains(id)), "node 0 learned their certificates with the syncs");
+    cluster.check_shards_match_encoding(0, &blobs).unwrap();
 }

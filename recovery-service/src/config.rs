@@ -143,7 +143,10 @@ mod tests {
 
     #[test]
     fn example_config_loads_with_overrides() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recovery-service.example.toml");
+        // Read when the test runs: a test binary reused from another checkout's build would
+        // otherwise look there.
+        let dir = std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR for tests");
+        let path = std::path::Path::new(&dir).join("recovery-service.example.toml");
         let env = vec![("FERRY_RECOVERY__RECOVERY__MAX_CONCURRENT_BLOBS".to_string(), "3".to_string())];
         let c: RecoveryConfig = ferry_shared::config::load_from(Some(&path), ENV_PREFIX, env).unwrap();
         assert_eq!(c.recovery.max_concurrent_blobs, 3);

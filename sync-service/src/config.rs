@@ -145,7 +145,7 @@ pub struct ShardSyncConfig {
     pub initial_backoff_ms: u64,
     /// Largest retry delay (ms). Default 30000.
     pub max_backoff_ms: u64,
-    /// Slivers written per atomic batch (with their progress). Default 256.
+    /// Slivers written per atomic batch (with their progress). Default 1024.
     pub batch_items: usize,
     /// Bytes after which a batch is written early. Default 8 MiB.
     pub batch_bytes: usize,
@@ -174,7 +174,7 @@ impl Default for ShardSyncConfig {
             progress_blobs: 64,
             initial_backoff_ms: 500,
             max_backoff_ms: 30_000,
-            batch_items: 256,
+            batch_items: 1024,
             batch_bytes: 8 * 1024 * 1024,
             item_timeout_ms: 30_000,
             fill_gained_by: FillMethod::ShardSync,
@@ -282,9 +282,16 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// The example beside the crate. The directory is read when the test runs, not when it is
+    /// built: a test binary reused from a build in another checkout would look there.
+    fn example_path() -> std::path::PathBuf {
+        let dir = std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR for tests");
+        std::path::Path::new(&dir).join("sync-service.example.toml")
+    }
+
     #[test]
     fn the_example_config_loads_and_environment_overrides_it() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sync-service.example.toml");
+        let path = example_path();
         let env = vec![
             ("FERRY_SYNC__SHARD_SYNC__MAX_CONCURRENT_SYNCS".to_string(), "9".to_string()),
             ("FERRY_SYNC_CONFIG".to_string(), "/elsewhere.toml".to_string()),
@@ -299,7 +306,7 @@ mod tests {
 
     #[test]
     fn a_memtable_budget_below_one_memtable_is_refused() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sync-service.example.toml");
+        let path = example_path();
         let env = vec![("FERRY_SYNC__STORE__MEMTABLE_BUDGET_MIB".to_string(), "8".to_string())];
         let err = ferry_shared::config::load_from::<SyncConfig>(Some(&path), ENV_PREFIX, env).unwrap_err();
         assert!(err.to_string().contains("store.memtable_budget_mib"), "{err}");
@@ -307,7 +314,7 @@ mod tests {
 
     #[test]
     fn plaintext_beyond_loopback_needs_the_insecure_setting() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sync-service.example.toml");
+        let path = example_path();
         let load = |pairs: &[(&str, &str)]| {
             let env: Vec<(String, String)> =
                 pairs.iter().map(|(k, v)| (format!("FERRY_SYNC__{k}"), v.to_string())).collect();

@@ -1023,15 +1023,15 @@ impl SyncService for SyncServer {
             .node
             .store
             .call(move |s| {
-                ids.into_iter()
+                let held = owned.iter().map(|shard| Ok((shard.0, s.slivers_present(*shard, &ids)?))).collect::<Result<
+                    Vec<_>,
+                    StoreError,
+                >>(
+                )?;
+                ids.iter()
                     .map(|id| {
-                        let has_metadata = s.metadata(&id)?.is_some();
-                        let mut missing = Vec::new();
-                        for shard in &owned {
-                            if !s.has_sliver(*shard, &id)? {
-                                missing.push(shard.0);
-                            }
-                        }
+                        let has_metadata = s.has_metadata(id)?;
+                        let missing = held.iter().filter(|(_, h)| !h.contains(id)).map(|(shard, _)| *shard).collect();
                         Ok(pb::BlobPresence { blob_id: id.0.to_vec(), has_metadata, missing_shards: missing })
                     })
                     .collect::<Result<Vec<_>, StoreError>>()

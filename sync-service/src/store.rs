@@ -321,6 +321,10 @@ impl ShardStore {
         table.set_block_cache(&cache);
         table.set_cache_index_and_filter_blocks(true);
         table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        // Most point reads ask after what is absent (is this sliver stored yet, is this blob
+        // pending): a Bloom filter answers those without reading index and data blocks.
+        table.set_bloom_filter(10.0, false);
+        table.set_optimize_filters_for_memory(true);
         opts.set_block_based_table_factory(&table);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         std::fs::create_dir_all(&path)
@@ -615,6 +619,42 @@ impl ShardStore {
         Ok(self.inner.get_pinned_cf(&cf, id.as_bytes()).map_err(|e| self.rocks(e))?.is_some())
     }
 
+    /// Which of `ids` the shard holds. Ids that lie close together (a stream's batch, a page of
+    /// the index) are found with one scan over their range instead of a read apiece; ids spread
+    /// so thin that the scan would pass many more keys than it looks for are read one by one.
+    pub fn slivers_present(&self, shard: ShardIndex, ids: &[BlobId]) -> Result<std::collections::HashSet<BlobId>> {
+        let mut held = std::collections::HashSet::new();
+        let (Some(first), Some(last)) = (ids.iter().min(), ids.iter().max()) else { return Ok(held) };
+        let wanted: std::collections::HashSet<&BlobId> = ids.iter().collect();
+        let budget = 64 + 4 * ids.len();
+        let cf = self.shard_cf(shard)?;
+        let mut options = rocksdb::ReadOptions::default();
+        if let Some(end) = last.successor() {
+            options.set_iterate_upper_bound(end.as_bytes().to_vec());
+        }
+        let mut it = self.inner.raw_iterator_cf_opt(&cf, options);
+        it.seek(first.as_bytes());
+        let mut passed = 0;
+        while let Some(key) = it.key() {
+            passed += 1;
+            if passed > budget {
+                drop(it);
+                return ids
+                    .iter()
+                    .filter_map(|id| self.has_sliver(shard, id).map(|h| h.then_some(*id)).transpose())
+                    .collect();
+            }
+            let id = BlobId::from_bytes(key)
+                .map_err(|e| StoreError::Corrupt { what: format!("key in shard {shard}"), message: e.to_string() })?;
+            if wanted.contains(&id) {
+                held.insert(id);
+            }
+            it.next();
+        }
+        it.status().map_err(|e| self.rocks(e))?;
+        Ok(held)
+    }
+
     /// Writes a batch of synced slivers, their metadata and certificates, the blobs handed to
     /// blob recovery and the shard's progress record atomically (rule 7).
     pub fn write_sync_batch(
@@ -630,11 +670,14 @@ impl ShardStore {
         for (id, record) in certified {
             batch.put_certified(id, record)?;
         }
+        // Under the batch's count lock, so no other writer adds one of them meanwhile.
+        let ids: Vec<BlobId> = items.iter().map(|i| i.blob_id).collect();
+        let held = self.slivers_present(shard, &ids)?;
         for item in items {
             if let Some(m) = &item.metadata {
                 batch.put_metadata(&item.blob_id, m)?;
             }
-            batch.put_sliver(shard, &item.blob_id, &item.data)?;
+            batch.put_sliver_known(shard, &item.blob_id, &item.data, held.contains(&item.blob_id))?;
         }
         for blob in pending {
             batch.add_missing(shard, blob)?;
@@ -810,8 +853,15 @@ impl CountedBatch<'_> {
     /// Adds a verified sliver (and clears the shard's pending entry of the blob); returns
     /// whether it is new.
     pub fn put_sliver(&mut self, shard: ShardIndex, id: &BlobId, data: &[u8]) -> Result<bool> {
+        let held = self.store.has_sliver(shard, id)?;
+        self.put_sliver_known(shard, id, data, held)
+    }
+
+    /// [`CountedBatch::put_sliver`] for a sliver whose presence in the store (`held`) was looked
+    /// up under this batch's lock already.
+    pub fn put_sliver_known(&mut self, shard: ShardIndex, id: &BlobId, data: &[u8], held: bool) -> Result<bool> {
         self.remove_pending(shard, id)?;
-        if self.store.has_sliver(shard, id)? || !self.first_time(b's', shard.0, id) {
+        if held || !self.first_time(b's', shard.0, id) {
             return Ok(false);
         }
         self.batch.put_cf(&self.store.shard_cf(shard)?, id.as_bytes(), data);
@@ -966,6 +1016,15 @@ mod tests {
                 ..ShardRecord::new(ShardStatus::ActiveSync)
             };
             store.write_sync_batch(shard, &items, &[], &[BlobId([0xfe; 32])], &record).unwrap();
+            // A resumed stream sends the last ten again with ten more: only the new ones count.
+            let again: Vec<SliverWrite> = (40..60u32)
+                .map(|i| {
+                    let enc = erasure::encode(&i.to_be_bytes().repeat(100), 4).unwrap();
+                    SliverWrite { blob_id: enc.blob_id, data: enc.slivers[2].clone(), metadata: None }
+                })
+                .collect();
+            ids.extend(again[10..].iter().map(|w| w.blob_id));
+            store.write_sync_batch(shard, &again, &[], &[], &record).unwrap();
         }
         let store = open_default(dir.path()).unwrap();
         let rec = store.shard_record(shard).unwrap().unwrap();
@@ -980,7 +1039,7 @@ mod tests {
         assert!(store.metadata(&ids[3]).unwrap().is_some());
         let counts = store.counts().unwrap();
         assert_eq!(counts.metadata, 50);
-        assert_eq!(counts.slivers[&shard].count, 50);
+        assert_eq!(counts.slivers[&shard].count, 60, "slivers the shard held already are not counted again");
         assert_eq!(counts.pending[&shard], 1);
         assert_eq!(store.pending(shard, None, 10).unwrap(), vec![BlobId([0xfe; 32])]);
         assert!(store.has_sliver(shard, &ids[7]).unwrap());
@@ -999,6 +1058,30 @@ mod tests {
             certificate: ferry_shared::certificate::Certificate { epoch, signers: vec![7], signature: [1; 96] },
             invalid: None,
         }
+    }
+
+    #[test]
+    fn slivers_present_answers_alike_for_close_and_spread_out_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_default(dir.path()).unwrap();
+        let shard = ShardIndex(0);
+        store.ensure_shard_storage(shard).unwrap();
+        let mut ids: Vec<BlobId> = (0..2000u32).map(|i| BlobId(*blake3::hash(&i.to_be_bytes()).as_bytes())).collect();
+        ids.sort();
+        let mut batch = store.counted().unwrap();
+        for id in ids.iter().step_by(2) {
+            batch.put_sliver(shard, id, b"x").unwrap();
+        }
+        batch.commit().unwrap();
+        // Close together (one scan): every other one is held.
+        let run = &ids[500..600];
+        let expected: std::collections::HashSet<BlobId> = run.iter().step_by(2).copied().collect();
+        assert_eq!(store.slivers_present(shard, run).unwrap(), expected);
+        // Spread over the whole shard (read one by one): the same answer.
+        let sparse = [ids[0], ids[1], ids[1001], ids[1998], ids[1999]];
+        let expected: std::collections::HashSet<BlobId> = [ids[0], ids[1998]].into_iter().collect();
+        assert_eq!(store.slivers_present(shard, &sparse).unwrap(), expected);
+        assert!(store.slivers_present(shard, &[]).unwrap().is_empty());
     }
 
     #[test]

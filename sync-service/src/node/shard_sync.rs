@@ -492,9 +492,12 @@ async fn attempt(
             start: resume_from,
             requester: &node.id,
             timestamp_ms: crypto::now_ms(),
-            include_metadata: true,
+            // Most gained blobs are known here already (the node holds other shards of them, and
+            // the index learns certificates with their metadata): items carry the sliver alone,
+            // and what this node lacks is asked for per batch (`fill_lacking`).
+            include_metadata: false,
             limit: 0,
-            include_certificates: true,
+            include_certificates: false,
         }
         .sign(&node.key);
         let stream = match tokio::time::timeout(cfg.item_timeout(), client.stream_shard(request)).await {
@@ -507,7 +510,7 @@ async fn attempt(
             Ok(Err(status)) => return Err(classify(&status)),
             Ok(Ok(r)) => r.into_inner(),
         };
-        match receive(node, shard, &source, stream, &mut progress, clock).await? {
+        match receive(node, shard, &source, &client, stream, &mut progress, clock).await? {
             StreamEnd::EndOfShard => return complete(node, shard, progress).await,
             StreamEnd::LimitReached => {
                 info!(cursor = ?progress.cursor, "the source stopped at its item limit; asking for the rest")
@@ -540,6 +543,7 @@ async fn receive(
     node: &Arc<Node>,
     shard: ShardIndex,
     source: &NodeId,
+    client: &SourceClient,
     mut stream: tonic::Streaming<pb::ShardItem>,
     progress: &mut SyncProgress,
     clock: &ProgressClock,
@@ -551,21 +555,21 @@ async fn receive(
         let Received { mut items, stop } = received;
         match stop {
             None => {
-                let write = verify_and_write(node, shard, source, progress, &mut items, clock);
+                let write = verify_and_write(node, shard, source, client, progress, &mut items, clock);
                 let read = async { Ok(next_batch(&cfg, source, &mut stream, &mut last, clock).await) };
                 received = tokio::try_join!(write, read)?.1;
             }
             Some(BatchStop::End(end)) => {
-                verify_and_write(node, shard, source, progress, &mut items, clock).await?;
+                verify_and_write(node, shard, source, client, progress, &mut items, clock).await?;
                 return Ok(end);
             }
             Some(BatchStop::Failed(e)) => {
                 // Keep what arrived intact before the break; resume after it.
-                verify_and_write(node, shard, source, progress, &mut items, clock).await?;
+                verify_and_write(node, shard, source, client, progress, &mut items, clock).await?;
                 return Err(e);
             }
             Some(BatchStop::Stalled) => {
-                verify_and_write(node, shard, source, progress, &mut items, clock).await?;
+                verify_and_write(node, shard, source, client, progress, &mut items, clock).await?;
                 let stalled = clock.stalled_for();
                 if stalled >= cfg.give_up_after() {
                     return Err(AttemptError::Fatal(format!(
@@ -638,6 +642,8 @@ async fn next_batch(
     }
 }
 
+type SourceClient = SyncServiceClient<grpc::TracedChannel>;
+
 /// What the blocking check of a received batch found for one item.
 enum Checked {
     /// Certified here already; the sliver verifies.
@@ -659,32 +665,18 @@ async fn verify_and_write(
     node: &Arc<Node>,
     shard: ShardIndex,
     source: &NodeId,
+    client: &SourceClient,
     progress: &mut SyncProgress,
     incoming: &mut Vec<(BlobId, pb::ShardItem)>,
     clock: &ProgressClock,
 ) -> Result<(), AttemptError> {
     let Some(last) = incoming.last().map(|(id, _)| *id) else { return Ok(()) };
     let batch = std::mem::take(incoming);
-    let checked = node
-        .store
-        .call(move |s| {
-            let mut out = Vec::with_capacity(batch.len());
-            for (id, item) in batch {
-                let certified = s.is_certified(&id)?;
-                let certificate = item.certificate.as_ref().and_then(|c| Certificate::from_proto(c).ok());
-                let verdict = verify_shard_item(shard, &id, &item, s.metadata(&id)?);
-                out.push(match (verdict, certified, certificate) {
-                    (Some(metadata), true, _) => Checked::Good(SliverWrite { blob_id: id, data: item.data, metadata }),
-                    (Some(metadata), false, Some(c)) => {
-                        Checked::NeedsCertificate(SliverWrite { blob_id: id, data: item.data, metadata }, c)
-                    }
-                    (None, true, _) => Checked::Bad(id),
-                    (_, false, _) => Checked::Uncertified(id),
-                });
-            }
-            Ok(out)
-        })
-        .await?;
+    let (mut checked, lacking) = check_items(node, shard, batch, true).await?;
+    if !lacking.is_empty() {
+        let filled = fill_lacking(node, source, client, lacking).await?;
+        checked.extend(check_items(node, shard, filled, false).await?.0);
+    }
     // Certificates that came with items for blobs this node did not know: verified as a batch.
     let offered: Vec<(BlobId, Certificate)> = checked
         .iter()
@@ -746,6 +738,89 @@ async fn verify_and_write(
     *progress = next;
     clock.settled(settled);
     Ok(())
+}
+
+/// Checks received items against the store: certified here, and the sliver matches its blob's
+/// metadata (stored here, or the item's own when this node lacks it). With `ask_source`, the
+/// items of blobs this node lacks the certificate or metadata of are returned unchecked, second.
+async fn check_items(
+    node: &Arc<Node>,
+    shard: ShardIndex,
+    items: Vec<(BlobId, pb::ShardItem)>,
+    ask_source: bool,
+) -> Result<(Vec<Checked>, Vec<(BlobId, pb::ShardItem)>), AttemptError> {
+    let checked = node
+        .store
+        .call(move |s| {
+            let mut out = Vec::with_capacity(items.len());
+            let mut lacking = Vec::new();
+            for (id, item) in items {
+                let certified = s.is_certified(&id)?;
+                let local = s.metadata(&id)?;
+                let lacks_certificate = !certified && item.certificate.is_none();
+                let lacks_metadata = local.is_none() && item.metadata.is_none();
+                if ask_source && (lacks_certificate || lacks_metadata) {
+                    lacking.push((id, item));
+                    continue;
+                }
+                let certificate = item.certificate.as_ref().and_then(|c| Certificate::from_proto(c).ok());
+                let verdict = verify_shard_item(shard, &id, &item, local);
+                out.push(match (verdict, certified, certificate) {
+                    (Some(metadata), true, _) => Checked::Good(SliverWrite { blob_id: id, data: item.data, metadata }),
+                    (Some(metadata), false, Some(c)) => {
+                        Checked::NeedsCertificate(SliverWrite { blob_id: id, data: item.data, metadata }, c)
+                    }
+                    (None, true, _) => Checked::Bad(id),
+                    (_, false, _) => Checked::Uncertified(id),
+                });
+            }
+            Ok((out, lacking))
+        })
+        .await?;
+    Ok(checked)
+}
+
+/// Asks the source for the certificates and metadata of `lacking`'s blobs (what the stream
+/// leaves out) and puts them into the items. An answer is only a claim: the metadata must
+/// match its blob id and the certificate must verify before anything is stored.
+async fn fill_lacking(
+    node: &Arc<Node>,
+    source: &NodeId,
+    client: &SourceClient,
+    mut lacking: Vec<(BlobId, pb::ShardItem)>,
+) -> Result<Vec<(BlobId, pb::ShardItem)>, AttemptError> {
+    let timeout = node.config.shard_sync.item_timeout();
+    for start in (0..lacking.len()).step_by(crate::server::MAX_CHECK_BLOBS) {
+        let range = start..lacking.len().min(start + crate::server::MAX_CHECK_BLOBS);
+        let blob_ids = lacking[range.clone()].iter().map(|(id, _)| id.0.to_vec()).collect();
+        let request = pb::GetCertificatesRequest { blob_ids, include_metadata: true };
+        let answer = match tokio::time::timeout(timeout, client.clone().get_certificates(request)).await {
+            Err(_) => {
+                return Err(AttemptError::Retryable(format!(
+                    "{source} did not answer GetCertificates within {timeout:?}"
+                )));
+            }
+            Ok(Err(status)) => match classify(&status) {
+                // A source that will not tell: its items stay as they came (not stored unless
+                // this node can check them), and the no-progress deadline decides.
+                AttemptError::Fatal(e) => {
+                    debug!(error = %e, "{source} refused GetCertificates; its items are checked as they came");
+                    return Ok(lacking);
+                }
+                retryable => return Err(retryable),
+            },
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let mut entries: std::collections::HashMap<Vec<u8>, pb::CertifiedEntry> =
+            answer.blobs.into_iter().map(|e| (e.blob_id.clone(), e)).collect();
+        for (id, item) in &mut lacking[range] {
+            if let Some(entry) = entries.remove(id.0.as_slice()) {
+                item.certificate = entry.certificate;
+                item.metadata = entry.metadata;
+            }
+        }
+    }
+    Ok(lacking)
 }
 
 /// The certificates among `offered` that verify against the committee of their epoch.
