@@ -1002,14 +1002,18 @@ async fn decode_throughput(blob_size: usize, shards: u32, count: usize) -> anyho
     Ok(bytes as f64 / (1024.0 * 1024.0) / started.elapsed().as_secs_f64())
 }
 
-/// The BLS work `count` stored blobs cost a 4-node cluster, done on every core: each owner
-/// signs a confirmation, the client checks each and sums them into a certificate, and every
-/// member verifies a batch's certificates at once (as `CertifyBlobs` does); blobs/s. Storing
-/// cannot go faster than this on the same cores, whatever else it does.
-async fn certificate_throughput(count: usize) -> anyhow::Result<f64> {
+/// The BLS work that storing files of `file_size` costs a 4-node cluster per blob, done on
+/// every core: each owner signs a confirmation, the client checks each and sums them into a
+/// certificate, and every member verifies a batch's certificates at once (as `CertifyBlobs`
+/// does, batches as `ferryctl store` makes them); blobs/s. Storing cannot go faster than this
+/// on the same cores, whatever else it does.
+async fn certificate_throughput(file_size: usize) -> anyhow::Result<f64> {
     use ferry_shared::certificate::{Certificate, CertificateBuilder, CommitteeKeys, verify_batch};
     const CLUSTER: &str = "bench";
-    const BATCH: usize = crate::store::BATCH_FILES;
+    let batch = crate::store::BATCH_FILES.min(crate::store::BATCH_BYTES as usize / file_size.max(1)).max(1);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    // Enough batches for every core, and about a second of work.
+    let count = (cores * batch).max(2048).div_ceil(batch) * batch;
     let keys: Vec<(NodeId, NodeKeypair)> = (0..4)
         .map(|i| Ok((NodeId::new(format!("node-{i}"))?, NodeKeypair::generate())))
         .collect::<anyhow::Result<_>>()?;
@@ -1017,10 +1021,9 @@ async fn certificate_throughput(count: usize) -> anyhow::Result<f64> {
     let committee = Arc::new(ferry_shared::Committee::genesis(8, members)?);
     let committee_keys = Arc::new(CommitteeKeys::new(committee.clone())?);
     let keys = Arc::new(keys);
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut rng = StdRng::seed_from_u64(count as u64);
     let blobs: Vec<ferry_shared::BlobId> = (0..count).map(|_| ferry_shared::BlobId(rng.r#gen())).collect();
-    let batches: Vec<Vec<ferry_shared::BlobId>> = blobs.chunks(BATCH).map(<[_]>::to_vec).collect();
+    let batches: Vec<Vec<ferry_shared::BlobId>> = blobs.chunks(batch).map(<[_]>::to_vec).collect();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for core in 0..cores {
@@ -1065,7 +1068,7 @@ async fn measure_store(options: &BenchOptions) -> anyhow::Result<Vec<StoreRun>> 
         {
             let (mut rates, mut mibs, mut bls) = (Vec::new(), Vec::new(), Vec::new());
             for run in 0..options.runs {
-                bls.push(certificate_throughput(files.clamp(256, 2048)).await?);
+                bls.push(certificate_throughput(file_size).await?);
                 let files_dir = dir.join(format!("files-{file_size}-{run}"));
                 std::fs::create_dir_all(&files_dir)?;
                 for i in 0..files {

@@ -585,7 +585,10 @@ impl SyncService for SyncServer {
                             Some(record) => record.to_entry(&id),
                             None => pb::CertifiedEntry { blob_id: id.0.to_vec(), ..Default::default() },
                         };
-                        if include_metadata && entry.certificate.is_some() {
+                        // Metadata checks itself against the blob id: it is sent whenever
+                        // asked for, also beside no certificate (a shard sync's receiver may
+                        // know the certificate already and lack only the metadata).
+                        if include_metadata {
                             entry.metadata = s.metadata(&id)?.map(|m| m.to_proto());
                         }
                         Ok(entry)

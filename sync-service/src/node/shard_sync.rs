@@ -754,9 +754,9 @@ async fn check_items(
         .call(move |s| {
             let mut out = Vec::with_capacity(items.len());
             let mut lacking = Vec::new();
-            for (id, item) in items {
-                let certified = s.is_certified(&id)?;
-                let local = s.metadata(&id)?;
+            let ids: Vec<BlobId> = items.iter().map(|(id, _)| *id).collect();
+            let known = s.certified_and_metadata(&ids)?;
+            for ((id, item), (certified, local)) in items.into_iter().zip(known) {
                 let lacks_certificate = !certified && item.certificate.is_none();
                 let lacks_metadata = local.is_none() && item.metadata.is_none();
                 if ask_source && (lacks_certificate || lacks_metadata) {
@@ -804,7 +804,7 @@ async fn fill_lacking(
                 // A source that will not tell: its items stay as they came (not stored unless
                 // this node can check them), and the no-progress deadline decides.
                 AttemptError::Fatal(e) => {
-                    debug!(error = %e, "{source} refused GetCertificates; its items are checked as they came");
+                    warn!(error = %e, "{source} refused GetCertificates; its items are checked as they came");
                     return Ok(lacking);
                 }
                 retryable => return Err(retryable),
