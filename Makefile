@@ -48,7 +48,7 @@ demo: build
 
 # The throughput targets on an optimised build (Cargo's `bench` profile, in target/release):
 # shard sync, blob recovery, `ferryctl store` and clients' latency under background load, each
-# figure over three runs (about 14 minutes); the JSON report lands in the ignored .ferry-bench/.
+# figure over three runs (about 15 minutes); the JSON report lands in the ignored .ferry-bench/.
 BENCH_BIN := $(CARGO_TARGET_DIR)/release
 bench: setup
 	$(CARGO) build --profile bench -p ferryctl -p ferry-sync-service -p ferry-recovery-service --bins
