@@ -939,16 +939,14 @@ async fn rocksdb_throughput(
         for id in ids {
             let mut data = vec![0u8; len];
             rng.fill(&mut data[..]);
+            let write = SliverWrite { blob_id: ferry_shared::types::BlobId(id), data, metadata: None };
             match batches.last_mut() {
                 Some((s, last)) if *s == shard && last.len() < sync.batch_items && batch_bytes < sync.batch_bytes => {
-                    last.push(SliverWrite { blob_id: ferry_shared::types::BlobId(id), data, metadata: None })
+                    last.push(write)
                 }
                 _ => {
                     batch_bytes = 0;
-                    batches.push((
-                        shard,
-                        vec![SliverWrite { blob_id: ferry_shared::types::BlobId(id), data, metadata: None }],
-                    ));
+                    batches.push((shard, vec![write]));
                 }
             }
             batch_bytes += len;

@@ -558,13 +558,21 @@ impl ShardStore {
         Ok(metadata)
     }
 
+    /// The values of `ids` in one table, in the order of `ids`: one batched read (RocksDB sorts
+    /// unsorted keys itself), values pinned rather than copied.
+    fn multi_get<'a>(
+        &'a self,
+        cf: &impl rocksdb::AsColumnFamilyRef,
+        ids: &[BlobId],
+    ) -> Vec<std::result::Result<Option<rocksdb::DBPinnableSlice<'a>>, rocksdb::Error>> {
+        self.inner.batched_multi_get_cf(cf, ids.iter().map(|id| id.as_bytes().as_slice()), ids.is_sorted())
+    }
+
     /// For each of `ids`, whether it is certified here and its metadata: one multi-get per
     /// table instead of two reads apiece (a stream's batch is in id order, which RocksDB uses).
     pub fn certified_and_metadata(&self, ids: &[BlobId]) -> Result<Vec<(bool, Option<BlobMetadata>)>> {
-        let sorted = ids.is_sorted();
-        let keys: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes().as_slice()).collect();
-        let certified = self.inner.batched_multi_get_cf(&self.cf(CF_CERTIFIED)?, keys.iter().copied(), sorted);
-        let metadata = self.inner.batched_multi_get_cf(&self.cf(CF_METADATA)?, keys.iter().copied(), sorted);
+        let certified = self.multi_get(&self.cf(CF_CERTIFIED)?, ids);
+        let metadata = self.multi_get(&self.cf(CF_METADATA)?, ids);
         ids.iter()
             .zip(certified.into_iter().zip(metadata))
             .map(|(id, (c, m))| {
@@ -644,9 +652,7 @@ impl ShardStore {
     /// Which of `ids` the shard holds: one multi-get (Bloom filters answer for the absent, and
     /// ids in order share block reads) instead of a read apiece; values are pinned, not copied.
     pub fn slivers_present(&self, shard: ShardIndex, ids: &[BlobId]) -> Result<std::collections::HashSet<BlobId>> {
-        let cf = self.shard_cf(shard)?;
-        let found =
-            self.inner.batched_multi_get_cf(&cf, ids.iter().map(|id| id.as_bytes().as_slice()), ids.is_sorted());
+        let found = self.multi_get(&self.shard_cf(shard)?, ids);
         let mut held = std::collections::HashSet::new();
         for (id, value) in ids.iter().zip(found) {
             if value.map_err(|e| self.rocks(e))?.is_some() {
