@@ -407,6 +407,49 @@ mod tests {
         assert_eq!(failed, vec![1, 4]);
     }
 
+    /// A node checks clients' certificates while a catch-up verifies a large batch: no check may
+    /// wait for the batch (blst's shared worker pool queued each one behind all of it).
+    #[test]
+    fn single_certificates_are_checked_while_a_large_batch_runs() {
+        let (keys, ck) = committee(4, 8);
+        let certs: Vec<(BlobId, Certificate)> = (0..768u32)
+            .map(|i| {
+                let mut id = [0u8; 32];
+                id[..4].copy_from_slice(&i.to_be_bytes());
+                let blob = BlobId(id);
+                (blob, confirm(&keys, &ck, blob, &[0, 1, 2]).build_unchecked().unwrap())
+            })
+            .collect();
+        let (single_blob, single) = (certs[0].0, certs[0].1.clone());
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (longest_single, checks, batch_took) = std::thread::scope(|scope| {
+            let batch = scope.spawn(|| {
+                let items: Vec<(BlobId, &Certificate, &CommitteeKeys)> =
+                    certs.iter().map(|(b, c)| (*b, c, &ck)).collect();
+                started_tx.send(()).unwrap();
+                let started = std::time::Instant::now();
+                let results = verify_batch("c", &items);
+                (started.elapsed(), results)
+            });
+            started_rx.recv().unwrap();
+            let (mut longest, mut checks) = (std::time::Duration::ZERO, 0);
+            while !batch.is_finished() {
+                let started = std::time::Instant::now();
+                single.verify("c", &single_blob, &ck).unwrap();
+                longest = longest.max(started.elapsed());
+                checks += 1;
+            }
+            let (took, results) = batch.join().unwrap();
+            assert!(results.iter().all(Result::is_ok));
+            (longest, checks, took)
+        });
+        assert!(
+            longest_single < batch_took / 4,
+            "a single check waited {longest_single:?} beside a batch of {} that took {batch_took:?} ({checks} checks)",
+            certs.len()
+        );
+    }
+
     #[test]
     fn a_certificate_stays_small_with_a_thousand_members() {
         let (keys, ck) = committee(1000, 1000);

@@ -189,6 +189,7 @@ impl BlobClient {
             if todo.is_empty() {
                 break;
             }
+            tracing::debug!(blobs = todo.len(), attempt, "no quorum: retrying under the committee current then");
             tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt + 1))).await;
         }
         Ok(results.into_iter().map(|r| r.unwrap_or(Err(ClientError::NoCommittee))).collect())
@@ -349,6 +350,7 @@ impl BlobClient {
                 tasks.push(async move {
                     let (indices, uploads): (Vec<usize>, Vec<pb::BlobUpload>) = batch.into_iter().unzip();
                     let bytes: u64 = uploads.iter().flat_map(|u| &u.slivers).map(|s| s.data.len() as u64).sum();
+                    let began = std::time::Instant::now();
                     let answer = match client {
                         Ok(mut c) => c
                             .store_blobs(pb::StoreBlobsRequest { blobs: uploads, skip_confirmations: false })
@@ -357,6 +359,7 @@ impl BlobClient {
                             .map_err(|s| s.message().to_string()),
                         Err(e) => Err(e),
                     };
+                    tracing::debug!(node = %owner, blobs = indices.len(), bytes, took_ms = began.elapsed().as_millis() as u64, ok = answer.is_ok(), "StoreBlobs answered");
                     let now = sent.fetch_add(bytes, Ordering::Relaxed) + bytes;
                     if let Some(p) = &progress {
                         p(now, total);
@@ -412,6 +415,7 @@ impl BlobClient {
                 let node = member.node_id.clone();
                 let n = chunk.len();
                 tasks.push(async move {
+                    let began = std::time::Instant::now();
                     let answer = match client {
                         Ok(mut c) => c
                             .certify_blobs(pb::CertifyBlobsRequest { blobs })
@@ -420,6 +424,7 @@ impl BlobClient {
                             .map_err(|s| s.message().to_string()),
                         Err(e) => Err(e),
                     };
+                    tracing::debug!(%node, blobs = n, took_ms = began.elapsed().as_millis() as u64, ok = answer.is_ok(), "CertifyBlobs answered");
                     (node, chunk_index * CERTIFY_BATCH, n, answer)
                 });
             }

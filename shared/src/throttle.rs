@@ -8,8 +8,8 @@
 //! such windows (a moving average). Above `max_slowdown` times the reference, the rate drops to
 //! `DECREASE` of what background actually used; otherwise it grows by `INCREASE`, to at most
 //! `HEADROOM` times what background used, until it no longer binds. Clients of a method with no
-//! reference yet (a node started busy) quiet the background to its floor until one is learned;
-//! a window without clients lifts the limit. A fixed MB/s cap is either too slow for an idle
+//! reference yet (a node started busy) quiet the background to its floor until one is learned,
+//! and a node starts at its floor; a window without clients lifts the limit. A fixed MB/s cap is either too slow for an idle
 //! node or too fast for a busy one; this one follows the load, and changes live with the
 //! configuration.
 
@@ -145,13 +145,17 @@ impl BackgroundThrottle {
             "1 while the background throttle is on (throttle.enabled).",
         )?;
         enabled_gauge.set(if config.enabled { 1.0 } else { 0.0 });
+        // A node that starts knows nothing of its clients yet: background starts at its floor
+        // until the first window says whether anyone is served.
+        let rate = config.enabled.then_some(config.min_bytes_per_sec as f64);
+        rate_gauge.set(rate.unwrap_or(0.0));
         registry.register(Box::new(rate_gauge.clone()))?;
         registry.register(Box::new(slowdown_gauge.clone()))?;
         registry.register(Box::new(enabled_gauge.clone()))?;
         Ok(Arc::new(BackgroundThrottle {
             state: Mutex::new(State {
                 config,
-                rate: None,
+                rate,
                 tokens: 0.0,
                 refilled: Instant::now(),
                 used_in_window: 0,
@@ -396,6 +400,18 @@ mod tests {
         let step = t.step(second);
         assert_eq!(step.slowdown, 1.0);
         assert_eq!(step.rate, Some(4.0 * MIB * INCREASE));
+    }
+
+    #[test]
+    fn a_node_starts_at_its_floor_until_a_window_shows_no_clients() {
+        let t = throttle();
+        assert_eq!(t.state().rate, Some(4.0 * MIB), "background starts at the floor");
+        used(&t, 1024 * 1024);
+        assert_eq!(t.step(Duration::from_secs(1)).rate, None, "no client in the first window: unlimited");
+        let off =
+            BackgroundThrottle::new(ThrottleConfig { enabled: false, ..ThrottleConfig::default() }, &Registry::new())
+                .unwrap();
+        assert_eq!(off.state().rate, None, "off: never limited");
     }
 
     #[tokio::test]

@@ -583,6 +583,15 @@ impl ShardStore {
             .collect()
     }
 
+    /// For each of `ids`, whether it is certified here: one multi-get (an index page or a batch
+    /// of offered certificates) instead of a read apiece.
+    pub fn are_certified(&self, ids: &[BlobId]) -> Result<Vec<bool>> {
+        self.multi_get(&self.cf(CF_CERTIFIED)?, ids)
+            .into_iter()
+            .map(|v| Ok(v.map_err(|e| self.rocks(e))?.is_some()))
+            .collect()
+    }
+
     /// Every count and digest, read from the `counts` column family (a few keys per shard).
     pub fn counts(&self) -> Result<Counts> {
         let mut counts = Counts::default();
@@ -1089,6 +1098,21 @@ mod tests {
         let expected: std::collections::HashSet<BlobId> = [ids[0], ids[1998]].into_iter().collect();
         assert_eq!(store.slivers_present(shard, &sparse).unwrap(), expected);
         assert!(store.slivers_present(shard, &[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn are_certified_answers_each_id_in_the_order_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_default(dir.path()).unwrap();
+        let ids: Vec<BlobId> = (0..50u32).map(|i| BlobId(*blake3::hash(&i.to_be_bytes()).as_bytes())).collect();
+        let mut batch = store.counted().unwrap();
+        for id in ids.iter().step_by(3) {
+            batch.put_certified(id, &record(0)).unwrap();
+        }
+        batch.commit().unwrap();
+        let asked = [ids[3], ids[1], ids[0], ids[49], ids[48], ids[3]];
+        assert_eq!(store.are_certified(&asked).unwrap(), vec![true, false, true, false, true, true]);
+        assert!(store.are_certified(&[]).unwrap().is_empty());
     }
 
     #[test]

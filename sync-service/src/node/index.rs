@@ -46,6 +46,10 @@ use crate::store::{BUCKETS, SetDigest, TOP_BUCKETS};
 /// costs the background throttle, in bytes of background work it stands for.
 const CERTIFICATE_COST_BYTES: u64 = 64 * 1024;
 
+/// Certificates a catch-up verifies per throttle charge: tens of milliseconds of one core, so
+/// the throttle paces the work finely and clients' calls never wait behind a long verification.
+const VERIFY_CHUNK: usize = 64;
+
 /// A certified blob offered to the index.
 #[derive(Debug, Clone)]
 pub struct Offered {
@@ -62,8 +66,7 @@ pub struct Offered {
 /// was refused.
 pub async fn ingest(node: &Arc<Node>, offered: Vec<Offered>) -> Result<Vec<Result<bool, String>>, NodeError> {
     let ids: Vec<BlobId> = offered.iter().map(|o| o.blob).collect();
-    let known =
-        node.store.call(move |s| ids.iter().map(|id| s.is_certified(id)).collect::<Result<Vec<_>, _>>()).await?;
+    let known = node.store.call(move |s| s.are_certified(&ids)).await?;
     let mut results: Vec<Option<Result<bool, String>>> =
         known.iter().map(|k| if *k { Some(Ok(false)) } else { None }).collect();
     // The committees the new ones name.
@@ -276,13 +279,8 @@ pub async fn reconcile(node: &Arc<Node>, peer: &Member) -> Result<u64, String> {
             let missing: Vec<BlobId> = node
                 .store
                 .call(move |s| {
-                    let mut out = Vec::new();
-                    for id in check {
-                        if !s.is_certified(&id)? {
-                            out.push(id);
-                        }
-                    }
-                    Ok(out)
+                    let known = s.are_certified(&check)?;
+                    Ok(check.into_iter().zip(known).filter(|(_, k)| !k).map(|(id, _)| id).collect())
                 })
                 .await
                 .map_err(|e| e.to_string())?;
@@ -308,15 +306,20 @@ pub async fn reconcile(node: &Arc<Node>, peer: &Member) -> Result<u64, String> {
                     })
                 })
                 .collect();
-            // Verifying certificates is background CPU: charged to the throttle as the bytes
-            // hashing would take as long.
-            node.throttle.acquire(offered.len() as u64 * CERTIFICATE_COST_BYTES).await;
-            let outcomes = ingest(node, offered).await.map_err(|e| e.to_string())?;
-            let refused: Vec<&String> = outcomes.iter().filter_map(|r| r.as_ref().err()).collect();
+            let mut refused = Vec::new();
+            let mut offered = offered.into_iter().peekable();
+            while offered.peek().is_some() {
+                let chunk: Vec<Offered> = offered.by_ref().take(VERIFY_CHUNK).collect();
+                // Verifying certificates is background CPU: charged to the throttle as the bytes
+                // hashing would take as long.
+                node.throttle.acquire(chunk.len() as u64 * CERTIFICATE_COST_BYTES).await;
+                let outcomes = ingest(node, chunk).await.map_err(|e| e.to_string())?;
+                learned += outcomes.iter().filter(|r| matches!(r, Ok(true))).count() as u64;
+                refused.extend(outcomes.into_iter().filter_map(Result::err));
+            }
             if let Some(first) = refused.first() {
                 warn!(peer = %peer.node_id, refused = refused.len(), first = %first, "a peer offered certificates that do not verify");
             }
-            learned += outcomes.iter().filter(|r| matches!(r, Ok(true))).count() as u64;
         }
     }
     Ok(learned)
