@@ -7,7 +7,7 @@
 //! p99 with its quiet reference: its p99 while background ran at most at its floor, learned in
 //! such windows (a moving average). Above `max_slowdown` times the reference, the rate drops to
 //! `DECREASE` of what background actually used; otherwise it grows by `INCREASE`, to at most
-//! `HEADROOM` times what background used, until it no longer binds. Clients of a method with no
+//! `HEADROOM` times what background used lately, until it no longer binds. Clients of a method with no
 //! reference yet (a node started busy) quiet the background to its floor until one is learned,
 //! and a node starts at its floor; a window without clients lifts the limit. A fixed MB/s cap is either too slow for an idle
 //! node or too fast for a busy one; this one follows the load, and changes live with the
@@ -35,7 +35,12 @@ const HEADROOM: f64 = 2.0;
 const UNLIMITED_ABOVE: f64 = 64.0 * 1024.0 * 1024.0 * 1024.0;
 /// Weight of a new idle window in the idle latency's moving average.
 const IDLE_WEIGHT: f64 = 0.2;
-/// RPCs seen in quiet windows before a method's quiet p99 is learned from them.
+/// Weight of a new window in the moving average of what background used (about a second of
+/// 250 ms windows): work that moves in lumps (a catch-up charges 64 certificates at once) leaves
+/// most windows empty, and growth capped by one window's use would hold it at the floor.
+const USE_WEIGHT: f64 = 0.25;
+/// RPCs a method's p99 is taken over, quiet or busy: a window of a slow method holds only a few,
+/// and the worst of three set against a reference learned as the worst of eight reads low.
 const MIN_SAMPLES: usize = 8;
 /// Background within this factor of its floor counts as quiet.
 const QUIET_MARGIN: f64 = 1.05;
@@ -84,6 +89,8 @@ struct MethodWindow {
     samples: Vec<f64>,
     /// Latencies from quiet windows, kept until there are enough to learn from.
     quiet: Vec<f64>,
+    /// Latencies from busy windows, kept until there are enough to judge by.
+    busy: Vec<f64>,
     /// The method's p99 when background is quiet: a moving average over quiet windows.
     reference: Option<f64>,
 }
@@ -105,6 +112,8 @@ struct State {
     tokens: f64,
     refilled: Instant,
     used_in_window: u64,
+    /// What background used lately (bytes/s), a moving average over windows.
+    recent_use: f64,
     methods: HashMap<&'static str, MethodWindow>,
     /// The last window's worst p99 over its idle reference.
     slowdown: f64,
@@ -159,6 +168,7 @@ impl BackgroundThrottle {
                 tokens: 0.0,
                 refilled: Instant::now(),
                 used_in_window: 0,
+                recent_use: 0.0,
                 methods: HashMap::new(),
                 slowdown: 1.0,
             }),
@@ -209,7 +219,6 @@ impl BackgroundThrottle {
     pub async fn acquire(&self, bytes: u64) {
         let wait = {
             let mut s = self.state();
-            s.used_in_window = s.used_in_window.saturating_add(bytes);
             match s.rate {
                 None => Duration::ZERO,
                 Some(rate) => {
@@ -225,6 +234,9 @@ impl BackgroundThrottle {
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
+        // Counted when the work goes ahead: that is the window whose clients it can slow down.
+        let mut s = self.state();
+        s.used_in_window = s.used_in_window.saturating_add(bytes);
     }
 
     /// One controller step over the window that just ended (`elapsed` long).
@@ -244,6 +256,7 @@ impl BackgroundThrottle {
                 }
                 pressure.clients = true;
                 if quiet {
+                    window.busy.clear();
                     window.quiet.extend(samples);
                     if window.quiet.len() >= MIN_SAMPLES
                         && let Some(p) = p99(std::mem::take(&mut window.quiet))
@@ -254,13 +267,20 @@ impl BackgroundThrottle {
                     pressure.unknown |= window.reference.is_none();
                     continue;
                 }
-                match (window.reference, p99(samples)) {
-                    (Some(reference), Some(p)) => pressure.slowdown = pressure.slowdown.max(p / reference.max(1e-6)),
-                    _ => pressure.unknown = true,
+                let Some(reference) = window.reference else {
+                    pressure.unknown = true;
+                    continue;
+                };
+                window.busy.extend(samples);
+                if window.busy.len() >= MIN_SAMPLES
+                    && let Some(p) = p99(std::mem::take(&mut window.busy))
+                {
+                    pressure.slowdown = pressure.slowdown.max(p / reference.max(1e-6));
                 }
             }
             s.slowdown = pressure.slowdown;
-            s.rate = next_rate(&s.config, s.rate, used_rate, pressure, floor);
+            s.recent_use += USE_WEIGHT * (used_rate - s.recent_use);
+            s.rate = next_rate(&s.config, s.rate, s.recent_use, pressure, floor);
             Step { rate: s.rate, slowdown: pressure.slowdown }
         };
         self.rate_gauge.set(step.rate.unwrap_or(0.0));
@@ -295,7 +315,7 @@ struct Pressure {
 fn next_rate(
     config: &ThrottleConfig,
     rate: Option<f64>,
-    used_rate: f64,
+    recent_use: f64,
     pressure: Pressure,
     floor: f64,
 ) -> Option<f64> {
@@ -308,13 +328,13 @@ fn next_rate(
         // (a node started busy, or a method never seen quiet).
         return Some(floor);
     }
-    if pressure.slowdown > config.max_slowdown && used_rate > 0.0 {
-        let base = rate.map_or(used_rate, |r| r.min(used_rate));
+    if pressure.slowdown > config.max_slowdown && recent_use > 0.0 {
+        let base = rate.map_or(recent_use, |r| r.min(recent_use));
         return Some((base * DECREASE).max(floor));
     }
     // Growth follows use: a budget far above what background uses would let the next burst
     // (a recovery starting after the index caught up) hit clients at full speed at once.
-    let cap = (used_rate * HEADROOM).max(floor);
+    let cap = (recent_use * HEADROOM).max(floor);
     match rate {
         None => None,
         Some(r) if r * INCREASE > UNLIMITED_ABOVE => None,
@@ -388,18 +408,25 @@ mod tests {
         used(&t, 3 * 1024 * 1024);
         window(&t, "read", 2.0, 5);
         assert_eq!(t.step(second).rate, Some(4.0 * MIB * INCREASE), "learned: the budget grows");
-        // Background at 100 MiB/s and reads at 6 ms: 3x, cut to 0.7 of the rate that bound it.
+        // Background at 100 MiB/s and reads at 6 ms: too few to judge by yet.
         used(&t, 100 * 1024 * 1024);
-        window(&t, "read", 6.0, 2);
+        window(&t, "read", 6.0, 4);
+        let step = t.step(second);
+        assert_eq!(step.slowdown, 1.0, "four reads are not enough to judge by");
+        assert_eq!(step.rate, Some(4.0 * MIB * INCREASE * INCREASE));
+        // Four more: 3x, cut to 0.7 of the rate that bound it.
+        used(&t, 100 * 1024 * 1024);
+        window(&t, "read", 6.0, 4);
         let step = t.step(second);
         assert!((step.slowdown - 3.0).abs() < 1e-9, "{step:?}");
-        assert_eq!(step.rate, Some((4.0 * MIB * INCREASE * DECREASE).max(4.0 * MIB)));
+        let cut = 4.0 * MIB * INCREASE * INCREASE * DECREASE;
+        assert_eq!(step.rate, Some(cut));
         // Reads back at 2 ms under 20 MiB/s of background: the budget grows again.
         used(&t, 20 * 1024 * 1024);
         window(&t, "read", 2.0, 20);
         let step = t.step(second);
         assert_eq!(step.slowdown, 1.0);
-        assert_eq!(step.rate, Some(4.0 * MIB * INCREASE));
+        assert_eq!(step.rate, Some(cut * INCREASE));
     }
 
     #[test]
@@ -412,6 +439,32 @@ mod tests {
             BackgroundThrottle::new(ThrottleConfig { enabled: false, ..ThrottleConfig::default() }, &Registry::new())
                 .unwrap();
         assert_eq!(off.state().rate, None, "off: never limited");
+    }
+
+    /// A catch-up charges its certificates in lumps that leave most windows without use; clients
+    /// are not slowed, so the budget must still grow past the floor (growth capped by a single
+    /// window's use held it there).
+    #[tokio::test(start_paused = true)]
+    async fn background_that_moves_in_lumps_still_grows_past_its_floor() {
+        let t = throttle();
+        let lumps = {
+            let t = t.clone();
+            tokio::spawn(async move {
+                loop {
+                    t.acquire(4 * 1024 * 1024).await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        };
+        let window_len = Duration::from_millis(250);
+        for _ in 0..160 {
+            tokio::time::sleep(window_len).await;
+            window(&t, "read", 2.0, 10);
+            t.step(window_len);
+        }
+        lumps.abort();
+        let rate = t.state().rate;
+        assert!(rate.is_none_or(|r| r > 3.0 * 4.0 * MIB), "after 40 s of unhurt clients the budget is {rate:?}");
     }
 
     #[tokio::test]
